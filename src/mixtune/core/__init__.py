@@ -1,0 +1,22 @@
+"""Shared plumbing: errors, registries, strict configs, atomic I/O. Imports no stage."""
+
+from mixtune.core.config import Strict, dump_config, load_config, parse_overrides, validate
+from mixtune.core.errors import CheckpointError, ConfigError, DataError, MixtuneError, UnknownNameError
+from mixtune.core.io import atomic_dir, atomic_write_text
+from mixtune.core.registry import Registry
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "MixtuneError",
+    "Registry",
+    "Strict",
+    "UnknownNameError",
+    "atomic_dir",
+    "atomic_write_text",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "validate",
+]

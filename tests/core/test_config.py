@@ -1,0 +1,79 @@
+from typing import Literal
+
+import pytest
+from pydantic import Field
+
+from mixtune.core import ConfigError, Strict, load_config, parse_overrides
+
+
+class Inner(Strict):
+    rate: float = Field(default=0.5, gt=0, le=1)
+    """a rate"""
+
+
+class Outer(Strict):
+    name: str
+    mode: Literal["a", "b"] = "a"
+    inner: Inner = Inner()
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_valid_file_with_defaults(tmp_path):
+    cfg = load_config(Outer, write(tmp_path, "name: x\n"))
+    assert cfg == Outer(name="x", mode="a", inner=Inner(rate=0.5))
+
+
+def test_every_problem_reported_with_its_line(tmp_path):
+    p = write(tmp_path, "name: x\nmode: c\ninner:\n  rate: 1.5\n  colour: red\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    msg = str(e.value)
+    assert "3 problems" in msg
+    assert f"{p}:2 mode = 'c'" in msg
+    assert f"{p}:4 inner.rate = 1.5" in msg and "less than or equal to 1" in msg
+    assert f"{p}:5 inner.colour = 'red': unknown key" in msg
+
+
+def test_missing_key_points_at_parent(tmp_path):
+    p = write(tmp_path, "mode: a\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:1 name: Field required"):
+        load_config(Outer, p)
+
+
+def test_overrides_apply_and_are_blamed_as_overrides(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    cfg = load_config(Outer, p, parse_overrides(["inner.rate=0.25", "mode=b"]))
+    assert cfg.inner.rate == 0.25 and cfg.mode == "b"
+    with pytest.raises(ConfigError, match=r"override inner.rate inner.rate = 7"):
+        load_config(Outer, p, parse_overrides(["inner.rate=7"]))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["seed"])
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = write(tmp_path, "name: x\ninner: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+: not valid YAML"):
+        load_config(Outer, p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen(tmp_path):
+    cfg = load_config(Outer, write(tmp_path, "name: x\n"))
+    with pytest.raises(Exception):
+        cfg.name = "y"  # type: ignore[misc]
+
+
+def test_field_docs_come_from_attribute_docstrings():
+    assert Inner.model_fields["rate"].description == "a rate"
