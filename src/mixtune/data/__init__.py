@@ -1,0 +1,1 @@
+"""The data stage: sources, built-in abilities, formatting and packing, mixtures."""

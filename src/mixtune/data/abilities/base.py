@@ -1,0 +1,142 @@
+"""What every built-in ability shares: the record shape, the train/test split rule,
+the answer-extraction rule and the sampling loop.
+
+Answer extraction (one rule for every built-in scorer): the answer is the text
+after the **last** ``Answer:`` (any case) in the model output, up to the end of
+that line, with surrounding whitespace removed. Output with no ``Answer:`` has
+no answer and scores 0. Scorers accept any value (``None``, bytes, huge or
+binary text) and never raise.
+
+Split rule: each problem has a canonical key describing its *structure* (the
+numbers and operations, the program text, the task and its words), not its
+surface wording. ``sha256(ability|key)`` puts one key in five into ``test`` and
+the rest into ``train``, so the splits never share a problem, whatever the seed
+or the number of examples drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mixtune.core import DataError, Registry
+
+Split = Literal["train", "test"]
+TEST_BUCKETS = 5  # one key in TEST_BUCKETS is a test problem
+MAX_DIFFICULTY = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One generated problem before it becomes a chat record."""
+
+    key: str
+    """Canonical structure of the problem; decides its split and its identity."""
+    prompt: str
+    response: str
+    """The full assistant turn (chain of thought, then ``Answer: ...``)."""
+    answer: str
+    """The gold answer exactly as the response's ``Answer:`` line states it."""
+
+
+@dataclass(frozen=True)
+class Ability:
+    """A built-in ability: a seeded generator and an exact scorer."""
+
+    name: str
+    description: str
+    make_problem: Callable[[random.Random, int], Problem]
+    """Draws one problem of the given difficulty from the random stream."""
+    match: Callable[[str, str], bool]
+    """``match(predicted, gold)`` on extracted answers."""
+    version: int = 1
+    """Bumped whenever generated problems or scoring change, so results stay comparable."""
+    higher_is_better: bool = True
+    difficulties: dict[int, str] = field(default_factory=dict)
+    """What each difficulty level means, for ``mixtune list``."""
+
+    def generate(self, n: int, *, seed: int = 0, split: Split = "train", difficulty: int = 1) -> list[dict]:
+        """``n`` distinct problems of one split as chat records, the same for the same arguments.
+
+        Raises:
+            DataError: the split holds fewer than ``n`` distinct problems at this difficulty.
+        """
+        if split not in ("train", "test"):
+            raise DataError(f"ability {self.name}: split must be 'train' or 'test', got {split!r}")
+        if not 1 <= difficulty <= MAX_DIFFICULTY:
+            raise DataError(f"ability {self.name}: difficulty must be 1..{MAX_DIFFICULTY}, got {difficulty!r}")
+        if n < 0:
+            raise DataError(f"ability {self.name}: n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}|{split}|{difficulty}|{seed}")
+        seen: set[str] = set()
+        records: list[dict] = []
+        misses = 0
+        while len(records) < n:
+            p = self.make_problem(rng, difficulty)
+            if split_of(self.name, p.key) != split or p.key in seen:
+                misses += 1
+                # Give up only when new problems have become very rare: the space is exhausted.
+                if misses > 1000 + 50 * len(records):
+                    raise DataError(
+                        f"ability {self.name}: found only {len(records)} distinct {split} problems at "
+                        f"difficulty {difficulty}, {n} were asked; ask for fewer or raise the difficulty"
+                    )
+                continue
+            seen.add(p.key)
+            records.append(to_record(self.name, p))
+        return records
+
+    def score(self, output: Any, record: dict) -> float:
+        """1.0 when the answer extracted from ``output`` matches the record's gold answer, else 0.0."""
+        predicted = extract_answer(output)
+        if predicted is None:
+            return 0.0
+        try:
+            return 1.0 if self.match(predicted, str(record["answer"])) else 0.0
+        except (KeyError, TypeError, ValueError):
+            return 0.0
+
+
+ABILITIES: Registry[Ability] = Registry("ability")
+
+
+def split_of(ability: str, key: str) -> Split:
+    """``test`` for one key in :data:`TEST_BUCKETS` (by SHA-256, stable across runs), else ``train``."""
+    digest = hashlib.sha256(f"{ability}|{key}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % TEST_BUCKETS == 0 else "train"
+
+
+def to_record(ability: str, p: Problem) -> dict:
+    return {
+        "messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.response}],
+        "ability": ability,
+        "answer": p.answer,
+    }
+
+
+def extract_answer(output: Any) -> str | None:
+    """The text after the last ``Answer:`` up to the line end, stripped; None if there is none."""
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", errors="replace")
+    if not isinstance(output, str):
+        return None
+    at = output.lower().rfind("answer:")
+    if at < 0:
+        return None
+    return output[at + len("answer:"):].split("\n", 1)[0].strip()
+
+
+def same_text(predicted: str, gold: str) -> bool:
+    """Equal after collapsing runs of whitespace (case and punctuation count)."""
+    return " ".join(predicted.split()) == " ".join(gold.split())
+
+
+def same_integer(predicted: str, gold: str) -> bool:
+    """Equal as integers; a trailing full stop is allowed ("6." == "6"), "6.0" or "six" is not."""
+    text = predicted.rstrip(".").strip()
+    if not text.lstrip("+-").isdigit() or len(text) > 40:
+        return False
+    return int(text) == int(gold)
