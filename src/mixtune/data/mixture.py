@@ -1,0 +1,186 @@
+"""Mixtures: how many examples to take from each source.
+
+Tools disagree on what a "ratio" means, so mixtune names each meaning apart.
+Per source, give at most one of ``count``, ``fraction`` or ``share``:
+
+===============  ===========================================  ===================================
+setting          examples taken from a source of size |D|     example (|D| = 1000)
+===============  ===========================================  ===================================
+(nothing)        all of it: |D|                               1000
+``count: N``     exactly N                                    ``count: 250`` -> 250
+``fraction: f``  floor(f * |D|)   (DMT's k is a fraction)     ``fraction: 0.125`` -> 125
+``share: s``     s of the *whole mixture*; see below          ``share: 0.5``, total 600 -> 300
+===============  ===========================================  ===================================
+
+**Shares** describe the final mix: every source gets a share, the shares sum to
+1 (within 1e-6; nothing is renormalised), and ``total`` sets the mixture size
+T. Source i gets floor(s_i * T) examples and the remaining T - sum(floor)
+examples go one each to the largest fractional parts (ties: listing order), so
+the counts add up to T exactly. Without ``total``, T is the largest size no
+source has to repeat for: T = min_i floor(|D_i| / s_i).
+Shares cannot be mixed with counts or fractions.
+
+**Temperature** ``temperature: t`` (no per-source amounts) sets shares
+s_i = |D_i|^(1/t) / sum_j |D_j|^(1/t): t = 1 keeps natural proportions, larger t
+moves towards uniform (as in multilingual temperature sampling). Then it is a
+share mixture.
+
+**Replacement.** Without replacement (default) a source cannot give more than
+it has: asking for more is an error. With ``replace: true`` the N examples are
+drawn independently and uniformly with replacement.
+
+**Determinism.** Each source is sampled from its own stream seeded by
+``(seed, source name)``, so adding or removing one source does not change what
+is taken from another. The result is shuffled with the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from mixtune.core import ConfigError, Strict
+
+SHARE_TOLERANCE = 1e-6
+
+
+class Take(Strict):
+    """How much of one source goes into a mixture (at most one of count, fraction, share)."""
+
+    count: int | None = Field(default=None, ge=0)
+    """Exactly this many examples."""
+    fraction: float | None = Field(default=None, ge=0)
+    """floor(fraction x source size) examples; above 1 only with ``replace``."""
+    share: float | None = Field(default=None, gt=0, le=1)
+    """This share of the whole mixture (all sources then need shares summing to 1)."""
+    replace: bool = False
+    """Draw with replacement (allows taking more than the source has)."""
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> Take:
+        given = [k for k in ("count", "fraction", "share") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of count, fraction, share (got {', '.join(given)})")
+        return self
+
+
+class MixtureConfig(Strict):
+    """A mixture of named sources."""
+
+    sources: dict[str, Take | None]
+    """Source name -> how much of it to take (empty: all of it)."""
+    total: int | None = Field(default=None, ge=1)
+    """Mixture size for share and temperature mixtures."""
+    temperature: float | None = Field(default=None, gt=0)
+    """Shares proportional to size^(1/temperature) instead of per-source amounts."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixtureConfig:
+        if not self.sources:
+            raise ValueError("a mixture needs at least one source")
+        takes = [t or Take() for t in self.sources.values()]
+        shares = [t.share is not None for t in takes]
+        absolute = [t.count is not None or t.fraction is not None for t in takes]
+        if self.temperature is not None and (any(shares) or any(absolute)):
+            raise ValueError("with `temperature`, leave out per-source count/fraction/share")
+        if any(shares) and not all(shares):
+            missing = [n for n, s in zip(self.sources, shares) if not s]
+            raise ValueError(f"shares describe the whole mix: every source needs one (missing: {', '.join(missing)})")
+        if all(shares):
+            total = sum(t.share for t in takes)  # type: ignore[misc]
+            if abs(total - 1) > SHARE_TOLERANCE:
+                listed = ", ".join(f"{n}={t.share}" for n, t in zip(self.sources, takes))
+                raise ValueError(f"shares must sum to 1, got {total:.6g} ({listed}); nothing is renormalised")
+        if self.total is not None and not all(shares) and self.temperature is None:
+            raise ValueError("`total` applies to share or temperature mixtures; use per-source `count` otherwise")
+        return self
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a mixture took from one source."""
+
+    source: str
+    available: int
+    taken: int
+    distinct: int
+    """Distinct examples among those taken (lower than ``taken`` only with replacement)."""
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The mixed examples, each a record with its ``source`` set, and per-source outcomes."""
+
+    records: list[dict]
+    outcomes: list[Outcome]
+
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def plan_counts(cfg: MixtureConfig, sizes: Mapping[str, int]) -> dict[str, int]:
+    """How many examples each source gives (the table in the module docstring).
+
+    Raises:
+        ConfigError: a source is unknown, or more is asked than a source has without replacement.
+    """
+    unknown = [n for n in cfg.sources if n not in sizes]
+    if unknown:
+        raise ConfigError(f"mixture names unknown source(s) {', '.join(unknown)}; defined: {', '.join(sizes)}")
+    takes = {n: t or Take() for n, t in cfg.sources.items()}
+    if cfg.temperature is not None or all(t.share is not None for t in takes.values()):
+        if cfg.temperature is not None:
+            weights = {n: sizes[n] ** (1 / cfg.temperature) for n in takes}
+            z = sum(weights.values())
+            shares = {n: w / z for n, w in weights.items()}
+        else:
+            shares = {n: t.share for n, t in takes.items()}  # type: ignore[misc]
+        total = cfg.total
+        if total is None:
+            total = min(math.floor(sizes[n] / s) for n, s in shares.items() if not takes[n].replace) \
+                if not all(t.replace for t in takes.values()) else None
+            if total is None:
+                raise ConfigError("a share mixture where every source has replace: true needs a `total`")
+        counts = {n: math.floor(s * total) for n, s in shares.items()}
+        order = sorted(shares, key=lambda n: -(shares[n] * total - counts[n]))  # stable: ties keep listing order
+        for n in order[: total - sum(counts.values())]:
+            counts[n] += 1
+    else:
+        counts = {}
+        for n, t in takes.items():
+            counts[n] = t.count if t.count is not None else (
+                math.floor(t.fraction * sizes[n]) if t.fraction is not None else sizes[n])
+    for n, c in counts.items():
+        if c > sizes[n] and not takes[n].replace:
+            raise ConfigError(
+                f"mixture source {n!r}: {c} examples asked but it has {sizes[n]}; ask for fewer, "
+                f"or set replace: true to repeat examples"
+            )
+    return counts
+
+
+def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: int = 0) -> Mixture:
+    """Sample the mixture ``cfg`` from loaded ``sources`` (name -> records), deterministically."""
+    counts = plan_counts(cfg, {n: len(r) for n, r in sources.items()})
+    records, outcomes = [], []
+    for name, count in counts.items():
+        pool = sources[name]
+        take = cfg.sources[name] or Take()
+        rng = _stream(seed, name)
+        if take.replace:
+            idx = rng.integers(0, len(pool), size=count) if len(pool) else np.zeros(0, dtype=int)
+        else:
+            idx = rng.permutation(len(pool))[:count]
+        records += [pool[i] | {"source": name} for i in idx.tolist()]
+        outcomes.append(Outcome(name, len(pool), count, len(set(idx.tolist()))))
+    order = _stream(seed, "\x00order").permutation(len(records))
+    return Mixture([records[i] for i in order.tolist()], outcomes)
+
+
+__all__ = ["Mixture", "MixtureConfig", "Outcome", "Take", "mix", "plan_counts"]

@@ -1,0 +1,139 @@
+import random
+
+import pytest
+import torch
+
+from mixtune.core import DataError
+from mixtune.data.format import IGNORE, Example, pack, prompt_text, render_with_spans, tokenize_record, tokenize_records
+
+RECORD = {"messages": [{"role": "user", "content": "Tom has 2 pens. He finds 8 more. Then he loses 4. How many?"},
+                       {"role": "assistant", "content": "2+8=10. 10-4=6. Answer: 6"}]}
+
+
+def trained_text(ex: Example, tok) -> str:
+    return tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+
+
+def test_labels_cover_exactly_the_assistant_reply_and_end_marker(tokenizer):
+    ex = tokenize_record(RECORD, tokenizer)
+    assert tokenizer.decode(ex.input_ids) == (
+        "<|bos|><|user|>\nTom has 2 pens. He finds 8 more. Then he loses 4. How many?<|end|>\n"
+        "<|assistant|>\n2+8=10. 10-4=6. Answer: 6<|end|>\n")
+    assert trained_text(ex, tokenizer) == "2+8=10. 10-4=6. Answer: 6<|end|>\n"
+    # the trained tokens are one contiguous run at the end, and labels equal the inputs there
+    mask = [lab != IGNORE for lab in ex.labels]
+    first = mask.index(True)
+    assert all(mask[first:]) and not any(mask[:first])
+    assert ex.labels[first:] == ex.input_ids[first:]
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(tokenizer):
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a?"},
+                        {"role": "assistant", "content": "A1"}, {"role": "user", "content": "b?"},
+                        {"role": "assistant", "content": "B2"}]}
+    ex = tokenize_record(rec, tokenizer)
+    assert trained_text(ex, tokenizer) == "A1<|end|>\nB2<|end|>\n"
+
+
+def test_default_template_for_tokenizers_without_one(tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    assert tokenize_record(RECORD, bare) == tokenize_record(RECORD, tokenizer)
+
+
+def test_prompt_is_the_training_prefix(tokenizer):
+    text, spans = render_with_spans(RECORD["messages"], tokenizer)
+    prompt = prompt_text(RECORD["messages"], tokenizer)
+    assert prompt.endswith("<|assistant|>\n") and text.startswith(prompt)
+    assert spans == [(len(prompt), len(text))]
+
+
+def test_prefix_unstable_template_is_an_error(tokenizer):
+    import copy
+
+    odd = copy.deepcopy(tokenizer)
+    # renders the number of messages first, so a prefix of the conversation renders differently
+    odd.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match="not prefix-stable"):
+        tokenize_record(RECORD, odd)
+
+
+def random_examples(n, seed=0, lo=3, hi=60):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(lo, hi)
+        ids = [rng.randrange(10, 500) for _ in range(k)]
+        out.append(Example(ids, [IGNORE] * (k // 2) + ids[k // 2:]))
+    return out
+
+
+def test_packing_keeps_every_token_once():
+    exs = random_examples(300)
+    p = pack(exs, 128, pad_id=2, sources=[i % 3 for i in range(300)])
+    assert p.input_ids.shape[1] == 128
+    seen = {}
+    for r in range(p.input_ids.shape[0]):
+        for c in range(128):
+            e = int(p.example_ids[r, c])
+            if e < 0:
+                assert p.input_ids[r, c] == 2 and p.labels[r, c] == IGNORE and p.source_ids[r, c] == -1
+                continue
+            pos = int(p.position_ids[r, c])
+            assert (e, pos) not in seen
+            seen[(e, pos)] = (int(p.input_ids[r, c]), int(p.labels[r, c]), int(p.source_ids[r, c]))
+    assert len(seen) == sum(len(e.input_ids) for e in exs)
+    for i, ex in enumerate(exs):
+        got = [seen[(i, j)] for j in range(len(ex.input_ids))]
+        assert [g[0] for g in got] == ex.input_ids
+        assert [g[1] for g in got] == [IGNORE] + ex.labels[1:]  # first label of each example masked
+        assert {g[2] for g in got} == {i % 3}
+
+
+def test_packing_is_tight_and_each_example_sits_in_one_row():
+    exs = random_examples(500)
+    p = pack(exs, 256, pad_id=0)
+    lower_bound = -(-sum(len(e.input_ids) for e in exs) // 256)
+    assert p.input_ids.shape[0] <= lower_bound + 1
+    assert p.efficiency > 0.97
+    rows_of = {}
+    for r in range(p.input_ids.shape[0]):
+        for e in set(p.example_ids[r].tolist()) - {-1}:
+            assert rows_of.setdefault(e, r) == r
+
+
+def test_long_examples_error_drop_or_truncate():
+    exs = [Example(list(range(10, 20)), list(range(10, 20))), Example([5, 6, 7], [5, 6, 7])]
+    with pytest.raises(DataError, match="math #0 has 10 tokens, longer than seq_len = 8"):
+        pack(exs, 8, pad_id=0, where=["math #0", "math #1"])
+    dropped = pack(exs, 8, pad_id=0, long_examples="drop")
+    assert dropped.dropped == 1 and dropped.n_tokens == 3
+    cut = pack(exs, 8, pad_id=0, long_examples="truncate")
+    assert cut.truncated == 1 and cut.n_tokens == 11
+    assert cut.input_ids[0].tolist() == list(range(10, 18))
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from mixtune.data.abilities import ABILITIES
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.weight, std=0.5)  # make attention matter
+    recs = ABILITIES.get("math").generate(3) + ABILITIES.get("code").generate(3)
+    exs = tokenize_records(recs, tokenizer)
+    p = pack(exs, 256, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).logits
+        naive = model(input_ids=p.input_ids, use_cache=False).logits
+        worst_packed = worst_naive = 0.0
+        for i, ex in enumerate(exs):
+            alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+            r = int((p.example_ids == i).any(1).nonzero()[0])
+            cols = (p.example_ids[r] == i).nonzero().flatten()
+            worst_packed = max(worst_packed, (packed[r, cols] - alone).abs().max().item())
+            worst_naive = max(worst_naive, (naive[r, cols] - alone).abs().max().item())
+    assert worst_packed < 1e-4  # same logits as running the example alone
+    assert worst_naive > 1e-2  # while plain concatenation would leak (so the check can fail)
