@@ -1,0 +1,98 @@
+"""The CLI run as a user runs it: a separate process, checking output and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+def mixtune(*args, cwd=ROOT, check=True):
+    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-m", "mixtune.cli", *map(str, args)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"mixtune {' '.join(map(str, args))} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def test_help_lists_commands():
+    out = mixtune("--help").stdout
+    for cmd in ("demo", "data", "model", "list"):
+        assert cmd in out
+    assert "preview" in mixtune("data", "--help").stdout
+
+
+def test_list_shows_abilities_and_levels():
+    out = mixtune("list").stdout
+    for name in ("math", "code", "general", "1-3 steps of + and -"):
+        assert name in out
+
+
+def test_every_example_recipe_previews():
+    assert len(EXAMPLES) >= 1  # the check must see the shipped recipes
+    for path in EXAMPLES:
+        out = mixtune("data", "preview", path, "-n", "1").stdout
+        assert "packed into" in out and "example 0" in out
+
+
+def test_preview_table_has_the_promised_counts():
+    out = mixtune("data", "preview", "examples/preview.yaml", "-n", "0").stdout
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:]] for line in out.splitlines()
+            if line.startswith("│")}
+    # examples/preview.yaml: math count 500, code fraction 1/8 of 2000, general all 2000
+    assert rows["math"][:3] == ["2,000", "500", "500"]
+    assert rows["code"][:3] == ["2,000", "250", "250"]
+    assert rows["general"][:3] == ["2,000", "2,000", "2,000"]
+    assert rows["total"][1] == "2,750"
+
+
+def test_overrides_change_the_recipe():
+    out = mixtune("data", "preview", "examples/preview.yaml", "mixture.sources.math.count=10", "-n", "0").stdout
+    assert any(line.startswith("│ math") and "│    10 │" in line for line in out.splitlines())
+
+
+def test_bad_recipe_is_one_clear_error_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources:\n  math: {builtin: math}\nmixture:\n  sources:\n    math: {count: 5000}\n")
+    out = mixtune("data", "preview", bad, check=False)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "error: mixture source 'math': 5000 examples asked but it has 1000" in out.stderr
+    bad.write_text("sources:\n  math: {builtin: math}\nformat: {seq_len: 16}\n")
+    out = mixtune("data", "preview", bad, check=False)
+    assert out.returncode == 2 and "longer than seq_len = 16" in out.stderr
+
+
+def test_generate_then_use_as_a_file_source(tmp_path):
+    mixtune("data", "generate", "code", "-n", "7", "--split", "test", "--difficulty", "2", "-o", tmp_path / "c.jsonl")
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and json.loads(lines[0])["ability"] == "code"
+    (tmp_path / "r.yaml").write_text("sources:\n  c: {path: c.jsonl}\n")
+    out = mixtune("data", "preview", tmp_path / "r.yaml", "-n", "0", cwd=tmp_path).stdout
+    assert any(line.startswith("│ c ") and "│         7 │" in line for line in out.splitlines())
+
+
+def test_model_init_writes_a_loadable_folder_and_refuses_to_overwrite(tmp_path):
+    out = mixtune("model", "init", tmp_path / "m", "--size", "tiny").stdout
+    assert "1,115,264 parameters" in out
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").num_parameters() == 1_115_264
+    again = mixtune("model", "init", tmp_path / "m", check=False)
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_what_exists_and_says_where_it_stops(tmp_path):
+    out = mixtune("demo", "--out", tmp_path / "demo").stdout
+    assert (tmp_path / "demo" / "base" / "model.safetensors").exists()
+    assert len((tmp_path / "demo" / "data" / "math-test.jsonl").read_text().splitlines()) == 200
+    assert "not implemented yet" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+    assert "│   250 │" in rows["math"] and "│ 2,000 │" in rows["general"]  # k = 1/8 of 2,000
