@@ -117,11 +117,17 @@ class Mixture:
     """The mixed examples, each a record with its ``source`` set, and per-source outcomes."""
 
     records: list[dict]
+    picks: list[tuple[str, int]]
+    """For each record, its source and index in that source (so per-source work can be shared)."""
     outcomes: list[Outcome]
 
 
-def _stream(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+Seed = int | Sequence[int]
+
+
+def _stream(seed: Seed, name: str) -> np.random.Generator:
+    parts = [seed] if isinstance(seed, int) else list(seed)
+    return np.random.default_rng([*parts, zlib.crc32(name.encode())])
 
 
 def plan_counts(cfg: MixtureConfig, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -165,10 +171,14 @@ def plan_counts(cfg: MixtureConfig, sizes: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: int = 0) -> Mixture:
-    """Sample the mixture ``cfg`` from loaded ``sources`` (name -> records), deterministically."""
+def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: Seed = 0) -> Mixture:
+    """Sample the mixture ``cfg`` from loaded ``sources`` (name -> records), deterministically.
+
+    ``seed`` may be a sequence (e.g. ``(recipe seed, stage index)``) to give each stage its own draw.
+    """
     counts = plan_counts(cfg, {n: len(r) for n, r in sources.items()})
-    records, outcomes = [], []
+    picks: list[tuple[str, int]] = []
+    outcomes = []
     for name, count in counts.items():
         pool = sources[name]
         take = cfg.sources[name] or Take()
@@ -177,10 +187,10 @@ def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: int 
             idx = rng.integers(0, len(pool), size=count) if len(pool) else np.zeros(0, dtype=int)
         else:
             idx = rng.permutation(len(pool))[:count]
-        records += [pool[i] | {"source": name} for i in idx.tolist()]
+        picks += [(name, i) for i in idx.tolist()]
         outcomes.append(Outcome(name, len(pool), count, len(set(idx.tolist()))))
-    order = _stream(seed, "\x00order").permutation(len(records))
-    return Mixture([records[i] for i in order.tolist()], outcomes)
+    picks = [picks[i] for i in _stream(seed, "\x00order").permutation(len(picks)).tolist()]
+    return Mixture([sources[n][i] | {"source": n} for n, i in picks], picks, outcomes)
 
 
 __all__ = ["Mixture", "MixtureConfig", "Outcome", "Take", "mix", "plan_counts"]
