@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # accelerate warns that the tied lm_head is stored once in safetensors; that is expected
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
 @app.command("list")
@@ -59,9 +62,9 @@ def list_cmd() -> None:
 def data_preview(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     overrides: Overrides = None,
-    examples: Annotated[int, typer.Option("--examples", "-n", help="Rendered examples to show.")] = 2,
+    examples: Annotated[int, typer.Option("--examples", "-n", help="Rendered examples to show per stage.")] = 1,
 ) -> None:
-    """Show what a recipe's mixture takes from each source, how it packs, and rendered examples.
+    """Show what each stage's mixture takes from each source, how it packs, and rendered examples.
 
     In the rendered examples, dim text is context (no loss) and green text is trained on.
     """
@@ -73,30 +76,70 @@ def data_preview(
     cfg, base = load_recipe(recipe, parse_overrides(overrides or []))
     with console.status("loading sources, mixing, tokenizing, packing ..."):
         data = prepare_data(cfg, base)
-    tokens = {name: 0 for name in data.source_names}
-    for r, ex in zip(data.mixture.records, data.examples):
-        tokens[r["source"]] += len(ex.input_ids)
-    n_ex, n_tok = len(data.examples), sum(tokens.values())
-    table = Table(title=f"Mixture of {recipe} (seed {cfg.seed})")
+    for st in data.stages:
+        _print_stage(st, f"stage {st.config.name} of {recipe} (seed {cfg.seed})")
+        for i in range(min(examples, len(st.examples))):
+            ex, (source, _) = st.examples[i], st.mixture.picks[i]
+            console.rule(f"example {i} · source {source} · {len(ex.input_ids)} tokens")
+            console.print(_render_masked(ex, data.tokenizer))
+
+
+def _print_stage(st, title: str, steps: int | None = None) -> None:
+    """The mixture table of one prepared stage and its packing summary."""
+    tokens: dict[str, int] = {o.source: 0 for o in st.mixture.outcomes}
+    for (source, _), ex in zip(st.mixture.picks, st.examples):
+        tokens[source] += len(ex.input_ids)
+    n_ex, n_tok = len(st.examples), sum(tokens.values())
+    table = Table(title=title)
     for col in ("source", "available", "taken", "distinct", "share of examples", "share of tokens"):
         table.add_column(col, justify="left" if col == "source" else "right")
-    for o in data.mixture.outcomes:
+    for o in st.mixture.outcomes:
         table.add_row(o.source, f"{o.available:,}", f"{o.taken:,}", f"{o.distinct:,}",
                       f"{o.taken / max(n_ex, 1):.1%}", f"{tokens[o.source] / max(n_tok, 1):.1%}")
     table.add_row("total", "", f"{n_ex:,}", "", "100%", f"{n_tok:,} tokens", style="bold")
     console.print(table)
-    p = data.packed
+    p = st.packed
     trained = int((p.labels != -100).sum())
     console.print(
         f"packed into {p.input_ids.shape[0]:,} rows of {p.input_ids.shape[1]} tokens: "
         f"{p.efficiency:.1%} real tokens, {trained:,} trained ({trained / max(p.n_tokens, 1):.0%} of real)"
         + (f"; dropped {p.dropped} long examples" if p.dropped else "")
         + (f"; truncated {p.truncated}" if p.truncated else "")
+        + (f"; {steps:,} optimizer steps" if steps is not None else "")
     )
-    for i in range(min(examples, n_ex)):
-        ex, rec = data.examples[i], data.mixture.records[i]
-        console.rule(f"example {i} · source {rec['source']} · {len(ex.input_ids)} tokens")
-        console.print(_render_masked(ex, data.tokenizer))
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/<recipe name>).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and stages, train nothing.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in OUT and start over.")] = False,
+) -> None:
+    """Train a recipe's stages in order (resuming from OUT's newest checkpoint if there is one).
+
+    Writes OUT/stages/<stage>/ (the model after each stage, with tokenizer and resolved config),
+    OUT/log.jsonl (loss per source, lr, grad norm, tokens/s) and OUT/checkpoints/. Runs on several
+    processes unchanged: `accelerate launch -m mixtune.cli train RECIPE`.
+    """
+    from mixtune.core import dump_config, parse_overrides
+    from mixtune.pipeline import prepare_data, run_training, stage_plan
+    from mixtune.recipe import load_recipe
+
+    _quiet_transformers()
+    cfg, base = load_recipe(recipe, parse_overrides(overrides or []))
+    out = out or Path("runs") / recipe.stem
+    if dry_run:
+        console.print(Text(dump_config(cfg)))
+        with console.status("preparing data ..."):
+            data = prepare_data(cfg, base)
+        for st, plan in zip(data.stages, stage_plan(cfg, data)):
+            _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
+        console.print(f"dry run: nothing trained; output would go to {out}")
+        return
+    folders = run_training(cfg, base, out, resume=not fresh)
+    console.print(f"trained {len(folders)} stage(s); models in {out / 'stages'}, log in {out / 'log.jsonl'}")
 
 
 def _render_masked(ex, tokenizer) -> Text:
@@ -185,14 +228,14 @@ def demo(
         "model": str(out / "base"),
         "sources": {name: {"path": str((out / "data" / f"{name}-train.jsonl").resolve())} for name in ABILITIES},
         "format": {"seq_len": 256},
-        # DMT stage 2 (Dong et al., 2024): all general data plus a fraction k of each specialist.
-        "mixture": {"sources": {"general": None, "math": {"fraction": 0.125}, "code": {"fraction": 0.125}}},
+        # DMT (Dong et al., 2024): specialists, then all general data plus a fraction k of each specialist.
+        "strategy": {"name": "dmt", "k": 0.125},
     }, where="demo recipe")
-    recipe_path = out / "dmt-stage2.yaml"
+    recipe_path = out / "dmt.yaml"
     from mixtune.core import dump_config
 
     atomic_write_text(recipe_path, dump_config(recipe))
-    console.print(f"[bold]3.[/] DMT stage-2 mixture (k = 1/8), recipe {recipe_path}:")
+    console.print(f"[bold]3.[/] DMT stages (k = 1/8), recipe {recipe_path}:")
     data_preview(recipe_path, [], examples=1)
     console.print(
         "\n[yellow]Training, evaluation and the report are not implemented yet (issues #3 and #4); "

@@ -5,22 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtune.builtin import builtin_tokenizer
+from mixtune.builtin import builtin_tokenizer, init_builtin
+from mixtune.core import DataError, dump_config
 from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
 from mixtune.data.sources import load_source
-from mixtune.models import load_tokenizer
+from mixtune.models import load_model, load_tokenizer
 from mixtune.recipe import Recipe
+from mixtune.strategy import StageConfig
+from mixtune.train.loop import StageData, stage_steps, train
+
+
+@dataclass(frozen=True)
+class PreparedStage:
+    """One stage's data: mixed, tokenized with label masks, packed."""
+
+    config: StageConfig
+    mixture: Mixture
+    examples: list[Example]
+    packed: Packed
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A recipe's data, mixed, tokenized and packed."""
-
-    mixture: Mixture
-    examples: list[Example]
-    packed: Packed
+    stages: list[PreparedStage]
     source_names: list[str]
+    """Every source of the recipe, in order; packed ``source_ids`` index this list."""
     tokenizer: object
 
 
@@ -29,19 +39,62 @@ def tokenizer_for(model: str):
     return builtin_tokenizer() if model.startswith("builtin:") else load_tokenizer(model)
 
 
-def prepare_data(recipe: Recipe, base_dir: str | Path = ".") -> PreparedData:
-    """Load every source, sample the mixture, tokenize with label masks, pack into rows."""
-    loaded = {name: load_source(name, cfg, seed=recipe.seed, base_dir=base_dir) for name, cfg in recipe.sources.items()}
-    mixture = mix(recipe.resolved_mixture(), loaded, seed=recipe.seed)
-    tokenizer = tokenizer_for(recipe.model)
-    examples = tokenize_records(mixture.records, tokenizer)
-    names = [o.source for o in mixture.outcomes]
-    packed = pack(
-        examples,
-        recipe.format.seq_len,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        sources=[names.index(r["source"]) for r in mixture.records],
-        long_examples=recipe.format.long_examples,
-        where=[f"source {r['source']!r} example {i}" for i, r in enumerate(mixture.records)],
-    )
-    return PreparedData(mixture, examples, packed, names, tokenizer)
+def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None) -> PreparedData:
+    """Load every source once; per stage, sample its mixture, tokenize, pack into rows.
+
+    A record is tokenized at most once however many stages use it.
+    """
+    tokenizer = tokenizer or tokenizer_for(recipe.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    names = list(recipe.sources)
+    loaded = {n: load_source(n, cfg, seed=recipe.seed, base_dir=base_dir) for n, cfg in recipe.sources.items()}
+    cache: dict[tuple[str, int], Example] = {}
+    stages = []
+    for s, stage in enumerate(recipe.resolved_stages()):
+        mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s))
+        todo = sorted(set(mixture.picks) - cache.keys())
+        cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
+        examples = [cache[p] for p in mixture.picks]
+        packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
+                      sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
+                      where=[f"source {n!r} record {i}" for n, i in mixture.picks])
+        stages.append(PreparedStage(stage, mixture, examples, packed))
+    return PreparedData(stages, names, tokenizer)
+
+
+def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
+    """Each prepared stage with its resolved length, learning rate and schedule."""
+    out = []
+    for st in data.stages:
+        c = st.config
+        steps = stage_steps(st.packed.input_ids.shape[0], recipe.train, steps=c.steps, epochs=c.epochs)
+        out.append(StageData(c.name, st.packed, steps, c.lr or recipe.train.lr, c.schedule or recipe.train.schedule))
+    return out
+
+
+def base_model_dir(recipe: Recipe, out_dir: Path) -> Path:
+    """The folder of the model training starts from; a built-in model is created in ``out_dir/base``."""
+    if not recipe.model.startswith("builtin:"):
+        return Path(recipe.model)
+    base = out_dir / "base"
+    if not (base / "config.json").exists():
+        init_builtin(base, size=recipe.model.removeprefix("builtin:"), seed=recipe.seed, overwrite=True)
+    return base
+
+
+def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool = True, progress: bool = True,
+                 accelerator=None, on_step=None) -> list[Path]:
+    """Prepare the data, load the base model, train every stage; returns the stage model folders."""
+    from mixtune.train.loop import make_accelerator
+
+    acc = accelerator or make_accelerator(recipe.train.precision)
+    if acc.is_main_process:
+        base_model_dir(recipe, out_dir)  # build a built-in base once, before the others look for it
+    acc.wait_for_everyone()
+    model, tokenizer = load_model(base_model_dir(recipe, out_dir))
+    data = prepare_data(recipe, base_dir, tokenizer=tokenizer)
+    return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
+                 seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,
+                 progress=progress, on_step=on_step)

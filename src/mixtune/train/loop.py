@@ -1,0 +1,343 @@
+"""THE training loop: stages in order, steps, logging, checkpoints, resume. Runs on ``accelerate``.
+
+Read top to bottom: :func:`train` prepares the model with the tuning method, then for each stage
+builds a fresh AdamW and schedule (each stage is a full SFT run, as in the DMT paper), runs its
+steps, exports the stage's model and writes a resumable checkpoint.
+
+**Loss.** Every micro-batch's summed token loss is divided by the number of trained tokens in
+the *whole global batch* (times the number of processes, which DDP divides back out). The
+gradient of a step is therefore exactly the token-mean loss over the global batch, whatever the
+micro-batch size, gradient accumulation or number of processes.
+
+**Data order** is a function of (seed, stage, step) only: a stage's rows are walked through one
+seeded permutation per epoch. Resuming therefore needs just the step counter; model, optimizer,
+scheduler and RNG state come back through ``accelerator.load_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixtune.core import ConfigError, atomic_dir, atomic_write_text
+from mixtune.data.format import Packed
+from mixtune.strategy import Schedule
+from mixtune.train.config import TrainConfig
+from mixtune.train.losses import per_source, token_losses
+from mixtune.train.methods import TUNERS
+
+
+@dataclass(frozen=True)
+class StageData:
+    """One stage, ready to train: its packed rows and resolved length and schedule."""
+
+    name: str
+    packed: Packed
+    steps: int
+    lr: float
+    schedule: Schedule
+
+
+def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: float | None) -> int:
+    """Optimizer steps of a stage: explicit steps, else ceil(epochs x rows / batch_size)."""
+    if steps or cfg.steps:
+        return steps or cfg.steps  # type: ignore[return-value]
+    return max(1, math.ceil((epochs or cfg.epochs) * n_rows / cfg.batch_size))
+
+
+class BatchOrder:
+    """Global batches of row indices: epoch e walks the rows in permutation(seed, stage, e)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, stage: int) -> None:
+        self.n_rows, self.batch_size, self.seed, self.stage = n_rows, batch_size, seed, stage
+        self._perms: dict[int, np.ndarray] = {}
+
+    def rows(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, i = divmod(pos, self.n_rows)
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, self.stage, epoch]).permutation(self.n_rows)}
+            out.append(int(self._perms[epoch][i]))
+        return out
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 on GPUs with bf16 (else fp16) and on CPUs with native bf16, else no."""
+    if precision == "fp32":
+        return "no"
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:  # without AVX512-BF16/AMX, CPU bf16 is emulated and slower than fp32
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        native = False
+    return "bf16" if native else "no"
+
+
+def make_accelerator(precision: str):
+    """One Accelerator per process. On CPU it must be built with ``cpu=True``: otherwise several
+    launched processes never synchronise gradients (shared/NOTES.md)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision))
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint as ``trainer_state.json``."""
+
+    stage: int = 0
+    step: int = 0  # optimizer steps done in ``stage``
+    global_step: int = 0
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose ``trainer_state.json`` was written)."""
+    done = sorted((out_dir / "checkpoints").glob("step-*/trainer_state.json"))
+    return done[-1].parent if done else None
+
+
+def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
+          seed: int = 0, accelerator=None, config_text: str = "", resume: bool = True, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> list[Path]:
+    """Train ``model`` through ``stages``; returns the folders of the exported stage models.
+
+    Args:
+        model: a causal LM (a Hugging Face model).
+        tokenizer: saved beside every exported model.
+        stages: stages in order.
+        cfg: the training section of the recipe.
+        out_dir: ``log.jsonl``, ``stages/<name>/`` (exported models) and ``checkpoints/``.
+        source_names: names of the source ids in the packed rows, for per-source loss.
+        seed: seeds data order, dropout and method randomness.
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
+        config_text: the resolved recipe, written beside every checkpoint and export.
+        resume: continue from the newest checkpoint in ``out_dir`` if there is one.
+        progress: show a progress bar (on the main process).
+        on_step: called with the global step after every optimizer step.
+    """
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    acc = accelerator or make_accelerator(cfg.precision)
+    set_seed(seed)
+    out_dir = Path(out_dir)
+    tuner, params = TUNERS.get(cfg.method.name), cfg.method
+    world = acc.num_processes
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ConfigError(f"train.batch_size = {cfg.batch_size} must be a multiple of micro_batch_size x processes "
+                          f"= {cfg.micro_batch_size} x {world}")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+
+    # 1) the method decides what trains
+    model = tuner.prepare(model, params, seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process)
+    log.note(f"method {params.name}: {n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%}); "
+             f"AdamW state {2 * 4 * n_train / 2**20:.1f} MiB; precision {acc.mixed_precision}; "
+             f"{world} process(es), accumulation {accum}")
+
+    # 2) resume where a previous run stopped
+    at, ckpt = Progress(), latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        at = Progress(**json.loads((ckpt / "trainer_state.json").read_text()))
+        log.truncate_after(at.global_step)
+        log.note(f"resuming from {ckpt} (stage {at.stage}, step {at.step})")
+
+    exported = []
+    for s, stage in enumerate(stages):
+        if s < at.stage:
+            exported.append(out_dir / "stages" / stage.name)
+            continue
+        # 3) a fresh optimizer and schedule per stage
+        optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler("constant_with_warmup" if stage.schedule == "constant" else stage.schedule,
+                                  optimizer, num_warmup_steps=round(cfg.warmup * stage.steps),
+                                  num_training_steps=stage.steps)
+        acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
+        model, optimizer, scheduler = acc.prepare(acc.unwrap_model(model), optimizer, scheduler)
+        start = 0
+        if ckpt is not None and s == at.stage:
+            acc.load_state(str(ckpt))
+            start = at.step
+        order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, s)
+        model.train()
+        window = Window(len(source_names))
+        bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
+        for step in range(start, stage.steps):
+            # 4) one optimizer step over the global batch
+            rows = order.rows(step)
+            batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
+            n_trained = int((batch["labels"][:, 1:] != -100).sum())
+            for g in range(accum):
+                first = (g * world + acc.process_index) * cfg.micro_batch_size
+                mb = {k: v[first:first + cfg.micro_batch_size].to(acc.device) for k, v in batch.items()}
+                sync = g == accum - 1
+                with nullcontext() if sync else acc.no_sync(model):
+                    logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+                    ce = token_losses(logits, mb["labels"])  # (m, L-1)
+                    loss = ce.sum() / max(n_trained, 1) * world
+                    acc.backward(loss)
+                window.add(*per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(),
+                                       len(source_names)))
+            grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
+            tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
+            bar.advance(tokens)
+            window.tokens += tokens
+
+            # 5) log, checkpoint
+            if at.step % cfg.log_every == 0 or at.step == stage.steps:
+                entry = window.flush(acc, source_names)
+                entry |= {"step": at.global_step, "stage": stage.name, "stage_step": at.step,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                log.write(entry)
+                bar.show_loss(entry["loss"])
+            if cfg.save_every and at.global_step % cfg.save_every == 0 and at.step < stage.steps:
+                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
+            if on_step is not None:
+                on_step(at.global_step)
+        bar.close()
+        # 6) the stage's model, in the form the ecosystem loads, and a checkpoint to resume from
+        exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
+        save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
+    return exported
+
+
+def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: str) -> Path:
+    """Write the stage model atomically (main process), with tokenizer and resolved config."""
+    state_dict = acc.get_state_dict(model)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with atomic_dir(dest, overwrite=True) as tmp:
+            tuner.export(acc.unwrap_model(model), params, tmp, state_dict)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "mixtune.yaml", config_text)
+    acc.wait_for_everyone()
+    return dest
+
+
+def save_checkpoint(acc, out_dir: Path, at: Progress, keep: int, config_text: str) -> Path:
+    """A resumable checkpoint: accelerate state (model, optimizer, scheduler, RNG), then
+    ``trainer_state.json`` last, so a half-written checkpoint is never resumed from."""
+    root = out_dir / "checkpoints"
+    final, partial = root / f"step-{at.global_step:07d}", root / f".step-{at.global_step:07d}.partial"
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(partial))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_text(partial / "mixtune.yaml", config_text)
+        partial.rename(final)
+        atomic_write_text(final / "trainer_state.json", json.dumps(at.__dict__))
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+class Window:
+    """Loss sums per source since the last log line."""
+
+    def __init__(self, n_sources: int) -> None:
+        self.sums = torch.zeros(n_sources, dtype=torch.float64)
+        self.counts = torch.zeros(n_sources, dtype=torch.float64)
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums += sums
+        self.counts += counts
+
+    def flush(self, acc, names: list[str]) -> dict:
+        """Mean loss overall and per source over the window (summed over processes), then reset."""
+        n = len(names)
+        stats = torch.cat([self.sums, self.counts])
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
+        sums, counts = stats[:n], stats[n:]
+        entry = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
+        entry |= {f"loss/{name}": float(sums[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
+        entry["tokens_per_s"] = self.tokens / max(time.perf_counter() - self.t0, 1e-9)  # tokens are global
+        self.sums.zero_()
+        self.counts.zero_()
+        self.tokens, self.t0 = 0, time.perf_counter()
+        return entry
+
+
+class TrainLog:
+    """``log.jsonl``: one JSON object per log step (and ``{"note": ...}`` lines)."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def note(self, text: str) -> None:
+        self.write({"note": text})
+        if self.enabled:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[dim]{text}[/]")
+
+    def truncate_after(self, global_step: int) -> None:
+        """Drop entries logged after ``global_step`` (they are recomputed after resuming)."""
+        if self.enabled and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= global_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+
+class StageBar:
+    """A Rich progress bar for one stage: steps, tokens/s, ETA, last logged loss."""
+
+    def __init__(self, name: str, total: int, done: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[tps]} tok/s"), TextColumn("loss {task.fields[loss]}"),
+                                 TimeRemainingColumn(), transient=False)
+        self.task = self.progress.add_task(f"stage {name}", total=total, completed=done, tps="-", loss="-")
+        self.progress.start()
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def advance(self, tokens: int) -> None:
+        if self.enabled:
+            self.tokens += tokens
+            tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.progress.update(self.task, advance=1, tps=f"{tps:,.0f}")
+
+    def show_loss(self, loss: float) -> None:
+        if self.enabled:
+            self.progress.update(self.task, loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
