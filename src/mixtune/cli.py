@@ -139,7 +139,10 @@ def train_cmd(
         console.print(f"dry run: nothing trained; output would go to {out}")
         return
     folders = run_training(cfg, base, out, resume=not fresh)
-    console.print(f"trained {len(folders)} stage(s); models in {out / 'stages'}, log in {out / 'log.jsonl'}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        console.print(f"trained {len(folders)} stage(s); models in {out / 'stages'}, log in {out / 'log.jsonl'}")
 
 
 def _render_masked(ex, tokenizer) -> Text:
@@ -198,49 +201,150 @@ def model_init(
     console.print(f"wrote built-in model '{size}' ({params:,} parameters, vocabulary {len(tokenizer)}) to {out_dir}")
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path("mixtune-demo"),
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A Hugging Face model folder, or a peft adapter folder.")],
+    abilities: Annotated[str, typer.Option(help="Comma-separated built-in abilities.")] = "math,code,general",
+    n: Annotated[int, typer.Option("--n", help="Held-out problems per ability.")] = 200,
+    difficulty: Annotated[int, typer.Option(help="1-3, see `mixtune list`.")] = 1,
+    seed: Annotated[int, typer.Option(help="Which held-out problems.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 64,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write scores.json and outputs.jsonl here.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle weights (they can run code).")] = False,
 ) -> None:
-    """Run the whole loop on the embedded default (built-in tiny model and ability suite).
-
-    What exists so far: build the tiny model, write the built-in suite's train and held-out
-    test splits, and preview the DMT stage-2 mixture. Training, evaluation and the report
-    arrive with the training and evaluation issues; the demo says where it stops.
-    """
-    from mixtune.builtin import init_builtin
-    from mixtune.core import atomic_write_text, validate
-    from mixtune.data.abilities import ABILITIES
-    from mixtune.recipe import Recipe
+    """Score a model on held-out problems of built-in abilities (greedy, batched)."""
+    from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
 
     _quiet_transformers()
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "base" / "config.json").exists():
-        init_builtin(out / "base", size="tiny", seed=0, overwrite=True)
-    console.print(f"[bold]1.[/] built-in tiny model in {out / 'base'}")
-    for name in ABILITIES:
-        for split, n in (("train", 2000), ("test", 200)):
-            records = ABILITIES.get(name).generate(n, seed=0, split=split)  # type: ignore[arg-type]
-            atomic_write_text(out / "data" / f"{name}-{split}.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in records))
-    console.print(f"[bold]2.[/] built-in suite in {out / 'data'} (train 2,000 and held-out test 200 per ability)")
-    recipe = validate(Recipe, {
-        "model": str(out / "base"),
-        "sources": {name: {"path": str((out / "data" / f"{name}-train.jsonl").resolve())} for name in ABILITIES},
-        "format": {"seq_len": 256},
-        # DMT (Dong et al., 2024): specialists, then all general data plus a fraction k of each specialist.
-        "strategy": {"name": "dmt", "k": 0.125},
-    }, where="demo recipe")
-    recipe_path = out / "dmt.yaml"
-    from mixtune.core import dump_config
+    names = parse_abilities(abilities)
+    mdl, tok = load_for_eval(model, allow_pickle=allow_pickle)
+    with console.status(f"generating {n} answers for each of {', '.join(names)} ..."):
+        scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size)
+    table = Table(title=f"{model} on held-out problems (difficulty {difficulty}, seed {seed})")
+    for col in ("ability", "accuracy", "n"):
+        table.add_column(col, justify="left" if col == "ability" else "right")
+    for name, sc in scores.items():
+        table.add_row(name, f"{sc.score:.3f}", str(sc.n))
+    console.print(table)
+    if out:
+        write_results(scores, out, {"model": str(model), "difficulty": difficulty, "seed": seed})
+        console.print(f"wrote {out / 'scores.json'} and {out / 'outputs.jsonl'}")
 
-    atomic_write_text(recipe_path, dump_config(recipe))
-    console.print(f"[bold]3.[/] DMT stages (k = 1/8), recipe {recipe_path}:")
-    data_preview(recipe_path, [], examples=1)
-    console.print(
-        "\n[yellow]Training, evaluation and the report are not implemented yet (issues #3 and #4); "
-        "the demo stops after data preparation.[/]"
-    )
+
+@app.command("study")
+def study_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Study YAML: sources, strategies, specialists, seeds, amounts.")],
+    overrides: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: runs/<name>).")] = None,
+) -> None:
+    """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
+
+    Resumable: run it again and finished stages and scores are skipped. Results: OUT/results.sqlite,
+    OUT/scores.csv, OUT/report.html.
+    """
+    from mixtune.core import load_config, parse_overrides
+    from mixtune.study import Study, StudyConfig
+
+    _quiet_transformers()
+    cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []))
+    out = out or Path("runs") / recipe.stem
+    _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
+               notes=[f"mixtune study {recipe}"])
+
+
+def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str]):
+    import platform
+    import time
+
+    from mixtune.study import Study
+
+    t0 = time.perf_counter()
+    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
+    study.run()
+    minutes = (time.perf_counter() - t0) / 60
+    notes = [*notes, f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+                     f"{minutes:.1f} min this invocation"]
+    path = study.report(title=title, notes=notes)
+    table = Table(title="held-out accuracy")
+    abilities = cfg.eval.abilities
+    table.add_column("run")
+    for a in abilities:
+        table.add_column(a, justify="right")
+    by_run: dict[str, dict[str, float]] = {}
+    for row in study.results():
+        by_run.setdefault(row["run_id"], {})[row["ability"]] = row["value"]
+    for run, scores in by_run.items():
+        table.add_row(run.split("|")[0], *(f"{scores.get(a, float('nan')):.2f}" for a in abilities))
+    console.print(table)
+    console.print(f"report: {path}   scores: {out / 'scores.csv'}   ({minutes:.1f} min)")
+    return study, by_run
+
+
+@app.command("report")
+def report_cmd(study_dir: Annotated[Path, typer.Argument(help="A study folder (with results.sqlite).")]) -> None:
+    """Rebuild OUT/report.html from a study folder's results."""
+    from mixtune.core import CheckpointError, load_config
+    from mixtune.study import Study, StudyConfig
+
+    if not (study_dir / "results.sqlite").exists():
+        raise CheckpointError(f"{study_dir}: no results.sqlite; run `mixtune study` or `mixtune demo` first")
+    study = Study(load_config(StudyConfig, study_dir / "study.yaml"), study_dir)
+    console.print(f"wrote {study.report(title=f'mixtune study {study_dir.name}')}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo study.")] = Path("mixtune-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Short stages and few test problems (CI; ~2 min).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the demo's study recipe and stop.")] = False,
+) -> None:
+    """Run the DMT comparison on the embedded default: the built-in tiny model and ability suite.
+
+    Trains a base (format pretraining), one specialist per ability, multi-task, sequential,
+    mixed-sequential and DMT at two k values, scores every model on held-out problems, and writes
+    OUT/report.html. Offline, on CPU; resumable (run it again to continue).
+    """
+    from importlib.resources import files
+
+    from mixtune.core import dump_config, load_config, parse_overrides
+    from mixtune.study import StudyConfig
+
+    _quiet_transformers()
+    recipe = Path(str(files("mixtune") / "recipes" / "demo.yaml"))
+    # --quick checks the whole pipeline in CI time; its stages are too short to show the effects
+    quick_overrides = ["train.steps=12", "prefix.0.steps=12", "eval.n=20", "sources.echo.n=300",
+                       *(f"sources.{s}.n=300" for s in ("math", "code", "general"))] if quick else []
+    cfg = load_config(StudyConfig, recipe, parse_overrides(quick_overrides))
+    if dry_run:
+        console.print(Text(dump_config(cfg)))
+        return
+    study, by_run = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
+                               notes=[f"mixtune demo{' --quick' if quick else ''}"])
+    _explain_demo(by_run)
+
+
+def _explain_demo(by_run: dict[str, dict[str, float]]) -> None:
+    """Say, from the measured numbers, whether the DMT paper's effects appeared."""
+    get = {k.split("|")[0]: v for k, v in by_run.items()}
+    spec = ("math", "code")
+    if not all(k in get for k in ("multi_task", "sequential", "mixed_sequential", "dmt(k=0.125)")):
+        return
+    avg = lambda run: sum(get[run][a] for a in spec) / len(spec)  # noqa: E731
+    lines = [
+        f"specialist accuracy (math, code mean): multi-task {avg('multi_task'):.2f}, "
+        f"sequential {avg('sequential'):.2f}, mixed-sequential {avg('mixed_sequential'):.2f}, "
+        f"DMT k=1/32 {avg('dmt(k=0.03125)'):.2f}, DMT k=1/8 {avg('dmt(k=0.125)'):.2f}",
+        f"general: mixed-sequential {get['mixed_sequential']['general']:.2f}, "
+        f"DMT k=1/8 {get['dmt(k=0.125)']['general']:.2f}",
+    ]
+    forgot = avg("sequential") < avg("multi_task")
+    recovered = avg("dmt(k=0.125)") > avg("mixed_sequential")
+    kept = get["dmt(k=0.125)"]["general"] >= get["mixed_sequential"]["general"] - 0.1
+    lines.append(f"sequential forgets what multi-task keeps: {'yes' if forgot else 'NO'}; "
+                 f"DMT recovers part of it: {'yes' if recovered else 'NO'}; "
+                 f"while keeping general ability: {'yes' if kept else 'NO'}")
+    for line in lines:
+        console.print(line)
 
 
 def main() -> None:

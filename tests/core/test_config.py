@@ -53,6 +53,24 @@ def test_overrides_apply_and_are_blamed_as_overrides(tmp_path):
         load_config(Outer, p, parse_overrides(["inner.rate=7"]))
 
 
+class Listy(Strict):
+    items: list[Inner]
+
+
+def test_overrides_index_lists_and_name_bad_indices(tmp_path):
+    p = write(tmp_path, "items:\n  - rate: 0.1\n  - rate: 0.2\n")
+    cfg = load_config(Listy, p, parse_overrides(["items.1.rate=0.9"]))
+    assert [i.rate for i in cfg.items] == [0.1, 0.9]
+    with pytest.raises(ConfigError, match="items is a list of 2; expected an index 0..1, got '5'"):
+        load_config(Listy, p, parse_overrides(["items.5.rate=0.9"]))
+
+
+def test_error_from_a_new_key_set_by_override_is_blamed_on_the_override(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError, match=r"override colour colour = \{'shade': 'red'\}: unknown key"):
+        load_config(Outer, p, parse_overrides(["colour.shade=red"]))
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides(["seed"])

@@ -42,16 +42,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _apply_override(data: dict, dotted: str, value: Any) -> None:
-    node = data
+    """Set ``a.b.0.c = value`` in nested dicts and lists (an integer part indexes a list)."""
+    node: Any = data
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}={value!r}: {part!r} holds {child!r}, not a mapping")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth]) or 'top level'} is a list of "
+                                  f"{len(node)}; expected an index 0..{len(node) - 1}, got {part!r}")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last and node.get(key) is None:
+                node[key] = {}
+        else:
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth])} holds {node!r}, not a mapping or list")
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
 
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
@@ -81,7 +91,7 @@ def _format_errors(err: ValidationError, where: str, root: yaml.Node | None, ove
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if any(dotted == k or dotted.startswith(k + ".") for k in overrides):
+        if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overrides):
             place = f"override {dotted}"
         else:
             line = _line_of(root, loc)

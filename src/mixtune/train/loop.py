@@ -91,7 +91,11 @@ def make_accelerator(precision: str):
     launched processes never synchronise gradients (shared/NOTES.md)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision))
+    # Schedules count global optimizer steps. By default accelerate steps a prepared scheduler once
+    # per process per optimizer step (it assumes per-process lengths), which would make the learning
+    # rate decay N times too fast on N processes.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision),
+                       step_scheduler_with_optimizer=False)
 
 
 @dataclass
