@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtune.builtin import builtin_tokenizer, init_builtin
-from mixtune.core import DataError, dump_config
+from mixtune.core import ConfigError, DataError, dump_config
 from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
 from mixtune.data.sources import load_source
@@ -14,6 +14,9 @@ from mixtune.models import load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
 from mixtune.train.loop import StageData, stage_steps, train
+
+
+AMOUNT_STREAM = 2**31 - 1  # random stream of the data-amount subsample, apart from stage indices 0, 1, ...
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ def tokenizer_for(model: str):
     return builtin_tokenizer() if model.startswith("builtin:") else load_tokenizer(model)
 
 
-def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None) -> PreparedData:
+def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, amount: float = 1.0,
+                 amount_skip: set[str] = frozenset()) -> PreparedData:  # type: ignore[assignment]
     """Load every source once; per stage, sample its mixture, tokenize, pack into rows.
 
-    A record is tokenized at most once however many stages use it.
+    A record is tokenized at most once however many stages use it. ``amount`` < 1 keeps a seeded
+    floor(amount x |D|) of every source not in ``amount_skip`` (data-scaling studies), before mixing.
     """
     tokenizer = tokenizer or tokenizer_for(recipe.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -50,10 +55,19 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None) -> 
         raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     names = list(recipe.sources)
     loaded = {n: load_source(n, cfg, seed=recipe.seed, base_dir=base_dir) for n, cfg in recipe.sources.items()}
+    if amount != 1.0:
+        from mixtune.data.mixture import MixtureConfig, Take
+
+        keep = MixtureConfig(sources={n: None if n in amount_skip else Take(fraction=amount) for n in loaded})
+        subset = mix(keep, loaded, seed=(recipe.seed, AMOUNT_STREAM))
+        loaded = {n: [loaded[n][i] for i in sorted(i for m, i in subset.picks if m == n)] for n in loaded}
     cache: dict[tuple[str, int], Example] = {}
     stages = []
     for s, stage in enumerate(recipe.resolved_stages()):
-        mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s))
+        try:
+            mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s))
+        except ConfigError as e:
+            raise ConfigError(f"stage {stage.name!r}: {e}") from None
         todo = sorted(set(mixture.picks) - cache.keys())
         cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
         examples = [cache[p] for p in mixture.picks]

@@ -10,7 +10,7 @@ NAMES = ABILITIES.names()
 
 
 def test_suite_has_the_three_abilities():
-    assert NAMES == ["code", "general", "math"]
+    assert NAMES == ["code", "echo", "general", "math"]
 
 
 @pytest.mark.parametrize("name", NAMES)

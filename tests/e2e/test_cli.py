@@ -1,5 +1,6 @@
 """The CLI run as a user runs it: a separate process, checking output and exit codes."""
 
+import csv
 import json
 import os
 import subprocess
@@ -53,17 +54,18 @@ def test_preview_table_has_the_promised_counts():
 
 
 def test_overrides_change_the_recipe():
-    out = mixtune("data", "preview", "examples/preview.yaml", "mixture.sources.math.count=10", "-n", "0").stdout
+    out = mixtune("data", "preview", "examples/preview.yaml", "stages.0.mixture.sources.math.count=10", "-n", "0").stdout
     assert any(line.startswith("│ math") and "│    10 │" in line for line in out.splitlines())
 
 
 def test_bad_recipe_is_one_clear_error_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("sources:\n  math: {builtin: math}\nmixture:\n  sources:\n    math: {count: 5000}\n")
+    bad.write_text("sources:\n  math: {builtin: math}\nstages:\n  - name: one\n    mixture:\n"
+                   "      sources: {math: {count: 5000}}\n")
     out = mixtune("data", "preview", bad, check=False)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    assert "error: mixture source 'math': 5000 examples asked but it has 1000" in out.stderr
+    assert "error: stage 'one': mixture source 'math': 5000 examples asked but it has 1000" in out.stderr
     bad.write_text("sources:\n  math: {builtin: math}\nformat: {seq_len: 16}\n")
     out = mixtune("data", "preview", bad, check=False)
     assert out.returncode == 2 and "longer than seq_len = 16" in out.stderr
@@ -89,10 +91,44 @@ def test_model_init_writes_a_loadable_folder_and_refuses_to_overwrite(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_what_exists_and_says_where_it_stops(tmp_path):
-    out = mixtune("demo", "--out", tmp_path / "demo").stdout
-    assert (tmp_path / "demo" / "base" / "model.safetensors").exists()
-    assert len((tmp_path / "demo" / "data" / "math-test.jsonl").read_text().splitlines()) == 200
-    assert "not implemented yet" in out
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
-    assert "│   250 │" in rows["math"] and "│ 2,000 │" in rows["general"]  # k = 1/8 of 2,000
+def test_demo_quick_runs_the_whole_study_and_writes_the_report(tmp_path):
+    out = mixtune("demo", "--quick", "--out", tmp_path / "demo").stdout
+    demo = tmp_path / "demo"
+    with open(demo / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    runs = {r["name"] for r in rows}
+    assert runs == {"base", "specialist:math", "specialist:code", "specialist:general", "multi_task", "sequential",
+                    "mixed_sequential", "dmt(k=0.03125)", "dmt(k=0.125)"}
+    assert len(rows) == 9 * 3 and all(r["n"] == "20" for r in rows)
+    html = (demo / "report.html").read_text()
+    assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 2
+    assert "sequential forgets what multi-task keeps:" in out  # the verdict is computed and printed
+    again = mixtune("demo", "--quick", "--out", demo).stdout  # resumable: nothing left to train
+    assert "(0 to train)" in again
+
+
+def test_train_dry_run_shows_exact_stage_counts_and_trains_nothing(tmp_path):
+    out = mixtune("train", "examples/dmt.yaml", "--dry-run", "--out", tmp_path / "run").stdout
+    assert "stage 1-specialists: 150 steps" in out and "stage 2-general+k=0.125: 150 steps" in out
+    stage2 = out.split("stage 2-general")[1]
+    rows = {line.split("│")[1].strip(): line for line in stage2.splitlines() if line.startswith("│")}
+    assert "│   250 │" in rows["math"] and "│   250 │" in rows["code"] and "│ 2,000 │" in rows["general"]
+    assert "name: dmt" in out and "k: 0.125" in out  # the resolved config is printed
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_runs_and_resumes_from_the_cli(tmp_path):
+    args = ("train", "examples/dmt.yaml", "train.steps=3", "sources.math.n=50", "sources.code.n=50",
+            "sources.general.n=50", "--out", tmp_path / "run")
+    out = mixtune(*args).stdout
+    assert "trained 2 stage(s)" in out
+    for stage in ("1-specialists", "2-general+k=0.125"):
+        assert (tmp_path / "run" / "stages" / stage / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.json").exists()
+    again = mixtune(*args)
+    assert "resuming from" in again.stderr and "(stage 1, step 3)" in again.stderr
+
+
+def test_train_rejects_an_unknown_method_with_the_choices(tmp_path):
+    out = mixtune("train", "examples/dmt.yaml", "train.method.name=lorra", "--dry-run", check=False)
+    assert out.returncode == 2 and "override train.method" in out.stderr and "'full', 'lora'" in out.stderr

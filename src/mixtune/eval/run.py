@@ -1,0 +1,96 @@
+"""Evaluate a model on abilities: held-out problems in, one score per ability out."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixtune.core import CheckpointError, ConfigError, atomic_write_text
+from mixtune.data.abilities import ABILITIES
+from mixtune.data.format import prompt_text
+from mixtune.eval.generate import generate
+
+
+@dataclass(frozen=True)
+class AbilityScore:
+    """Accuracy of one model on one ability's held-out problems."""
+
+    ability: str
+    score: float
+    n: int
+    version: int
+    higher_is_better: bool = True
+    examples: list[dict] = field(default_factory=list, repr=False)
+    """Per problem: prompt, output, gold answer, score."""
+
+
+def max_tokens_for(records: list[dict], tokenizer, slack: float = 1.5) -> int:
+    """A generation budget: the longest gold reply's token count times ``slack`` (at least 16)."""
+    longest = max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+                  for r in records)
+    return max(16, int(longest * slack) + 2)
+
+
+def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int = 0, difficulty: int = 1,
+             batch_size: int = 64, progress=None) -> dict[str, AbilityScore]:
+    """Score ``model`` on ``n`` held-out (test split) problems of each ability, greedy decoding.
+
+    The problems depend only on (ability, n, seed, difficulty), so every model evaluated with the
+    same arguments answers the same questions. Unknown abilities raise with close matches.
+    """
+    out = {}
+    for name in abilities:
+        ability = ABILITIES.get(name)
+        records = ability.generate(n, seed=seed, split="test", difficulty=difficulty)
+        prompts = [prompt_text(r["messages"], tokenizer) for r in records]
+        outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
+                           max_new_tokens=max_tokens_for(records, tokenizer), progress=progress)
+        scores = [ability.score(o, r) for o, r in zip(outputs, records)]
+        out[name] = AbilityScore(
+            name, sum(scores) / len(scores), len(scores), ability.version,
+            examples=[{"prompt": r["messages"][0]["content"], "output": o, "answer": r["answer"], "score": s}
+                      for r, o, s in zip(records, outputs, scores)],
+        )
+    return out
+
+
+def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):
+    """``(model, tokenizer)`` from a full model folder or a peft adapter folder.
+
+    An adapter folder (``adapter_config.json``) is applied to the base model its config names,
+    which must be a local folder.
+    """
+    from mixtune.models import load_model, load_tokenizer
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        return load_model(path, allow_pickle=allow_pickle)
+    from peft import PeftModel
+
+    base_dir = Path(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    if not base_dir.is_dir():
+        raise CheckpointError(f"{path}: a peft adapter whose base model {str(base_dir)!r} is not a local folder; "
+                              f"set base_model_name_or_path in adapter_config.json to the base model's folder")
+    base, _ = load_model(base_dir, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer_config.json").exists() else load_tokenizer(base_dir)
+    return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
+
+
+def write_results(scores: dict[str, AbilityScore], out_dir: Path, meta: dict) -> None:
+    """``scores.json`` (one entry per ability) and ``outputs.jsonl`` (every problem) in ``out_dir``."""
+    summary = {"meta": meta, "scores": {a: {"score": s.score, "n": s.n, "version": s.version,
+                                            "higher_is_better": s.higher_is_better} for a, s in scores.items()}}
+    atomic_write_text(out_dir / "scores.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "outputs.jsonl", "".join(
+        json.dumps({"ability": a} | e) + "\n" for a, s in scores.items() for e in s.examples))
+
+
+def parse_abilities(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise ConfigError("--abilities: give a comma-separated list, e.g. math,code,general")
+    for a in names:
+        ABILITIES.get(a)
+    return names

@@ -1,0 +1,98 @@
+"""The study report: one self-contained HTML file (plots embedded as PNG data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from mixtune.core import atomic_write_text
+from mixtune.report import plots
+from mixtune.report.forgetting import deltas, mean_scores
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}th,td{padding:.3em .7em;
+border-bottom:1px solid #eee;text-align:right}th:first-child,td:first-child{text-align:left}th{background:#f6f6f6}
+.pos{color:#1a7f37}.neg{color:#c62828}.muted{color:#777;font-size:.9em}img{max-width:100%}
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _signed(v: float | None) -> str:
+    if v is None:
+        return "<td class=muted>–</td>"
+    cls = "pos" if v > 0.005 else "neg" if v < -0.005 else ""
+    return f"<td class='{cls}'>{v:+.3f}</td>"
+
+
+def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
+                 title: str, notes: list[str] = (), sources: list[str] = ()) -> Path:
+    """Write the report from study results.
+
+    Args:
+        rows: one dict per run x ability (``name``, ``amount``, ``seed``, ``ability``, ``value``,
+            ``higher_is_better``), as :meth:`mixtune.study.Study.results` returns.
+        curves: per run name, ``(step, stage, source, loss)`` across the run's stages.
+        out: the HTML file to write.
+        title: page heading.
+        notes: lines shown under the heading (command, machine, time).
+        sources: source names, in legend order.
+    """
+    means = mean_scores(rows)
+    abilities = sorted({r["ability"] for r in rows})
+    amounts = sorted({r["amount"] for r in rows})
+    hib = {r["ability"]: bool(r["higher_is_better"]) for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    full = max(amounts)
+    runs = list(dict.fromkeys(r["name"] for r in rows))
+    m = {n: {a: means[(n, full)][a][0] for a in means[(n, full)]} for n in runs if (n, full) in means}
+    sd = {n: {a: means[(n, full)][a][1] for a in means[(n, full)]} for n in runs if (n, full) in means}
+    d = deltas(m, hib)
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class=muted>{html.escape(n)}</p>" for n in notes]
+    parts.append(f"<p class=muted>{len(runs)} runs × {len(abilities)} abilities; seeds {seeds}; "
+                 f"held-out accuracy, greedy decoding{'; mean ± std over seeds' if len(seeds) > 1 else ''}.</p>")
+
+    parts.append("<h2>Scores</h2><table><tr><th>run</th>" + "".join(f"<th>{a}</th>" for a in abilities)
+                 + "<th>mean</th></tr>")
+    for n in runs:
+        cells = []
+        for a in abilities:
+            v = m[n].get(a)
+            cells.append("<td class=muted>–</td>" if v is None else
+                         f"<td>{v:.3f}{f' ± {sd[n][a]:.3f}' if len(seeds) > 1 else ''}</td>")
+        mean = sum(m[n].values()) / max(len(m[n]), 1)
+        parts.append(f"<tr><td>{html.escape(n)}</td>{''.join(cells)}<td><b>{mean:.3f}</b></td></tr>")
+    parts.append("</table>")
+    parts.append("<h2>Abilities per run</h2>" + _img(plots.ability_bars(runs, abilities, m, sd), "bar chart"))
+
+    parts.append("<h2>Gains and forgetting</h2><p class=muted>Change in accuracy against the base model, and "
+                 "against the best specialist for that ability (negative = forgotten or never learned).</p>")
+    parts.append("<table><tr><th>run</th>" + "".join(f"<th>{a} vs base</th>" for a in abilities)
+                 + "".join(f"<th>{a} vs specialist</th>" for a in abilities) + "</tr>")
+    for n in runs:
+        if n == "base":
+            continue
+        parts.append(f"<tr><td>{html.escape(n)}</td>"
+                     + "".join(_signed(d[n].get(a, {}).get("vs_base")) for a in abilities)
+                     + "".join(_signed(d[n].get(a, {}).get("vs_specialist")) for a in abilities) + "</tr>")
+    parts.append("</table>")
+
+    if curves:
+        parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "
+                     "dashed lines are stage boundaries. A source keeps being measured only while it is in the "
+                     "mixture.</p>" + _img(plots.loss_curves(curves, list(sources)), "loss curves"))
+    if len(amounts) > 1:
+        series = {f"{n} · {a}": {am: means[(n, am)][a][0] for am in amounts if (n, am) in means and a in
+                                 means[(n, am)]} for n in runs for a in abilities}
+        parts.append("<h2>Data amount</h2>" + _img(plots.scaling(amounts, series), "scaling curves"))
+    parts.append("</body></html>")
+    return atomic_write_text(out, "\n".join(parts))

@@ -1,0 +1,87 @@
+import csv
+
+import pytest
+
+from mixtune.core import validate
+from mixtune.study import Study, StudyConfig, expand, stage_keys
+
+
+def config(tiny_dir, **kw) -> StudyConfig:
+    return validate(StudyConfig, {
+        "model": str(tiny_dir),
+        "sources": {"echo": {"builtin": "echo", "n": 30}} | {n: {"builtin": n, "n": 40}
+                                                           for n in ("math", "code", "general")},
+        "format": {"seq_len": 128},
+        "prefix": [{"name": "0-pre", "mixture": {"sources": {"echo": {}}}, "steps": 2}],
+        "specialists": ["math", "code", "general"],
+        "strategies": [{"name": "multi_task"}, {"name": "sequential", "order": ["math", "code", "general"]},
+                       {"name": "mixed_sequential"}, {"name": "dmt", "k": [0.125, 0.5]}],
+        "train": {"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32"},
+        "eval": {"n": 3, "abilities": ["math", "general"]},
+    } | kw)
+
+
+def test_grid_expands_and_shares_stage_prefixes(tiny_dir):
+    cfg = config(tiny_dir)
+    runs = {r.name: r for r in expand(cfg)}
+    assert list(runs) == ["base", "specialist:math", "specialist:code", "specialist:general", "multi_task",
+                          "sequential", "mixed_sequential", "dmt(k=0.125)", "dmt(k=0.5)"]
+    keys = {n: stage_keys(cfg, r) for n, r in runs.items()}
+    assert len({k[0] for k in keys.values()}) == 1  # every run starts with the one prefix stage
+    assert keys["specialist:math"] == keys["sequential"][:2]  # the math specialist is sequential's first stage
+    assert keys["mixed_sequential"][1] == keys["dmt(k=0.125)"][1] == keys["dmt(k=0.5)"][1]  # shared stage 1
+    assert len({keys["mixed_sequential"][2], keys["dmt(k=0.125)"][2], keys["dmt(k=0.5)"][2]}) == 3
+    distinct = {k for ks in keys.values() for k in ks}
+    # prefix, 3 specialists, multi, seq-code, seq-general, mixed stage 1, mixed stage 2, two DMT stage 2s
+    assert len(distinct) == 11
+    # anything that changes the weights changes the key
+    assert stage_keys(config(tiny_dir, seeds=[1]), expand(config(tiny_dir, seeds=[1]))[1]) != keys["specialist:math"]
+    other = config(tiny_dir, train={"lr": 2e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4})
+    assert stage_keys(other, expand(other)[1]) != keys["specialist:math"]
+
+
+def test_study_trains_each_stage_once_resumes_and_reports(tiny_dir, tmp_path):
+    cfg = config(tiny_dir)
+    trained: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(key):
+        trained.append(key)
+        if len(trained) == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Study(cfg, tmp_path, progress=False, log=lambda m: None).run(on_stage=stop_after_4)
+    study = Study(cfg, tmp_path, progress=False, log=lambda m: None)
+    study.run(on_stage=trained.append)
+    assert len(trained) == len(set(trained)) == 11  # 4 before the interruption + 7 after, none twice
+    rows = study.results()
+    assert len(rows) == 9 * 2 and {r["ability"] for r in rows} == {"math", "general"}
+    with open(tmp_path / "scores.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 18 and table[0]["seed"] == "0" and "params" in table[0]
+
+    again: list[str] = []
+    evaluated: list[str] = []
+    study2 = Study(cfg, tmp_path, progress=False, log=evaluated.append)
+    study2.run(on_stage=again.append)
+    assert again == [] and not any("evaluating" in m for m in evaluated)  # nothing redone
+
+    html = study2.report(notes=["test"]).read_text()
+    for section in ("<h2>Scores</h2>", "<h2>Abilities per run</h2>", "<h2>Gains and forgetting</h2>",
+                    "<h2>Training loss per ability</h2>"):
+        assert section in html
+    assert html.count("data:image/png;base64,") == 2
+    assert "dmt(k=0.125)" in html and "vs specialist" in html
+    assert "<h2>Data amount</h2>" not in html  # only one amount
+
+
+def test_data_amounts_add_scaling_curves(tiny_dir, tmp_path):
+    cfg = config(tiny_dir, amounts=[0.5, 1.0], specialists=["math"], strategies=[])
+    study = Study(cfg, tmp_path, progress=False, log=lambda m: None)
+    study.run()
+    assert {(r["name"], r["amount"]) for r in study.results()} == {
+        ("base", 0.5), ("base", 1.0), ("specialist:math", 0.5), ("specialist:math", 1.0)}
+    assert "<h2>Data amount</h2>" in study.report().read_text()
