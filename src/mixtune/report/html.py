@@ -72,7 +72,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         mean = sum(m[n].values()) / max(len(m[n]), 1)
         parts.append(f"<tr><td>{html.escape(n)}</td>{''.join(cells)}<td><b>{mean:.3f}</b></td></tr>")
     parts.append("</table>")
-    parts.append("<h2>Abilities per run</h2>" + _img(plots.ability_bars(runs, abilities, m, sd), "bar chart"))
+    bars = plots.ability_bars(runs, abilities, m, sd if len(seeds) > 1 else None)  # no error bars from one seed
+    parts.append("<h2>Abilities per run</h2>" + _img(bars, "bar chart"))
 
     parts.append("<h2>Gains and forgetting</h2><p class=muted>Change in accuracy against the base model, and "
                  "against the best specialist for that ability (negative = forgotten or never learned).</p>")

@@ -64,8 +64,13 @@ def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: l
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes[0][0].set_ylabel("training loss")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, ncols=len(sources), loc="upper center", bbox_to_anchor=(0.5, 1.03), frameon=False)
+    legend: dict[str, object] = {}  # every source that appears in any panel, in source order
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = [s for s in sources if s in legend]
+    fig.legend([legend[s] for s in labels], labels, ncols=len(labels), loc="upper center",
+               bbox_to_anchor=(0.5, 1.03), frameon=False)
     fig.tight_layout()
     return _png(fig)
 
