@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Compose multi-ability language models: mix data from several abilities, tune, merge, measure.\n\n"
     "Everything runs offline on local folders; `mixtune demo` runs on the built-in tiny model and ability suite.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Inspect and generate training data.", no_args_is_help=True)
@@ -113,13 +113,13 @@ def _print_stage(st, title: str, steps: int | None = None) -> None:
 def train_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/<recipe name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/RECIPE-NAME).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and stages, train nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in OUT and start over.")] = False,
 ) -> None:
     """Train a recipe's stages in order (resuming from OUT's newest checkpoint if there is one).
 
-    Writes OUT/stages/<stage>/ (the model after each stage, with tokenizer and resolved config),
+    Writes OUT/stages/STAGE/ (the model after each stage, with tokenizer and resolved config),
     OUT/log.jsonl (loss per source, lr, grad norm, tokens/s) and OUT/checkpoints/. Runs on several
     processes unchanged: `accelerate launch -m mixtune.cli train RECIPE`.
     """
@@ -235,7 +235,7 @@ def eval_cmd(
 def study_cmd(
     recipe: Annotated[Path, typer.Argument(help="Study YAML: sources, strategies, specialists, seeds, amounts.")],
     overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: runs/<name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: runs/NAME).")] = None,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
 
@@ -320,31 +320,40 @@ def demo(
         return
     study, by_run = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
                                notes=[f"mixtune demo{' --quick' if quick else ''}"])
-    _explain_demo(by_run)
+    _explain_demo(by_run, cfg.eval.n)
 
 
-def _explain_demo(by_run: dict[str, dict[str, float]]) -> None:
-    """Say, from the measured numbers, whether the DMT paper's effects appeared."""
+def _explain_demo(by_run: dict[str, dict[str, float]], n: int) -> None:
+    """Say, from the measured numbers, whether the DMT paper's effects appeared.
+
+    A difference counts only when it exceeds two binomial standard errors of the difference
+    (math and code pooled: 2n problems per run); smaller ones are reported as noise.
+    """
     get = {k.split("|")[0]: v for k, v in by_run.items()}
-    spec = ("math", "code")
     if not all(k in get for k in ("multi_task", "sequential", "mixed_sequential", "dmt(k=0.125)")):
         return
-    avg = lambda run: sum(get[run][a] for a in spec) / len(spec)  # noqa: E731
-    lines = [
-        f"specialist accuracy (math, code mean): multi-task {avg('multi_task'):.2f}, "
-        f"sequential {avg('sequential'):.2f}, mixed-sequential {avg('mixed_sequential'):.2f}, "
-        f"DMT k=1/32 {avg('dmt(k=0.03125)'):.2f}, DMT k=1/8 {avg('dmt(k=0.125)'):.2f}",
-        f"general: mixed-sequential {get['mixed_sequential']['general']:.2f}, "
-        f"DMT k=1/8 {get['dmt(k=0.125)']['general']:.2f}",
-    ]
-    forgot = avg("sequential") < avg("multi_task")
-    recovered = avg("dmt(k=0.125)") > avg("mixed_sequential")
-    kept = get["dmt(k=0.125)"]["general"] >= get["mixed_sequential"]["general"] - 0.1
-    lines.append(f"sequential forgets what multi-task keeps: {'yes' if forgot else 'NO'}; "
-                 f"DMT recovers part of it: {'yes' if recovered else 'NO'}; "
-                 f"while keeping general ability: {'yes' if kept else 'NO'}")
-    for line in lines:
-        console.print(line)
+    avg = lambda run: (get[run]["math"] + get[run]["code"]) / 2  # noqa: E731
+
+    def verdict(higher: float, lower: float, problems: int) -> str:
+        se = ((higher * (1 - higher) + lower * (1 - lower)) / problems) ** 0.5
+        numbers = f"({higher:.2f} vs {lower:.2f}, 2 SE = {2 * se:.2f})"
+        if higher - lower > 2 * se:
+            return f"yes {numbers}"
+        if lower - higher > 2 * se:
+            return f"NO, the opposite {numbers}"
+        return f"not distinguishable from noise {numbers}"
+
+    console.print(f"specialist accuracy (math, code mean): multi-task {avg('multi_task'):.2f}, sequential "
+                  f"{avg('sequential'):.2f}, mixed-sequential {avg('mixed_sequential'):.2f}, DMT k=1/32 "
+                  f"{avg('dmt(k=0.03125)'):.2f}, DMT k=1/8 {avg('dmt(k=0.125)'):.2f}")
+    console.print(f"sequential forgets what multi-task keeps: {verdict(avg('multi_task'), avg('sequential'), 2 * n)}")
+    console.print(f"DMT (k=1/8) recovers part of what mixed-sequential loses: "
+                  f"{verdict(avg('dmt(k=0.125)'), avg('mixed_sequential'), 2 * n)}")
+    gen_dmt, gen_mixed = get["dmt(k=0.125)"]["general"], get["mixed_sequential"]["general"]
+    drop = gen_mixed - gen_dmt
+    se = ((gen_dmt * (1 - gen_dmt) + gen_mixed * (1 - gen_mixed)) / n) ** 0.5
+    console.print(f"while keeping general ability: {'yes' if drop <= 2 * se else 'NO'} "
+                  f"({gen_dmt:.2f} vs {gen_mixed:.2f}, 2 SE = {2 * se:.2f})")
 
 
 def main() -> None:

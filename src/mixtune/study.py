@@ -194,7 +194,7 @@ class Study:
                       stages=run.stages or None, train=self.cfg.train)
 
     def _train_run(self, run: Run, on_stage) -> None:
-        from mixtune.models import load_model
+        from mixtune.models import load_model, load_tokenizer
         from mixtune.pipeline import prepare_data, stage_plan
         from mixtune.train.loop import train
 
@@ -202,7 +202,7 @@ class Study:
         if all(self._trained(k) for k in keys):
             return
         parent = self._start_model(run)
-        model, tokenizer = load_model(parent)
+        tokenizer = load_tokenizer(parent)
         recipe = self._recipe(run)
         data = prepare_data(recipe, self.base_dir, tokenizer=tokenizer,
                             amount=run.amount,

@@ -102,7 +102,7 @@ def test_demo_quick_runs_the_whole_study_and_writes_the_report(tmp_path):
     assert len(rows) == 9 * 3 and all(r["n"] == "20" for r in rows)
     html = (demo / "report.html").read_text()
     assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 2
-    assert "sequential forgets what multi-task keeps:" in out  # the verdict is computed and printed
+    assert "sequential forgets what multi-task keeps:" in out and "2 SE" in out  # verdict with its noise
     again = mixtune("demo", "--quick", "--out", demo).stdout  # resumable: nothing left to train
     assert "(0 to train)" in again
 

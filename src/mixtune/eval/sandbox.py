@@ -102,10 +102,18 @@ exec(compile(_code, "program.py", "exec"), {"__name__": "__main__"})
 
 
 def isolation() -> dict[str, bool]:
-    """Which layers are active in this process's environment."""
+    """Which layers are active here (the network namespace is probed, not assumed)."""
     root = os.geteuid() == 0
-    return {"limits": True, "audit_hook": True, "network_namespace": root,
+    return {"limits": True, "audit_hook": True, "network_namespace": root and _can_unshare_net(),
             "unprivileged_user": root and _drop_target() is not None}
+
+
+def _can_unshare_net() -> bool:
+    """Whether a child may enter a new network namespace (root without CAP_SYS_ADMIN may not)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) == 0 else 1)
+    return os.waitpid(pid, 0)[1] == 0
 
 
 def _drop_target() -> tuple[int, int] | None:
@@ -128,9 +136,9 @@ def _limit_child(limits: Limits, drop_to: tuple[int, int] | None) -> None:
     """Runs in the forked child before exec (no Python threads there; keep it to syscalls)."""
     os.setsid()
     if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWNET) != 0:  # a fresh namespace has only a loopback device, down
-            os._exit(97)
+        # A fresh namespace has only a loopback device, down. Where it is refused (root without
+        # CAP_SYS_ADMIN), the audit hook's socket ban still holds; isolation() reports which.
+        ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET)
     mb = 1024 * 1024
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
