@@ -88,14 +88,14 @@ def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
     return out
 
 
-def base_model_dir(recipe: Recipe, out_dir: Path) -> Path:
-    """The folder of the model training starts from; a built-in model is created in ``out_dir/base``."""
-    if not recipe.model.startswith("builtin:"):
-        return Path(recipe.model)
-    base = out_dir / "base"
-    if not (base / "config.json").exists():
-        init_builtin(base, size=recipe.model.removeprefix("builtin:"), seed=recipe.seed, overwrite=True)
-    return base
+def start_model(model: str, *, seed: int, folder: Path) -> Path:
+    """The folder training starts from: ``model`` itself for a local folder; for ``builtin:SIZE``,
+    ``folder``, where the built-in model is created (seeded) unless it is already there."""
+    if not model.startswith("builtin:"):
+        return Path(model)
+    if not (folder / "config.json").exists():
+        init_builtin(folder, size=model.removeprefix("builtin:"), seed=seed, overwrite=True)
+    return folder
 
 
 def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool = True, progress: bool = True,
@@ -105,9 +105,9 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
 
     acc = accelerator or make_accelerator(recipe.train.precision)
     if acc.is_main_process:
-        base_model_dir(recipe, out_dir)  # build a built-in base once, before the others look for it
+        start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")  # built once, before the others look
     acc.wait_for_everyone()
-    model, tokenizer = load_model(base_model_dir(recipe, out_dir))
+    model, tokenizer = load_model(start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base"))
     data = prepare_data(recipe, base_dir, tokenizer=tokenizer)
     return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
                  seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,

@@ -156,7 +156,7 @@ class Study:
             keys = stage_keys(self.cfg, r)
             self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?)",
                             (r.id, r.name, r.strategy, json.dumps(r.params), r.seed, r.amount, json.dumps(keys),
-                             keys[-1] if keys else self._root_key(r)))
+                             self._final_key(r)))
         self.db.commit()
         todo = sum(1 for r in runs for k in stage_keys(self.cfg, r) if not self._trained(k))
         self.log(f"study: {len(runs)} runs, {len({k for r in runs for k in stage_keys(self.cfg, r)})} distinct "
@@ -164,8 +164,7 @@ class Study:
         for r in runs:
             self._train_run(r, on_stage)
         for r in runs:
-            keys = stage_keys(self.cfg, r)
-            self._evaluate(keys[-1] if keys else self._root_key(r), r)
+            self._evaluate(self._final_key(r), r)
         self.export_csv()
 
     # -- training ---------------------------------------------------------------------------
@@ -180,14 +179,14 @@ class Study:
         return (self.model_dir(key) / "mixtune.yaml").exists()
 
     def _start_model(self, run: Run) -> Path:
-        from mixtune.builtin import init_builtin
+        from mixtune.pipeline import start_model
 
-        if not self.cfg.model.startswith("builtin:"):
-            return Path(self.cfg.model)
-        root = self.model_dir(self._root_key(run))
-        if not (root / "mixtune.yaml").exists():
-            init_builtin(root, size=self.cfg.model.removeprefix("builtin:"), seed=run.seed, overwrite=True)
-        return root
+        return start_model(self.cfg.model, seed=run.seed, folder=self.model_dir(self._root_key(run)))
+
+    def _final_key(self, run: Run) -> str:
+        """The key of the model a run ends with (its starting model when it has no stages)."""
+        keys = stage_keys(self.cfg, run)
+        return keys[-1] if keys else self._root_key(run)
 
     def _recipe(self, run: Run) -> Recipe:
         return Recipe(seed=run.seed, model=self.cfg.model, sources=self.cfg.sources, format=self.cfg.format,
