@@ -11,7 +11,8 @@ Split rule: each problem has a canonical key describing its *structure* (the
 numbers and operations, the program text, the task and its words), not its
 surface wording. ``sha256(ability|key)`` puts one key in five into ``test`` and
 the rest into ``train``, so the splits never share a problem, whatever the seed
-or the number of examples drawn.
+or the number of examples drawn. An ability marked ``held_out=False`` (a knowledge
+corpus such as ``arithmetic``) skips the rule: both splits draw from every problem.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class Ability:
     higher_is_better: bool = True
     difficulties: dict[int, str] = field(default_factory=dict)
     """What each difficulty level means, for ``mixtune list``."""
+    held_out: bool = True
+    """Whether the split rule holds test problems out of ``train``. False only for knowledge
+    corpora, whose every item a model is meant to have seen (see the module docstring)."""
 
     def generate(self, n: int, *, seed: int = 0, split: Split = "train", difficulty: int = 1) -> list[dict]:
         """``n`` distinct problems of one split as chat records, the same for the same arguments.
@@ -76,7 +80,7 @@ class Ability:
         misses = 0
         while len(records) < n:
             p = self.make_problem(rng, difficulty)
-            if split_of(self.name, p.key) != split or p.key in seen:
+            if (self.held_out and split_of(self.name, p.key) != split) or p.key in seen:
                 misses += 1
                 # Give up only when new problems have become very rare: the space is exhausted.
                 if misses > 1000 + 50 * len(records):
