@@ -300,7 +300,7 @@ def demo(
 ) -> None:
     """Run the DMT comparison on the embedded default: the built-in tiny model and ability suite.
 
-    Trains a base (format pretraining), one specialist per ability, multi-task, sequential,
+    Trains a base (pretraining on copying and number facts), one specialist per ability, multi-task, sequential,
     mixed-sequential and DMT at two k values, scores every model on held-out problems, and writes
     OUT/report.html. Offline, on CPU; resumable (run it again to continue).
     """

@@ -158,9 +158,9 @@ class Study:
                             (r.id, r.name, r.strategy, json.dumps(r.params), r.seed, r.amount, json.dumps(keys),
                              self._final_key(r)))
         self.db.commit()
-        todo = sum(1 for r in runs for k in stage_keys(self.cfg, r) if not self._trained(k))
-        self.log(f"study: {len(runs)} runs, {len({k for r in runs for k in stage_keys(self.cfg, r)})} distinct "
-                 f"stages ({todo} to train)")
+        distinct = {k for r in runs for k in stage_keys(self.cfg, r)}
+        todo = sum(1 for k in distinct if not self._trained(k))
+        self.log(f"study: {len(runs)} runs, {len(distinct)} distinct stages ({todo} to train)")
         for r in runs:
             self._train_run(r, on_stage)
         for r in runs:
