@@ -292,6 +292,61 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(help="A study folder (w
     console.print(f"wrote {study.report(title=f'mixtune study {study_dir.name}')}")
 
 
+@app.command("merge")
+def merge_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="Merge YAML: mixtune's form or a mergekit config as it is.")] = None,
+    overrides: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the merged model.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the base's).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and the inputs, print the plan, stop.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    list_methods: Annotated[bool, typer.Option("--list", help="Describe every merge method and its parameters.")] = False,
+) -> None:
+    """Merge checkpoints in weight space, streaming tensor by tensor from safetensors.
+
+    The output is written to a temporary folder and renamed when complete; config and tokenizer
+    files come from the base model. See `mixtune merge --list` for the methods.
+    """
+    from mixtune.core import parse_overrides
+    from mixtune.merge import MERGE_METHODS, load_merge_config
+    from mixtune.merge.io import CheckpointReader
+    from mixtune.merge.run import check_inputs, merge, resolve
+
+    if list_methods:
+        for name in MERGE_METHODS:
+            m = MERGE_METHODS.get(name)
+            console.print(f"[bold]{name}[/bold]{'' if m.needs_base else '  (no base model)'}")
+            console.print(Text("  " + " ".join((m.fn.__doc__ or "").split())))
+            for field, info in [*m.params.model_fields.items(), *m.model_params.model_fields.items()]:
+                console.print(Text(f"    {info.alias or field} = {info.default!r}: {' '.join((info.description or '').split())}"))
+        return
+    if config is None:
+        raise typer.BadParameter("give a merge config (or --list)")
+    items = list(overrides or []) + ([f"dtype={dtype}"] if dtype else [])
+    cfg = load_merge_config(config, parse_overrides(items))
+    _, params, _, base, models = resolve(cfg, config.parent)
+    readers = [CheckpointReader(p, label=f"{'base_model' if p == base else 'model'} {p}")
+               for p in ([base] if base else []) + models]
+    try:
+        check_inputs(readers[0], readers[1:])
+        n_tensors = len(readers[0].keys())
+    finally:
+        for r in readers:
+            r.close()
+    if dry_run:
+        console.print(f"{cfg.method}: {n_tensors} tensors, {len(models)} model(s){f' on base {base}' if base else ''}; "
+                      f"parameters {params.model_dump(by_alias=True)}")
+        return
+    if out is None:
+        raise typer.BadParameter("give --out for the merged model")
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("merging tensors", total=n_tensors)
+        merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task))
+    console.print(f"wrote {out}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo study.")] = Path("mixtune-demo"),

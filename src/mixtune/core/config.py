@@ -41,7 +41,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_override(data: dict, dotted: str, value: Any) -> None:
+def apply_override(data: dict, dotted: str, value: Any) -> None:
     """Set ``a.b.0.c = value`` in nested dicts and lists (an integer part indexes a list)."""
     node: Any = data
     parts = dotted.split(".")
@@ -139,7 +139,7 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, An
         raise ConfigError(f"{path}:1: the top level must be a mapping of keys, found {type(data).__name__}")
     overrides = overrides or {}
     for key, value in overrides.items():
-        _apply_override(data, key, value)
+        apply_override(data, key, value)
     return validate(model, data, where=str(path), root=root, overrides=overrides)
 
 

@@ -1,0 +1,319 @@
+"""Merge methods: one small pure function per method, on float32 tensors of one parameter.
+
+Every function gets the base tensor (None for methods without a base), the models' tensors, their
+weights, its validated parameters and a seeded generator, and returns the merged tensor. Formulas
+follow the official code of each paper, as summarised in shared/methods/merging.md; where a
+selection needs a top-k or quantile, ``scope`` says over what it is taken:
+
+- ``per_tensor``: the whole tensor, flattened;
+- ``per_row``: each row along the last dimension (1-D tensors: the whole vector).
+
+(``global``, one ranking over the whole model as the TIES code does, is not implemented yet.)
+
+Two families share the registry. The ``*_paper`` methods follow each paper's official code. The
+mergekit names (``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``breadcrumbs``, ``breadcrumbs_ties``) reproduce mergekit 0.1.5's variants, so a mergekit config
+gives the tensors it gave there: per-tensor selection, per-model ``density`` defaulting to 1 (no
+sparsification), L1-norm rescaling instead of 1/(1 - p), sign election on weighted deltas and a
+weighted divisor (shared/methods/merging.md lists every difference).
+Notation: theta_0 the base, tau_i = theta_i - theta_0 the task vectors, d a kept fraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mixtune.core import Registry, Strict
+
+Scope = Literal["per_tensor", "per_row"]
+
+
+class NoModelParams(Strict):
+    """Methods whose models take only a weight."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    fn: Callable
+    params: type[Strict]
+    needs_base: bool
+    model_params: type[Strict] = NoModelParams
+    """Per-model parameters besides ``weight`` (mergekit's density, gamma)."""
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", require_citation=True)
+
+
+def _register(name: str, params: type[Strict], needs_base: bool = True, model_params: type[Strict] = NoModelParams):
+    def wrap(fn):
+        MERGE_METHODS.add(name, MergeMethod(fn, params, needs_base, model_params), doc=fn.__doc__)
+        return fn
+    return wrap
+
+
+def _rows(x: torch.Tensor, scope: Scope) -> torch.Tensor:
+    """``x`` as a 2-D view whose rows are the units a selection ranks within."""
+    if scope == "per_row" and x.dim() >= 2:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(1, -1)
+
+
+def trim_mask(x: torch.Tensor, density: float, scope: Scope) -> torch.Tensor:
+    """Keep-mask of the largest magnitudes, as TIES' ``topk_values_mask`` (Yadav et al., 2023,
+    arXiv:2306.01708, Sec. 3, "Trim"): with n entries per unit and k = int(density * n), the
+    threshold is the (n - k)-th smallest |x| and every entry at or above it is kept (ties
+    inclusive, so k + 1 entries survive when magnitudes are distinct, as in the official code).
+    ``density >= 1`` keeps everything."""
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    a = _rows(x.abs(), scope)
+    n = a.shape[1]
+    k = int(density * n)
+    if n - k < 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    kth = a.kthvalue(n - k, dim=1, keepdim=True).values
+    return (a >= kth).reshape(x.shape)
+
+
+def elect_sign(taus: torch.Tensor) -> torch.Tensor:
+    """TIES "Elect" (Yadav et al., 2023, arXiv:2306.01708, Sec. 3; ``resolve_sign`` "mass"):
+    gamma = sign(sum_t tau_t); entries whose sum is 0 take the majority sign of the tensor,
+    sign(sum gamma) (the official code takes it over the whole model), and +1 if that is 0 too."""
+    gamma = torch.sign(taus.sum(0))
+    majority = torch.sign(gamma.sum())
+    gamma[gamma == 0] = majority if majority != 0 else 1.0
+    return gamma
+
+
+def disjoint_mean(taus: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES "Disjoint merge" (Yadav et al., 2023, arXiv:2306.01708, Sec. 3, ``dis-mean``): the mean
+    of the entries whose sign agrees with gamma (strictly), 0 where none does. With weights w_t
+    (``taus`` already scaled by them) it is sum_t w_t tau_t m_t / sum_t w_t m_t, which is the
+    paper's count mean when every weight is 1."""
+    agree = torch.where(gamma > 0, taus > 0, taus < 0)
+    w = torch.ones(taus.shape[0]) if weights is None else weights
+    divisor = (w.reshape(-1, *[1] * (taus.dim() - 1)) * agree).sum(0)
+    return (taus * agree).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def dare_drop(tau: torch.Tensor, p: float, rng: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """DARE (Yu et al., 2024, arXiv:2311.03099, Sec. 3, Eq. 1-2): drop each entry with
+    probability p, rescale the survivors by 1/(1 - p) (``mask_input_with_mask_rate``)."""
+    if p <= 0:
+        return tau
+    keep = torch.rand(tau.shape, generator=rng) >= p
+    out = tau * keep
+    return out / (1 - p) if rescale and p < 1 else out
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: Scope) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795, Sec. 3;
+    ``TaskVectorMiddleKeep``): per unit of n entries, remove the int(gamma * n) largest magnitudes,
+    then keep the int(density * n) largest of what remains (magnitude ranks (gamma n, (gamma +
+    density) n]). 0-d tensors are kept whole."""
+    if tau.dim() == 0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    a = _rows(tau.abs(), scope)
+    n = a.shape[1]
+    top, keep = int(gamma * n), int(density * n)
+    order = a.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n).expand_as(order))
+    return ((rank >= top) & (rank < top + keep)).reshape(tau.shape)
+
+
+# -- methods ----------------------------------------------------------------------------------
+
+class LinearParams(Strict):
+    normalize: bool = True
+    """Divide by the sum of the weights (a weighted mean); false gives the weighted sum."""
+
+
+@_register("linear", LinearParams, needs_base=False)
+def linear(base, models, weights, p: LinearParams, rng, per_model=None):
+    """Model soups (Wortsman et al., 2022, arXiv:2203.05482, uniform soup): sum_i w_i theta_i /
+    sum_i w_i; equal weights give the uniform soup. Also mergekit's ``linear``."""
+    total = sum(w * m for w, m in zip(weights, models))
+    s = sum(weights)
+    return total / s if p.normalize and abs(s) > 1e-8 else total
+
+
+class TiesParams(Strict):
+    density: float = Field(default=0.2, gt=0, le=1)
+    """Kept fraction of each task vector (paper: 20%)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    scope: Scope = "per_tensor"
+
+
+@_register("ties_paper", TiesParams)
+def ties_paper(base, models, weights, p: TiesParams, rng, per_model=None):
+    """TIES-Merging (Yadav et al., 2023, arXiv:2306.01708, Algorithm 1): trim each w_i tau_i to
+    its top ``density`` magnitudes, elect the sign of the sum, average the agreeing entries
+    (weighted by w_i; the paper's count mean when all w_i = 1), theta_0 + lambda * tau_m. The paper ranks over the whole model; here over
+    ``scope``."""
+    taus = torch.stack([w * (m - base) for w, m in zip(weights, models)])
+    taus = torch.stack([t * trim_mask(t, p.density, p.scope) for t in taus])
+    return base + p.lambda_ * disjoint_mean(taus, elect_sign(taus), torch.tensor(weights, dtype=taus.dtype))
+
+
+class DareParams(Strict):
+    drop: float = Field(default=0.1, ge=0, lt=1)
+    """Drop rate p (official default 0.1; README LLM example 0.2)."""
+    rescale: bool = True
+    """Rescale survivors by 1/(1 - p); false is the paper's DropOnly ablation."""
+    merge: Literal["average", "task_arithmetic"] = "average"
+    """What runs on the dropped task vectors: their mean (official default) or lambda * sum."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+
+
+@_register("dare_paper", DareParams)
+def dare_paper(base, models, weights, p: DareParams, rng, per_model=None):
+    """DARE (Yu et al., 2024, arXiv:2311.03099, Sec. 3): drop-and-rescale every tau_i, then
+    average merging, theta_0 + sum_i w_i tau~_i / sum_i w_i (default), or task arithmetic,
+    theta_0 + lambda * sum_i w_i tau~_i."""
+    taus = [w * dare_drop(m - base, p.drop, rng, p.rescale) for w, m in zip(weights, models)]
+    if p.merge == "average":
+        return base + sum(taus) / sum(weights)
+    return base + p.lambda_ * sum(taus)
+
+
+class DareTiesParams(Strict):
+    drop: float = Field(default=0.1, ge=0, lt=1)
+    density: float = Field(default=0.2, gt=0, le=1)
+    """TIES trim applied after the drop (official: keep 20%)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    scope: Scope = "per_tensor"
+
+
+@_register("dare_ties_paper", DareTiesParams)
+def dare_ties_paper(base, models, weights, p: DareTiesParams, rng, per_model=None):
+    """DARE-TIES (Yu et al., 2024, arXiv:2311.03099, Sec. 4.1; MergeLM ``ties_merging`` after
+    ``mask_model_weights``): drop-and-rescale each tau_i, then the full TIES merge."""
+    dropped = [base + dare_drop(m - base, p.drop, rng) for m in models]
+    ties = TiesParams(density=p.density, scope=p.scope, **{"lambda": p.lambda_})
+    return ties_paper(base, dropped, weights, ties, rng)
+
+
+class BreadcrumbsParams(Strict):
+    density: float = Field(default=0.15, gt=0, le=1)
+    """beta: kept fraction after the outliers go (code initial point 0.15)."""
+    gamma: float = Field(default=0.006, ge=0, lt=1)
+    """Largest-magnitude fraction removed (code initial point 0.006)."""
+    lambda_: float = Field(default=0.2, alias="lambda")
+    """alpha: scale of the summed breadcrumbs (code initial point 0.2)."""
+    scope: Scope = "per_row"
+
+
+@_register("breadcrumbs_paper", BreadcrumbsParams)
+def breadcrumbs_paper(base, models, weights, p: BreadcrumbsParams, rng, per_model=None):
+    """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795, Sec. 3): mask the top
+    ``gamma`` outliers and keep the next ``density`` of each tau_i (per row in the official
+    code), theta_0 + lambda * sum_i w_i tau~_i."""
+    taus = [w * (m - base) for w, m in zip(weights, models)]
+    return base + p.lambda_ * sum(t * breadcrumbs_mask(t, p.density, p.gamma, p.scope) for t in taus)
+
+
+# -- mergekit's generalized task arithmetic (mergekit 0.1.5, generalized_task_arithmetic.py) ------
+
+class MergekitModelParams(Strict):
+    density: float = Field(default=1.0, ge=0, le=1)
+    """Kept fraction of this model's delta; 1 (the default) sparsifies nothing."""
+    gamma: float = Field(default=0.01, ge=0, le=1)
+    """Breadcrumbs only: largest-magnitude fraction removed."""
+
+
+class MergekitParams(Strict):
+    normalize: bool | None = None
+    """Divide by the (agreeing) weights' sum; default per method (true for ties only)."""
+    rescale: bool | None = None
+    """After sparsifying, match the delta's L1 norm; default per method (true for dare_*)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    int8_mask: bool = False
+    """Accepted for compatibility; it changes mergekit's memory use, not its results."""
+
+
+def mergekit_sparsify(delta: torch.Tensor, density: float, kind: str, rng: torch.Generator, *, gamma: float = 0.0,
+                      rescale: bool = False) -> torch.Tensor:
+    """mergekit's ``sparsify`` (0.1.5): ``magnitude`` keeps the top max(1, int(d n)) magnitudes of
+    the whole tensor (TIES, Yadav et al., 2023, arXiv:2306.01708, trim step, per tensor);
+    ``random`` keeps each entry with probability d (DARE, Yu et al., 2024, arXiv:2311.03099);
+    ``outliers`` keeps magnitude ranks [n - int(g n) - int(d n), n - int(g n)) in ascending order
+    (Breadcrumbs, Davari & Belilovsky, 2024, arXiv:2312.06795). ``rescale`` multiplies the kept
+    entries by ||delta||_1 / ||kept||_1 unless either norm is below 1e-7. d >= 1 returns delta."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    flat = delta.abs().reshape(-1)
+    mask = torch.zeros(n, dtype=delta.dtype)
+    if kind == "magnitude":
+        if density <= 0 or n == 0:
+            return torch.zeros_like(delta)
+        mask[flat.topk(max(1, int(density * n))).indices] = 1
+    elif kind == "random":
+        mask = torch.bernoulli(torch.full((n,), density, dtype=delta.dtype), generator=rng)
+    else:
+        keep, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - keep - top)
+        mask[flat.sort().indices[bottom:bottom + keep]] = 1
+    kept = delta * mask.reshape(delta.shape)
+    if rescale:
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            kept = kept * (before / after)
+    return kept
+
+
+def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
+    def merge(base, models, weights, p: MergekitParams, rng, per_model=None):
+        per_model = per_model or [MergekitModelParams()] * len(models)
+        norm = normalize if p.normalize is None else p.normalize
+        resc = rescale if p.rescale is None else p.rescale
+        deltas = torch.stack([
+            (mergekit_sparsify(m - base, mp.density, sparsify, rng, gamma=mp.gamma, rescale=resc)
+             if sparsify else m - base) for m, mp in zip(models, per_model)])
+        w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *[1] * base.dim())
+        deltas = deltas * w
+        if consensus:  # sign election on the weighted sum; 0 counts as +
+            majority = (deltas.sum(0) >= 0).to(deltas.dtype) * 2 - 1
+            mask = (deltas.sign() == majority).to(deltas.dtype)
+            mixed, divisor = (deltas * mask).sum(0), (w * mask).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed, divisor = deltas.sum(0), w.sum(0).expand_as(base).clone()
+            divisor[divisor.abs() < 1e-8] = 1
+        if norm:
+            mixed = mixed / divisor
+        if p.lambda_ != 1:
+            mixed = mixed * p.lambda_
+        return base + mixed
+    return merge
+
+
+for _name, _sp, _cons, _norm, _resc, _cite in [
+    ("task_arithmetic", None, False, False, False,
+     "Task arithmetic (Ilharco et al., 2023, arXiv:2212.04089, Sec. 2): theta_0 + lambda * sum_i w_i tau_i; "
+     "negative weights negate a task. mergekit's task_arithmetic (optional normalize)."),
+    ("ties", "magnitude", True, True, False,
+     "TIES-Merging (Yadav et al., 2023, arXiv:2306.01708) as mergekit 0.1.5 runs it: per-tensor top-k trim "
+     "(density 1 = none), sign elected on weighted deltas (0 -> +), agreeing entries divided by their weights' sum."),
+    ("dare_linear", "random", False, False, True,
+     "DARE (Yu et al., 2024, arXiv:2311.03099) as mergekit 0.1.5 runs it: random keep with probability density, "
+     "L1-norm rescale, weighted sum x lambda."),
+    ("dare_ties", "random", True, False, True,
+     "DARE-TIES (Yu et al., 2024, arXiv:2311.03099) as mergekit 0.1.5 runs it: random keep + L1 rescale, sign "
+     "consensus, weighted sum of agreeing entries (not a mean), no magnitude trim."),
+    ("breadcrumbs", "outliers", False, False, False,
+     "Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795) as mergekit 0.1.5 runs it: per tensor, drop "
+     "the top gamma and the bottom, keep density; weighted sum x lambda."),
+    ("breadcrumbs_ties", "outliers", True, False, False,
+     "Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795) with mergekit 0.1.5's sign consensus."),
+]:
+    _fn = _gta(_sp, _cons, _norm, _resc)
+    _fn.__doc__ = _cite
+    _fn.__name__ = _name
+    MERGE_METHODS.add(_name, MergeMethod(_fn, MergekitParams, True, MergekitModelParams), doc=_cite)

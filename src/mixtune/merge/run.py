@@ -1,0 +1,135 @@
+"""Merge checkpoints tensor by tensor as a :class:`~mixtune.merge.config.MergeConfig` says.
+
+Every tensor is read in float32, merged, cast and written before the next is read. Inputs are
+checked first: a missing tensor, a shape mismatch (vocabulary sizes included: mixtune neither
+pads nor truncates), a different architecture or a NaN/Inf stops the merge with one line naming
+the model and the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from mixtune.core import CheckpointError, ConfigError, atomic_dir, atomic_write_text, dump_config
+from mixtune.merge.config import MergeConfig
+from mixtune.merge.io import DTYPES, CheckpointReader, ShardedWriter, copy_side_files, parse_size
+from mixtune.merge.methods import MERGE_METHODS
+
+
+def _explain(e: Exception) -> str:
+    """One line per pydantic problem: the field, what is wrong, the value given."""
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']} (got {err.get('input')!r})"
+                         for err in e.errors())
+    return str(e)
+
+
+def resolve(cfg: MergeConfig, base_dir: Path = Path(".")):
+    """The method, its validated parameters and the resolved paths; errors name the field."""
+    method = MERGE_METHODS.get(cfg.method)
+    try:
+        params = method.params.model_validate(cfg.parameters)
+    except Exception as e:
+        raise ConfigError(f"parameters for {cfg.method}: {_explain(e)}") from None
+    per_model = []
+    for i, m in enumerate(cfg.models):
+        try:
+            per_model.append(method.model_params.model_validate(m.parameters))
+        except Exception as e:
+            raise ConfigError(f"models[{i}] ({m.model}) parameters for {cfg.method}: {_explain(e)}") from None
+    if method.needs_base and cfg.base_model is None:
+        raise ConfigError(f"method {cfg.method} needs base_model (the model the task vectors are taken from)")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    parse_size(cfg.max_shard_size)
+    here = lambda p: p if p.is_absolute() else base_dir / p  # noqa: E731
+    base = here(cfg.base_model) if cfg.base_model is not None else None
+    return method, params, per_model, base, [here(m.model) for m in cfg.models]
+
+
+def _seed(seed: int, key: str) -> int:
+    """A generator seed per tensor, so results do not depend on the order tensors are read in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:7], "big")
+
+
+def _architecture(folder: Path) -> tuple | None:
+    try:
+        c = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return c.get("model_type"), tuple(c.get("architectures") or ())
+
+
+def check_inputs(reference: CheckpointReader, others: list[CheckpointReader]) -> None:
+    """Same architecture, same tensor names and shapes; raises CheckpointError naming what differs."""
+    arch = _architecture(reference.folder)
+    for r in others:
+        other = _architecture(r.folder)
+        if arch and other and arch != other:
+            raise CheckpointError(f"{r.label}: architecture {other} differs from {reference.label}'s {arch}")
+        missing = [k for k in reference.keys() if k not in r]
+        if missing:
+            raise CheckpointError(f"{r.label}: lacks tensor {missing[0]} (and {len(missing) - 1} more) "
+                                  f"that {reference.label} has")
+        extra = [k for k in r.keys() if k not in reference]
+        if extra:
+            raise CheckpointError(f"{r.label}: has tensor {extra[0]} that {reference.label} lacks")
+        for k in reference.keys():
+            a, b = reference.shape(k), r.shape(k)
+            if a != b:
+                hint = (" (vocabulary sizes differ; mixtune neither pads nor truncates embeddings)"
+                        if "embed" in k or "lm_head" in k else "")
+                raise CheckpointError(f"{r.label}: tensor {k} has shape {list(b)}, {reference.label} has "
+                                      f"{list(a)}{hint}")
+
+
+def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."), overwrite: bool = False,
+          progress=None) -> Path:
+    """Merge as ``cfg`` says into the folder ``out`` (written whole or not at all).
+
+    Args:
+        progress: optional callable given each tensor name after it is written.
+    """
+    method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another folder or overwrite it")
+    readers = [CheckpointReader(p, label=f"model {p}") for p in model_paths]
+    base = CheckpointReader(base_path, label=f"base_model {base_path}") if base_path else None
+    reference = base or readers[0]
+    try:
+        check_inputs(reference, [r for r in readers if r is not reference])
+        weights = [m.weight for m in cfg.models]
+        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            writer = ShardedWriter(tmp, parse_size(cfg.max_shard_size))
+            for key in reference.keys():
+                stored = reference.get(key)
+                if not stored.is_floating_point():
+                    writer.add(key, stored)  # integer buffers are copied from the reference
+                    continue
+                tensors = {}
+                for r in ([base] if base else []) + readers:
+                    t = stored if r is reference else r.get(key)
+                    t = t.float()
+                    if not torch.isfinite(t).all():
+                        raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
+                    tensors[id(r)] = t
+                gen = torch.Generator().manual_seed(_seed(cfg.seed, key))
+                merged = method.fn(tensors[id(base)] if base else None, [tensors[id(r)] for r in readers],
+                                   weights, params, gen, per_model)
+                writer.add(key, merged.to(out_dtype or stored.dtype))
+                if progress is not None:
+                    progress(key)
+            writer.finish()
+            copy_side_files(reference.folder, tmp)
+            atomic_write_text(tmp / "merge.yaml", dump_config(cfg))
+    finally:
+        for r in readers + ([base] if base else []):
+            r.close()
+    return Path(out)

@@ -1,0 +1,174 @@
+"""Each merge method against values computed by hand on 3x4 tensors (worked in the comments)."""
+
+import pytest
+import torch
+
+from mixtune.merge.methods import (MERGE_METHODS, BreadcrumbsParams, DareParams, DareTiesParams, LinearParams,
+                                   MergekitModelParams, mergekit_sparsify,
+                                   MergekitParams, TiesParams, breadcrumbs_mask, dare_drop, elect_sign,
+                                   trim_mask)
+
+T = torch.tensor
+BASE = T([[0.0, 0, 0, 0], [1, 1, 1, 1], [2, 2, 2, 2]])
+TAU1 = T([[4.0, -1, 0, 2], [-3, 1, 5, -2], [1, 0, -6, 3]])
+TAU2 = T([[-2.0, -3, 1, 2], [3, 2, -1, 0], [0, -4, 2, -1]])
+M1, M2 = BASE + TAU1, BASE + TAU2
+
+
+def run(name, params, base=BASE, models=(M1, M2), weights=(1.0, 1.0), seed=0):
+    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params, torch.Generator().manual_seed(seed))
+
+
+def test_linear_is_the_weighted_mean_or_sum():
+    # weights 1 and 3: (M1 + 3 M2) / 4, e.g. row 0: ([4,-1,0,2] + 3[-2,-3,1,2]) / 4 = [-0.5, -2.5, 0.75, 2]
+    out = run("linear", LinearParams(), base=None, weights=(1.0, 3.0))
+    assert torch.allclose(out[0], T([-0.5, -2.5, 0.75, 2.0]))
+    assert torch.allclose(run("linear", LinearParams(normalize=False), base=None, weights=(1.0, 3.0)), M1 + 3 * M2)
+
+
+def test_task_arithmetic_by_hand():
+    # tau1 + tau2 = [[2,-4,1,4],[0,3,4,-2],[1,-4,-4,2]]; x 0.5 + base
+    out = run("task_arithmetic", MergekitParams(**{"lambda": 0.5}))
+    assert torch.equal(out, T([[1.0, -2, 0.5, 2], [1, 2.5, 3, 0], [2.5, 0, 0, 3]]))
+    # a negative weight subtracts a task: base + tau1 - tau2
+    assert torch.equal(run("task_arithmetic", MergekitParams(), weights=(1.0, -1.0)), BASE + TAU1 - TAU2)
+
+
+def test_trim_keeps_magnitudes_at_or_above_the_official_threshold():
+    # n = 12, k = int(0.25 * 12) = 3: threshold = 9th smallest |tau1| = 3 (sorted 0,0,1,1,1,2,2,3,3,4,5,6);
+    # |x| >= 3 keeps 4, -3, 5, -6, 3 (the tie at 3 is kept)
+    assert torch.equal(TAU1 * trim_mask(TAU1, 0.25, "per_tensor"), T([[4.0, 0, 0, 0], [-3, 0, 5, 0], [0, 0, -6, 3]]))
+    # per row, n = 4, k = int(0.5 * 4) = 2: threshold = 2nd smallest |x| of each row (1, 2, 1), so
+    # k + 1 = 3 entries survive per row, as in the official code
+    assert torch.equal(TAU1 * trim_mask(TAU1, 0.5, "per_row"), T([[4.0, -1, 0, 2], [-3, 0, 5, -2], [1, 0, -6, 3]]))
+    assert trim_mask(TAU1, 1.0, "per_tensor").all()
+
+
+def test_elect_sign_breaks_zero_sums_with_the_majority():
+    taus = torch.stack([T([1.0, -2, 3, 0]), T([-1.0, -1, 1, 0])])  # sums 0, -3, 4, 0 -> signs 0, -1, 1, 0
+    assert torch.equal(elect_sign(taus), T([1.0, -1, 1, 1]))  # majority sign(0 - 1 + 1 + 0) = 0 -> +1
+    taus = torch.stack([T([1.0, -2, -3, 0]), T([-1.0, -1, 1, 0])])  # signs 0, -1, -1, 0 -> majority -1
+    assert torch.equal(elect_sign(taus), T([-1.0, -1, -1, -1]))
+
+
+def test_ties_paper_by_hand():
+    # trimmed (density 0.25, per tensor): tau1 -> [[4,0,0,0],[-3,0,5,0],[0,0,-6,3]]
+    #                                     tau2 -> [[-2,-3,0,2],[3,2,0,0],[0,-4,2,0]] (threshold 2)
+    # sum [[2,-3,0,2],[0,2,5,0],[0,-4,-4,3]]; sign, zeros -> majority (+1):
+    # gamma [[1,-1,1,1],[1,1,1,1],[1,-1,-1,1]]; agreeing mean:
+    # [[4,-3,0,2],[3,2,5,0],[0,-4,-6,3]]
+    out = run("ties_paper", TiesParams(density=0.25))
+    assert torch.equal(out, BASE + T([[4.0, -3, 0, 2], [3, 2, 5, 0], [0, -4, -6, 3]]))
+    # weights: the agreeing entries' weighted mean, sum w tau m / sum w m (the count mean when all w = 1);
+    # with weights 1 and 3 and no trim, entry (0,0): 1*4 + 3*(-2) = -2, so gamma = -1 and only
+    # tau2 agrees: 3*(-2) / 3 = -2
+    out = run("ties_paper", TiesParams(density=1.0), weights=(1.0, 3.0))
+    assert out[0, 0] == BASE[0, 0] - 2
+
+
+def test_breadcrumbs_keeps_the_middle_ranks_per_row():
+    # per row, n = 4: drop int(0.25 * 4) = 1 largest, keep the next int(0.5 * 4) = 2
+    # [4,-1,0,2] -> [0,-1,0,2]; [-3,1,5,-2] -> [-3,0,0,-2]; [1,0,-6,3] -> [1,0,0,3]
+    kept = TAU1 * breadcrumbs_mask(TAU1, 0.5, 0.25, "per_row")
+    assert torch.equal(kept, T([[0.0, -1, 0, 2], [-3, 0, 0, -2], [1, 0, 0, 3]]))
+    params = BreadcrumbsParams(density=0.5, gamma=0.25, **{"lambda": 1.0})
+    assert torch.equal(run("breadcrumbs_paper", params, models=(M1,), weights=(1.0,)), BASE + kept)
+    # per tensor, n = 12: drop the top int(0.25 * 12) = 3 (-6, 5, 4), keep the next 6 (|x| 3, 3, 2, 2, 1, 1)
+    flat = TAU1 * breadcrumbs_mask(TAU1, 0.5, 0.25, "per_tensor")
+    assert sorted(flat[flat != 0].abs().tolist()) == [1, 1, 2, 2, 3, 3]
+
+
+def test_dare_drops_at_rate_p_and_rescales():
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(TAU1.shape, generator=torch.Generator().manual_seed(3)) >= 0.5
+    assert torch.equal(dare_drop(TAU1, 0.5, g), TAU1 * keep / 0.5)
+    assert torch.equal(dare_drop(TAU1, 0.5, torch.Generator().manual_seed(3), rescale=False), TAU1 * keep)
+    assert torch.equal(dare_drop(TAU1, 0.0, g), TAU1)
+    # unbiased: the mean over many draws approaches tau
+    big = torch.full((200_000,), 2.0)
+    out = dare_drop(big, 0.9, torch.Generator().manual_seed(0))
+    assert abs((out == 0).float().mean().item() - 0.9) < 0.005
+    assert abs(out.mean().item() - 2.0) < 0.05
+
+
+def test_dare_paper_average_and_dare_ties():
+    # drop 0 reduces DARE to its merge: the average of the task vectors
+    assert torch.equal(run("dare_paper", DareParams(drop=0.0)), BASE + (TAU1 + TAU2) / 2)
+    assert torch.equal(run("dare_ties_paper", DareTiesParams(drop=0.0, density=0.25)),
+                       run("ties_paper", TiesParams(density=0.25)))
+    a = run("dare_paper", DareParams(drop=0.5), seed=7)
+    assert torch.equal(a, run("dare_paper", DareParams(drop=0.5), seed=7))  # deterministic with a seed
+    assert not torch.equal(a, run("dare_paper", DareParams(drop=0.5), seed=8))
+
+
+@pytest.mark.parametrize("name,params", [
+    ("linear", LinearParams()), ("task_arithmetic", MergekitParams()), ("ties_paper", TiesParams(density=1.0)),
+    ("dare_paper", DareParams(drop=0.0)), ("dare_ties_paper", DareTiesParams(drop=0.0, density=1.0)),
+])
+def test_merging_identical_models_returns_them(name, params):
+    # weights summing to 1, so that task arithmetic's sum is one task vector too
+    assert torch.equal(run(name, params, models=(M1, M1, M1), weights=(0.5, 0.25, 0.25)), M1)
+
+
+def test_every_method_cites_its_paper_and_preserves_shape():
+    for name in MERGE_METHODS:
+        m = MERGE_METHODS.get(name)
+        assert "arXiv:" in m.fn.__doc__
+        out = run(name, m.params(), base=BASE if m.needs_base else None)
+        assert out.shape == BASE.shape and out.dtype == torch.float32
+
+
+# -- mergekit's variants ----------------------------------------------------------------------
+
+def mk(name, params=None, models=(M1, M2), weights=(1.0, 1.0), per_model=None, base=BASE, seed=0):
+    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params or MergekitParams(),
+                                      torch.Generator().manual_seed(seed), per_model)
+
+
+def test_mergekit_ties_per_tensor_exact_k_weighted_divisor():
+    # tau1 at density 5/12 keeps exactly its 5 largest (6, 5, 4, 3, 3); tau2 at 3/12 keeps 4, 3, 3:
+    # tau1' = [[4,0,0,0],[-3,0,5,0],[0,0,-6,3]], 2 tau2' = [[0,-6,0,0],[6,0,0,0],[0,-8,0,0]]
+    # sum [[4,-6,0,0],[3,0,5,0],[0,-8,-6,3]] -> majority (>= 0 -> +); at (1,0) only 2 tau2' = 6 agrees,
+    # so 6 / w2 = 3; elsewhere each value over its own weight
+    per = [MergekitModelParams(density=5 / 12), MergekitModelParams(density=0.25)]
+    out = mk("ties", weights=(1.0, 2.0), per_model=per)
+    assert torch.equal(out, BASE + T([[4.0, -3, 0, 0], [3, 0, 5, 0], [0, -4, -6, 3]]))
+    raw = mk("ties", MergekitParams(normalize=False), weights=(1.0, 2.0), per_model=per)
+    assert torch.equal(raw, BASE + T([[4.0, -6, 0, 0], [6, 0, 5, 0], [0, -8, -6, 3]]))
+    # mergekit's default density 1.0 trims nothing: plain sign-consensus mean
+    assert torch.equal(mk("ties", models=(M1, M1)), M1)
+
+
+X = T([[0.1, -0.2, 0.3, -0.4], [0.5, -0.6, 0.7, -0.8], [0.9, -1.0, 1.1, -1.2]])
+
+
+def test_mergekit_breadcrumbs_keeps_the_middle_of_the_whole_tensor():
+    # n = 12, keep int(0.5 * 12) = 6 after dropping the top int(0.25 * 12) = 3: magnitudes 0.4 .. 0.9
+    want = T([[0.0, 0, 0, -0.4], [0.5, -0.6, 0.7, -0.8], [0.9, 0, 0, 0]])
+    kept = mergekit_sparsify(X, 0.5, "outliers", torch.Generator(), gamma=0.25)
+    assert torch.equal(kept, want)
+    # L1 rescale: ||X||_1 = 7.8, ||kept||_1 = 3.9 -> x 2
+    assert torch.allclose(mergekit_sparsify(X, 0.5, "outliers", torch.Generator(), gamma=0.25, rescale=True),
+                          2 * want)
+    zero = torch.zeros(3, 4)
+    out = mk("breadcrumbs", base=zero, models=(X,), weights=(1.0,), per_model=[MergekitModelParams(density=0.5,
+                                                                                                   gamma=0.25)])
+    assert torch.equal(out, want)
+
+
+def test_mergekit_dare_keeps_the_l1_norm_and_density():
+    delta = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    out = mergekit_sparsify(delta, 0.3, "random", torch.Generator().manual_seed(2), rescale=True)
+    assert abs((out != 0).float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(out.abs().sum(), delta.abs().sum(), rtol=1e-5)
+    # dare_ties sums agreeing entries (no mean): density 1 leaves tau1 + tau2 where the signs agree
+    out = mk("dare_ties")
+    s = TAU1 + TAU2
+    agree1 = TAU1.sign() == torch.where(s >= 0, 1.0, -1.0)
+    agree2 = TAU2.sign() == torch.where(s >= 0, 1.0, -1.0)
+    assert torch.equal(out, BASE + TAU1 * agree1 + TAU2 * agree2)
+
+
+def test_mergekit_magnitude_keeps_at_least_one_entry():
+    assert (mergekit_sparsify(X, 0.01, "magnitude", torch.Generator()) != 0).sum() == 1
+    assert torch.equal(mergekit_sparsify(X, 1.0, "magnitude", torch.Generator()), X)

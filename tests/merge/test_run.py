@@ -1,0 +1,137 @@
+"""Merging real checkpoint folders: streaming I/O, sharding, side files, input checks, the CLI."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mixtune.cli import app
+from mixtune.core import CheckpointError, MixtuneError
+from mixtune.merge import MergeConfig, merge
+from mixtune.merge.io import CheckpointReader, ShardedWriter
+
+
+def write_model(folder, tensors, config=None):
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "llama", "architectures": ["X"]}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def three(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(8, 6, generator=g), "b.bias": torch.randn(6, generator=g),
+            "steps": torch.tensor([3, 4])}
+    out = [write_model(tmp_path / "base", {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                          for k, v in base.items()})]
+    for i in (1, 2):
+        ft = {k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+              for k, v in base.items()}
+        out.append(write_model(tmp_path / f"ft{i}", {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                                     for k, v in ft.items()}))
+    return out
+
+
+def test_sharded_write_and_read_round_trip(tmp_path):
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}
+    w = ShardedWriter(tmp_path, max_shard_bytes=900)  # two 400-byte tensors per shard
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] == 2000
+    r = CheckpointReader(tmp_path)
+    assert sorted(r.keys()) == sorted(tensors) and all(torch.equal(r.get(k), v) for k, v in tensors.items())
+
+
+def test_merge_streams_casts_and_copies_side_files(three, tmp_path):
+    base, ft1, ft2 = three
+    cfg = MergeConfig(method="task_arithmetic", base_model=base, models=[{"model": ft1}, {"model": ft2}],
+                      parameters={"lambda": 0.5})
+    out = merge(cfg, tmp_path / "out")
+    got = load_file(str(out / "model.safetensors"))
+    b, m1, m2 = (load_file(str(p / "model.safetensors")) for p in three)
+    want = b["a.weight"].float() + 0.5 * ((m1["a.weight"].float() - b["a.weight"].float())
+                                          + (m2["a.weight"].float() - b["a.weight"].float()))
+    assert got["a.weight"].dtype == torch.bfloat16  # the base's dtype by default
+    assert torch.equal(got["a.weight"], want.to(torch.bfloat16))
+    assert torch.equal(got["steps"], torch.tensor([3, 4]))  # integer buffers are copied
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists() and (out / "merge.yaml").exists()
+    f32 = merge(cfg.model_copy(update={"dtype": "float32"}), tmp_path / "out32")
+    assert load_file(str(f32 / "model.safetensors"))["a.weight"].dtype == torch.float32
+    # seeded methods are deterministic across runs
+    dare = MergeConfig(method="dare_paper", base_model=base, models=[{"model": ft1}, {"model": ft2}],
+                       parameters={"drop": 0.5}, seed=3)
+    x, y = merge(dare, tmp_path / "d1"), merge(dare, tmp_path / "d2")
+    assert torch.equal(load_file(str(x / "model.safetensors"))["a.weight"],
+                       load_file(str(y / "model.safetensors"))["a.weight"])
+
+
+def test_merged_tiny_model_loads_and_runs(tiny_dir, tmp_path):
+    from mixtune.models import load_model
+
+    cfg = MergeConfig(method="linear", models=[{"model": tiny_dir}, {"model": tiny_dir, "weight": 3}])
+    out = merge(cfg, tmp_path / "soup")
+    model, tok = load_model(out)
+    ref, _ = load_model(tiny_dir)
+    ids = tok("Answer: 3", return_tensors="pt")["input_ids"]
+    assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)  # a soup of one model is that model
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "lacks tensor b.bias"), ("shape", r"tensor a.weight has shape \[8, 7\]"),
+    ("nan", "tensor a.weight holds NaN or Inf"), ("corrupt", "not a valid safetensors file"),
+    ("arch", "architecture"), ("empty", "no model.safetensors"),
+])
+def test_bad_inputs_fail_with_one_line_naming_model_and_tensor(three, tmp_path, case, match):
+    base, ft1, _ = three
+    bad = tmp_path / "bad"
+    t = load_file(str(ft1 / "model.safetensors"))
+    if case == "missing":
+        write_model(bad, {k: v for k, v in t.items() if k != "b.bias"})
+    elif case == "shape":
+        write_model(bad, t | {"a.weight": torch.zeros(8, 7)})
+    elif case == "nan":
+        write_model(bad, t | {"a.weight": torch.full((8, 6), float("nan"))})
+    elif case == "corrupt":
+        write_model(bad, t)
+        (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif case == "arch":
+        write_model(bad, t, config={"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    else:
+        bad.mkdir()
+    cfg = MergeConfig(method="task_arithmetic", base_model=base, models=[{"model": ft1}, {"model": bad}])
+    with pytest.raises(CheckpointError, match=match) as e:
+        merge(cfg, tmp_path / "out")
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_merge_list_dry_run_and_errors(three, tmp_path):
+    base, ft1, ft2 = three
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(f"method: ties_paper\nbase_model: {base.name}\nmodels:\n  - model: {ft1.name}\n"
+                      f"  - model: {ft2.name}\nparameters: {{density: 0.5}}\n")
+    runner = CliRunner()
+    listed = runner.invoke(app, ["merge", "--list"])
+    assert listed.exit_code == 0 and "ties_paper" in listed.output and "arXiv:2306.01708" in listed.output
+    dry = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert dry.exit_code == 0 and "3 tensors, 2 model(s)" in dry.output and not (tmp_path / "out").exists()
+    done = runner.invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--dtype", "float16"])
+    assert done.exit_code == 0, done.output
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["a.weight"].dtype == torch.float16
+    # user errors reach `main` as MixtuneError, which prints one line and exits 2
+    again = runner.invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "out")])
+    assert isinstance(again.exception, MixtuneError) and "already exists" in str(again.exception)
+    recipe.write_text(f"method: ties_papr\nbase_model: {base.name}\nmodels:\n  - model: {ft1.name}\n")
+    unknown = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert isinstance(unknown.exception, MixtuneError) and "ties_paper" in str(unknown.exception)  # close match
+    recipe.write_text(f"method: ties_paper\nbase_model: {base.name}\nmodels:\n  - model: {ft1.name}\n"
+                      "parameters: {densty: 0.5}\n")
+    typo = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert isinstance(typo.exception, MixtuneError) and "densty" in str(typo.exception)
