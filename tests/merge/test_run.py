@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mixtune.cli import app
 from mixtune.core import CheckpointError, MixtuneError
 from mixtune.merge import MergeConfig, merge
-from mixtune.merge.io import CheckpointReader, ShardedWriter
+from mixtune.merge.io import CheckpointReader, StreamingWriter
 
 
 def write_model(folder, tensors, config=None):
@@ -38,7 +38,8 @@ def three(tmp_path):
 
 def test_sharded_write_and_read_round_trip(tmp_path):
     tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}
-    w = ShardedWriter(tmp_path, max_shard_bytes=900)  # two 400-byte tensors per shard
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    w = StreamingWriter(tmp_path, plan, max_shard_bytes=900)  # two 400-byte tensors per shard
     for k, v in tensors.items():
         w.add(k, v)
     w.finish()
@@ -47,6 +48,19 @@ def test_sharded_write_and_read_round_trip(tmp_path):
     assert index["metadata"]["total_size"] == 2000
     r = CheckpointReader(tmp_path)
     assert sorted(r.keys()) == sorted(tensors) and all(torch.equal(r.get(k), v) for k, v in tensors.items())
+    # one file: safetensors' own loader reads what the streaming writer wrote, every dtype included
+    mixed = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.tensor(2.5),
+             "d": torch.randn(4, 4, dtype=torch.float16), "e": torch.tensor([True, False])}
+    one = tmp_path / "one"
+    one.mkdir()
+    w = StreamingWriter(one, [(k, tuple(v.shape), v.dtype) for k, v in mixed.items()])
+    for k, v in mixed.items():
+        w.add(k, v)
+    w.finish()
+    got = load_file(str(one / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in mixed.items())
+    with pytest.raises(CheckpointError, match="expected a"):
+        StreamingWriter(one, [("a", (3, 5), torch.bfloat16)]).add("b", torch.arange(7))
 
 
 def test_merge_streams_casts_and_copies_side_files(three, tmp_path):

@@ -2,14 +2,15 @@
 
 A checkpoint is a Hugging Face model folder holding ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Tensors are read one at a time from memory-mapped files and
-converted to float32 for computing; nothing holds a whole model. The writer collects tensors
-until a shard is full, writes it, and at the end writes the index as Hugging Face does, all in a
-temporary folder that is renamed only when the merge is complete.
+converted to float32 for computing; nothing holds a whole model. Shards and the index are
+named as Hugging Face names them, all in a temporary folder that is renamed only when the merge is complete. The writer holds no tensor: it
+writes each shard's header first (the shapes are known in advance) and appends bytes as they come.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import ExitStack
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mixtune.core import CheckpointError
 
@@ -98,46 +98,79 @@ class CheckpointReader:
         self._stack.close()
 
 
-class ShardedWriter:
-    """Writes tensors into shards of at most ``max_shard_bytes`` (one tensor may exceed it alone)."""
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        self.folder, self.max = Path(folder), max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._size = 0
-        self._shards: list[dict[str, int]] = []  # per written shard: key -> nbytes
-        self._tmp_names: list[str] = []
+
+class StreamingWriter:
+    """Writes safetensors shards tensor by tensor, holding none of them in memory.
+
+    Output shapes and dtypes are known before merging (they are the base's), so every shard's
+    header, with all offsets, is written first and each tensor's bytes are appended as it is
+    produced, in plan order. Shards hold at most ``max_shard_bytes`` (one tensor may exceed it
+    alone) and are named as Hugging Face names them, with an index when there are several.
+    """
+
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 2**30) -> None:
+        self.folder = Path(folder)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for key, shape, dtype in plan:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, tuple(shape), dtype, n))
+            size += n
+        count = len(shards)
+        self.names = [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.shards = shards
+        self.order = [(i, entry) for i, shard in enumerate(shards) for entry in shard]
+        self.next = 0
+        self._file = None
+        self._open_shard = -1
+
+    def _header(self, shard: list) -> bytes:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape, dtype, n in shard:
+            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        return len(text).to_bytes(8, "little") + text
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._size + size > self.max:
-            self._flush()
-        self._pending[key] = tensor.contiguous()
-        self._size += size
-
-    def _flush(self) -> None:
-        name = f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(self.folder / name), metadata={"format": "pt"})
-        self._shards.append({k: v.numel() * v.element_size() for k, v in self._pending.items()})
-        self._tmp_names.append(name)
-        self._pending, self._size = {}, 0
+        """Append the next tensor of the plan (its name, shape and dtype must be the planned ones)."""
+        if self.next >= len(self.order):
+            raise CheckpointError(f"writer: {key} is beyond the planned {len(self.order)} tensors")
+        shard_index, (want, shape, dtype, n) = self.order[self.next]
+        if key != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"writer: expected {want} {list(shape)} {dtype}, got {key} "
+                                  f"{list(tensor.shape)} {tensor.dtype}")
+        if shard_index != self._open_shard:
+            if self._file:
+                self._file.close()
+            self._file = open(self.folder / self.names[shard_index], "wb")  # noqa: SIM115 - closed in finish
+            self._file.write(self._header(self.shards[shard_index]))
+            self._open_shard = shard_index
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.next += 1
 
     def finish(self) -> None:
-        """Write the last shard; name the shards as Hugging Face does, with an index if several."""
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self.folder / self._tmp_names[0], self.folder / SINGLE)
-            return
-        weight_map, total = {}, 0
-        for i, (tmp, keys) in enumerate(zip(self._tmp_names, self._shards)):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / tmp, self.folder / final)
-            weight_map.update({k: final for k in keys})
-            total += sum(keys.values())
-        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2))
+        """Close the last shard and write the index when there are several."""
+        if self._file:
+            self._file.close()
+        if self.next != len(self.order):
+            raise CheckpointError(f"writer: {len(self.order) - self.next} planned tensors were never written")
+        if len(self.names) > 1:
+            weight_map = {key: self.names[i] for i, (key, *_rest) in self.order}
+            total = sum(entry[3] for _, entry in self.order)
+            (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2))
 
 
 def copy_side_files(src: Path, dest: Path) -> list[str]:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from mixtune.core import CheckpointError, ConfigError, atomic_dir, atomic_write_text, dump_config
 from mixtune.merge.config import MergeConfig
-from mixtune.merge.io import DTYPES, CheckpointReader, ShardedWriter, copy_side_files, parse_size
+from mixtune.merge.io import DTYPES, TORCH_DTYPES, CheckpointReader, StreamingWriter, copy_side_files, parse_size
 from mixtune.merge.methods import MERGE_METHODS
 
 
@@ -105,13 +105,19 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
     try:
         check_inputs(reference, [r for r in readers if r is not reference])
         weights = [m.weight for m in cfg.models]
-        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        # floating tensors take the requested dtype (default: as stored); integer buffers keep theirs
+        dtype_of = {k: TORCH_DTYPES[reference.dtype(k)] for k in reference.keys()}
+        if cfg.dtype:
+            dtype_of = {k: DTYPES[cfg.dtype] if d.is_floating_point else d for k, d in dtype_of.items()}
+        plan = [(k, reference.shape(k), dtype_of[k]) for k in reference.keys()]
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            writer = ShardedWriter(tmp, parse_size(cfg.max_shard_size))
+            writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))
             for key in reference.keys():
                 stored = reference.get(key)
                 if not stored.is_floating_point():
                     writer.add(key, stored)  # integer buffers are copied from the reference
+                    if progress is not None:
+                        progress(key)
                     continue
                 tensors = {}
                 for r in ([base] if base else []) + readers:
@@ -123,7 +129,7 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                 gen = torch.Generator().manual_seed(_seed(cfg.seed, key))
                 merged = method.fn(tensors[id(base)] if base else None, [tensors[id(r)] for r in readers],
                                    weights, params, gen, per_model)
-                writer.add(key, merged.to(out_dtype or stored.dtype))
+                writer.add(key, merged.to(dtype_of[key]))
                 if progress is not None:
                     progress(key)
             writer.finish()
