@@ -172,3 +172,25 @@ def test_mergekit_dare_keeps_the_l1_norm_and_density():
 def test_mergekit_magnitude_keeps_at_least_one_entry():
     assert (mergekit_sparsify(X, 0.01, "magnitude", torch.Generator()) != 0).sum() == 1
     assert torch.equal(mergekit_sparsify(X, 1.0, "magnitude", torch.Generator()), X)
+
+
+def test_rank_range_mask_counts_exactly_and_breaks_ties_by_position():
+    from mixtune.merge.methods import rank_range_mask
+
+    v = T([3.0, 1, 2, 2, 2, 5, 0])  # ascending ranks: 0->0, 1->1, 2s->2,3,4 (positions 2,3,4), 3->5, 5->6
+    assert rank_range_mask(v, 3, 6).tolist() == [True, False, False, True, True, False, False]
+    assert rank_range_mask(v, 5, 7).sum() == 2 and rank_range_mask(v, 4, 4).sum() == 0
+    g = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
+    for start, stop in [(0, 10), (123, 4567), (9000, 10_000)]:
+        m = rank_range_mask(g, start, stop)
+        assert m.sum() == stop - start
+        assert g[m].min() >= g.sort().values[start] and g[m].max() <= g.sort().values[stop - 1]
+
+
+def test_kth_smallest_is_exact_on_large_tensors_with_ties():
+    from mixtune.merge.methods import kth_smallest
+
+    v = torch.randn(5_000_000, generator=torch.Generator().manual_seed(1)).round(decimals=2)
+    ordered = v.sort().values
+    for k in (1, 2, 1000, 2_500_000, 4_999_999, 5_000_000):
+        assert kth_smallest(v, k) == ordered[k - 1]

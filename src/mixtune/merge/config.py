@@ -52,7 +52,8 @@ class MergeConfig(Strict):
     dtype: str | None = None
     """float32, bfloat16 or float16 for floating tensors; default: as the base stores them."""
     seed: int = 0
-    max_shard_size: str = "5GB"
+    max_shard_size: str | int = "5GB"
+    """Largest output shard: bytes, or e.g. 5GB, 500MB, 2GiB."""
 
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")

@@ -1,6 +1,6 @@
 """Merge checkpoints tensor by tensor as a :class:`~mixtune.merge.config.MergeConfig` says.
 
-Every tensor is read in float32, merged, cast and written before the next is read. Inputs are
+Every tensor is read as stored, merged in float32, cast and written before the next is read. Inputs are
 checked first: a missing tensor, a shape mismatch (vocabulary sizes included: mixtune neither
 pads nor truncates), a different architecture or a NaN/Inf stops the merge with one line naming
 the model and the tensor.
@@ -122,7 +122,6 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                 tensors = {}
                 for r in ([base] if base else []) + readers:
                     t = stored if r is reference else r.get(key)
-                    t = t.float()
                     if not torch.isfinite(t).all():
                         raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
                     tensors[id(r)] = t
