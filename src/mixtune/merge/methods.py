@@ -1,10 +1,10 @@
-"""Merge methods: one small pure function per method, on float32 tensors of one parameter.
+"""Merge methods: one small pure function per method, on the tensors of one parameter.
 
 Every function gets the base tensor (None for methods without a base), the models' tensors as
 stored (bf16, say), their weights, its validated parameters, a seeded generator and the per-model
-parameters, and returns the merged tensor in float32, computed in float32. Formulas
-follow the official code of each paper, as summarised in shared/methods/merging.md; where a
-selection needs a top-k or quantile, ``scope`` says over what it is taken:
+parameters, and returns the merged tensor, computed in float32. Formulas follow the official code
+of each paper, as summarised in shared/methods/merging.md; where a selection needs a top-k or
+quantile, ``scope`` says over what it is taken:
 
 - ``per_tensor``: the whole tensor, flattened;
 - ``per_row``: each row along the last dimension (1-D tensors: the whole vector).
