@@ -98,7 +98,7 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
     """
     method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
     if Path(out).exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another folder or overwrite it")
+        raise CheckpointError(f"{out} already exists; choose another folder, or overwrite it (--overwrite)")
     readers = [CheckpointReader(p, label=f"model {p}") for p in model_paths]
     base = CheckpointReader(base_path, label=f"base_model {base_path}") if base_path else None
     reference = base or readers[0]
@@ -112,23 +112,20 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
         plan = [(k, reference.shape(k), dtype_of[k]) for k in reference.keys()]
         with atomic_dir(out, overwrite=overwrite) as tmp:
             writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))
+            inputs = [base, *readers] if base else readers
             for key in reference.keys():
                 stored = reference.get(key)
-                if not stored.is_floating_point():
+                if stored.is_floating_point():
+                    tensors = [stored if r is reference else r.get(key) for r in inputs]
+                    for r, t in zip(inputs, tensors):
+                        if not torch.isfinite(t).all():
+                            raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
+                    gen = torch.Generator().manual_seed(_seed(cfg.seed, key))
+                    merged = method.fn(tensors[0] if base else None, tensors[1:] if base else tensors,
+                                       weights, params, gen, per_model)
+                    writer.add(key, merged.to(dtype_of[key]))
+                else:
                     writer.add(key, stored)  # integer buffers are copied from the reference
-                    if progress is not None:
-                        progress(key)
-                    continue
-                tensors = {}
-                for r in ([base] if base else []) + readers:
-                    t = stored if r is reference else r.get(key)
-                    if not torch.isfinite(t).all():
-                        raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
-                    tensors[id(r)] = t
-                gen = torch.Generator().manual_seed(_seed(cfg.seed, key))
-                merged = method.fn(tensors[id(base)] if base else None, [tensors[id(r)] for r in readers],
-                                   weights, params, gen, per_model)
-                writer.add(key, merged.to(dtype_of[key]))
                 if progress is not None:
                     progress(key)
             writer.finish()
