@@ -309,8 +309,7 @@ def merge_cmd(
     """
     from mixtune.core import parse_overrides
     from mixtune.merge import MERGE_METHODS, load_merge_config
-    from mixtune.merge.io import CheckpointReader
-    from mixtune.merge.run import check_inputs, merge, resolve
+    from mixtune.merge.run import check_inputs, merge, open_inputs, resolve
 
     if list_methods:
         for name in MERGE_METHODS:
@@ -325,15 +324,16 @@ def merge_cmd(
     items = list(overrides or []) + ([f"dtype={dtype}"] if dtype else [])
     cfg = load_merge_config(config, parse_overrides(items))
     _, params, _, base, models = resolve(cfg, config.parent)
+    # --dry-run checks every input; a real run opens only the first, to count tensors (merge checks the rest)
+    inputs = open_inputs(base, models if dry_run else [] if base else models[:1])
+    try:
+        if dry_run:
+            check_inputs(inputs[0], inputs[1:])
+        n_tensors = len(inputs[0].keys())
+    finally:
+        for r in inputs:
+            r.close()
     if dry_run:
-        readers = [CheckpointReader(p, label=f"{'base_model' if p == base else 'model'} {p}")
-                   for p in ([base] if base else []) + models]
-        try:
-            check_inputs(readers[0], readers[1:])
-            n_tensors = len(readers[0].keys())
-        finally:
-            for r in readers:
-                r.close()
         console.print(f"{cfg.method}: {n_tensors} tensors, {len(models)} model(s){f' on base {base}' if base else ''}; "
                       f"parameters {params.model_dump(by_alias=True)}")
         return
@@ -341,9 +341,6 @@ def merge_cmd(
         raise typer.BadParameter("give --out for the merged model")
     from rich.progress import Progress
 
-    reference = CheckpointReader(base or models[0], label=f"{'base_model' if base else 'model'} {base or models[0]}")
-    n_tensors = len(reference.keys())
-    reference.close()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("merging tensors", total=n_tensors)
         merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task))

@@ -1,10 +1,10 @@
 """Streaming safetensors I/O for merging: read tensor by tensor, write sharded, atomically.
 
 A checkpoint is a Hugging Face model folder holding ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``. Tensors are read one at a time from memory-mapped files and
-converted to float32 for computing; nothing holds a whole model. Shards and the index are
-named as Hugging Face names them, all in a temporary folder that is renamed only when the merge is complete. The writer holds no tensor: it
-writes each shard's header first (the shapes are known in advance) and appends bytes as they come.
+``model.safetensors.index.json``. Tensors are read one at a time, as stored, from memory-mapped
+files; nothing holds a whole model. The writer holds no tensor either: it writes each shard's
+header first (the shapes are known in advance) and appends bytes as they come. Shards and the
+index are named as Hugging Face names them.
 """
 
 from __future__ import annotations
@@ -90,9 +90,6 @@ class CheckpointReader:
         if key not in self.where:
             raise CheckpointError(f"{self.label}: has no tensor {key}")
         return self._files[self.where[key]].get_tensor(key)
-
-    def nbytes(self) -> int:
-        return sum((self.folder / n).stat().st_size for n in self._files)
 
     def close(self) -> None:
         self._stack.close()

@@ -66,6 +66,17 @@ def _architecture(folder: Path) -> tuple | None:
     return c.get("model_type"), tuple(c.get("architectures") or ())
 
 
+def open_inputs(base: Path | None, models: list[Path]) -> list[CheckpointReader]:
+    """Readers of the base (first, when there is one) and the models, labelled for error messages."""
+    readers = [CheckpointReader(base, label=f"base_model {base}")] if base else []
+    try:
+        return readers + [CheckpointReader(p, label=f"model {p}") for p in models]
+    except Exception:
+        for r in readers:
+            r.close()
+        raise
+
+
 def check_inputs(reference: CheckpointReader, others: list[CheckpointReader]) -> None:
     """Same architecture, same tensor names and shapes; raises CheckpointError naming what differs."""
     arch = _architecture(reference.folder)
@@ -99,11 +110,10 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
     method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another folder, or overwrite it (--overwrite)")
-    readers = [CheckpointReader(p, label=f"model {p}") for p in model_paths]
-    base = CheckpointReader(base_path, label=f"base_model {base_path}") if base_path else None
-    reference = base or readers[0]
+    inputs = open_inputs(base_path, model_paths)
+    reference = inputs[0]  # the base, or the first model for methods without one
     try:
-        check_inputs(reference, [r for r in readers if r is not reference])
+        check_inputs(reference, inputs[1:])
         weights = [m.weight for m in cfg.models]
         # floating tensors take the requested dtype (default: as stored); integer buffers keep theirs
         dtype_of = {k: TORCH_DTYPES[reference.dtype(k)] for k in reference.keys()}
@@ -112,7 +122,6 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
         plan = [(k, reference.shape(k), dtype_of[k]) for k in reference.keys()]
         with atomic_dir(out, overwrite=overwrite) as tmp:
             writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))
-            inputs = [base, *readers] if base else readers
             for key in reference.keys():
                 stored = reference.get(key)
                 if stored.is_floating_point():
@@ -121,7 +130,7 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                         if not torch.isfinite(t).all():
                             raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
                     gen = torch.Generator().manual_seed(_seed(cfg.seed, key))
-                    merged = method.fn(tensors[0] if base else None, tensors[1:] if base else tensors,
+                    merged = method.fn(tensors[0] if base_path else None, tensors[1:] if base_path else tensors,
                                        weights, params, gen, per_model)
                     writer.add(key, merged.to(dtype_of[key]))
                 else:
@@ -132,6 +141,6 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
             copy_side_files(reference.folder, tmp)
             atomic_write_text(tmp / "merge.yaml", dump_config(cfg))
     finally:
-        for r in readers + ([base] if base else []):
+        for r in inputs:
             r.close()
     return Path(out)
