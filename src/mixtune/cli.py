@@ -305,7 +305,9 @@ def merge_cmd(
     """Merge checkpoints in weight space, streaming tensor by tensor from safetensors.
 
     The output is written to a temporary folder and renamed when complete; config and tokenizer
-    files come from the base model. See `mixtune merge --list` for the methods.
+    files come from the base model (or `files_from`). A model may be a peft LoRA adapter folder
+    (applied to the base). Methods with `scope: global` first read every input once or twice more
+    for whole-model statistics. See `mixtune merge --list` for the methods.
     """
     from mixtune.core import parse_overrides
     from mixtune.merge import MERGE_METHODS, load_merge_config
@@ -328,7 +330,7 @@ def merge_cmd(
     inputs = open_inputs(base, models if dry_run else [] if base else models[:1])
     try:
         if dry_run:
-            check_inputs(inputs[0], inputs[1:])
+            check_inputs(inputs[0], inputs[1:], cfg.vocab)
         n_tensors = len(inputs[0].keys())
     finally:
         for r in inputs:
@@ -343,7 +345,12 @@ def merge_cmd(
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("merging tensors", total=n_tensors)
-        merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task))
+
+        def on_pass(what: str) -> None:  # whole-model statistics (scope global) take passes of their own
+            bar.reset(task, description=what if what != "merging" else "merging tensors")
+
+        merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task),
+              on_pass=on_pass)
     console.print(f"wrote {out}")
 
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from mixtune.merge.context import Context
+from mixtune.merge.run import merge_tensors
 from mixtune.merge.methods import (MERGE_METHODS, BreadcrumbsParams, DareParams, DareTiesParams, LinearParams,
                                    MergekitModelParams, mergekit_sparsify,
                                    MergekitParams, TiesParams, breadcrumbs_mask, dare_drop, elect_sign,
@@ -16,7 +18,18 @@ M1, M2 = BASE + TAU1, BASE + TAU2
 
 
 def run(name, params, base=BASE, models=(M1, M2), weights=(1.0, 1.0), seed=0):
-    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params, torch.Generator().manual_seed(seed))
+    ctx = Context(rng=torch.Generator().manual_seed(seed))
+    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params, ctx)
+
+
+def merge_dicts(name, params, base, models, weights=None, seed=0, per_model=None):
+    """The file-free merge path: whole-model statistics (scope global) included."""
+    method = MERGE_METHODS.get(name)
+    keys = list(models[0])
+    load = lambda k: ([base[k]] if base is not None else []) + [m[k] for m in models]  # noqa: E731
+    out = merge_tensors(method, params, per_model or [], list(weights or [1.0] * len(models)), keys, load,
+                        sizes={k: models[0][k].numel() for k in keys}, has_base=base is not None, seed=seed)
+    return dict(out)
 
 
 def test_linear_is_the_weighted_mean_or_sum():
@@ -37,11 +50,11 @@ def test_task_arithmetic_by_hand():
 def test_trim_keeps_magnitudes_at_or_above_the_official_threshold():
     # n = 12, k = int(0.25 * 12) = 3: threshold = 9th smallest |tau1| = 3 (sorted 0,0,1,1,1,2,2,3,3,4,5,6);
     # |x| >= 3 keeps 4, -3, 5, -6, 3 (the tie at 3 is kept)
-    assert torch.equal(TAU1 * trim_mask(TAU1, 0.25, "per_tensor"), T([[4.0, 0, 0, 0], [-3, 0, 5, 0], [0, 0, -6, 3]]))
+    assert torch.equal(TAU1 * trim_mask(TAU1[None], 0.25, "per_tensor")[0], T([[4.0, 0, 0, 0], [-3, 0, 5, 0], [0, 0, -6, 3]]))
     # per row, n = 4, k = int(0.5 * 4) = 2: threshold = 2nd smallest |x| of each row (1, 2, 1), so
     # k + 1 = 3 entries survive per row, as in the official code
-    assert torch.equal(TAU1 * trim_mask(TAU1, 0.5, "per_row"), T([[4.0, -1, 0, 2], [-3, 0, 5, -2], [1, 0, -6, 3]]))
-    assert trim_mask(TAU1, 1.0, "per_tensor").all()
+    assert torch.equal(TAU1 * trim_mask(TAU1[None], 0.5, "per_row")[0], T([[4.0, -1, 0, 2], [-3, 0, 5, -2], [1, 0, -6, 3]]))
+    assert trim_mask(TAU1[None], 1.0, "per_tensor").all()
 
 
 def test_elect_sign_breaks_zero_sums_with_the_majority():
@@ -57,24 +70,24 @@ def test_ties_paper_by_hand():
     # sum [[2,-3,0,2],[0,2,5,0],[0,-4,-4,3]]; sign, zeros -> majority (+1):
     # gamma [[1,-1,1,1],[1,1,1,1],[1,-1,-1,1]]; agreeing mean:
     # [[4,-3,0,2],[3,2,5,0],[0,-4,-6,3]]
-    out = run("ties_paper", TiesParams(density=0.25))
+    out = run("ties_paper", TiesParams(density=0.25, scope="per_tensor"))
     assert torch.equal(out, BASE + T([[4.0, -3, 0, 2], [3, 2, 5, 0], [0, -4, -6, 3]]))
     # weights: the agreeing entries' weighted mean, sum w tau m / sum w m (the count mean when all w = 1);
     # with weights 1 and 3 and no trim, entry (0,0): 1*4 + 3*(-2) = -2, so gamma = -1 and only
     # tau2 agrees: 3*(-2) / 3 = -2
-    out = run("ties_paper", TiesParams(density=1.0), weights=(1.0, 3.0))
+    out = run("ties_paper", TiesParams(density=1.0, scope="per_tensor"), weights=(1.0, 3.0))
     assert out[0, 0] == BASE[0, 0] - 2
 
 
 def test_breadcrumbs_keeps_the_middle_ranks_per_row():
     # per row, n = 4: drop int(0.25 * 4) = 1 largest, keep the next int(0.5 * 4) = 2
     # [4,-1,0,2] -> [0,-1,0,2]; [-3,1,5,-2] -> [-3,0,0,-2]; [1,0,-6,3] -> [1,0,0,3]
-    kept = TAU1 * breadcrumbs_mask(TAU1, 0.5, 0.25, "per_row")
+    kept = TAU1 * breadcrumbs_mask(TAU1[None], 0.5, 0.25, "per_row")[0]
     assert torch.equal(kept, T([[0.0, -1, 0, 2], [-3, 0, 0, -2], [1, 0, 0, 3]]))
     params = BreadcrumbsParams(density=0.5, gamma=0.25, **{"lambda": 1.0})
     assert torch.equal(run("breadcrumbs_paper", params, models=(M1,), weights=(1.0,)), BASE + kept)
     # per tensor, n = 12: drop the top int(0.25 * 12) = 3 (-6, 5, 4), keep the next 6 (|x| 3, 3, 2, 2, 1, 1)
-    flat = TAU1 * breadcrumbs_mask(TAU1, 0.5, 0.25, "per_tensor")
+    flat = TAU1 * breadcrumbs_mask(TAU1[None], 0.5, 0.25, "per_tensor")[0]
     assert sorted(flat[flat != 0].abs().tolist()) == [1, 1, 2, 2, 3, 3]
 
 
@@ -94,16 +107,16 @@ def test_dare_drops_at_rate_p_and_rescales():
 def test_dare_paper_average_and_dare_ties():
     # drop 0 reduces DARE to its merge: the average of the task vectors
     assert torch.equal(run("dare_paper", DareParams(drop=0.0)), BASE + (TAU1 + TAU2) / 2)
-    assert torch.equal(run("dare_ties_paper", DareTiesParams(drop=0.0, density=0.25)),
-                       run("ties_paper", TiesParams(density=0.25)))
+    assert torch.equal(run("dare_ties_paper", DareTiesParams(drop=0.0, density=0.25, scope="per_tensor")),
+                       run("ties_paper", TiesParams(density=0.25, scope="per_tensor")))
     a = run("dare_paper", DareParams(drop=0.5), seed=7)
     assert torch.equal(a, run("dare_paper", DareParams(drop=0.5), seed=7))  # deterministic with a seed
     assert not torch.equal(a, run("dare_paper", DareParams(drop=0.5), seed=8))
 
 
 @pytest.mark.parametrize("name,params", [
-    ("linear", LinearParams()), ("task_arithmetic", MergekitParams()), ("ties_paper", TiesParams(density=1.0)),
-    ("dare_paper", DareParams(drop=0.0)), ("dare_ties_paper", DareTiesParams(drop=0.0, density=1.0)),
+    ("linear", LinearParams()), ("task_arithmetic", MergekitParams()), ("ties_paper", TiesParams(density=1.0, scope="per_tensor")),
+    ("dare_paper", DareParams(drop=0.0)), ("dare_ties_paper", DareTiesParams(drop=0.0, density=1.0, scope="per_tensor")),
 ])
 def test_merging_identical_models_returns_them(name, params):
     # weights summing to 1, so that task arithmetic's sum is one task vector too
@@ -114,15 +127,15 @@ def test_every_method_cites_its_paper_and_preserves_shape():
     for name in MERGE_METHODS:
         m = MERGE_METHODS.get(name)
         assert "arXiv:" in m.fn.__doc__
-        out = run(name, m.params(), base=BASE if m.needs_base else None)
+        out = merge_dicts(name, m.params(), {"w": BASE} if m.needs_base else None, [{"w": M1}, {"w": M2}])["w"]
         assert out.shape == BASE.shape and out.dtype == torch.float32
 
 
 # -- mergekit's variants ----------------------------------------------------------------------
 
 def mk(name, params=None, models=(M1, M2), weights=(1.0, 1.0), per_model=None, base=BASE, seed=0):
-    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params or MergekitParams(),
-                                      torch.Generator().manual_seed(seed), per_model)
+    ctx = Context(rng=torch.Generator().manual_seed(seed), per_model=per_model or [])
+    return MERGE_METHODS.get(name).fn(base, list(models), list(weights), params or MergekitParams(), ctx)
 
 
 def test_mergekit_ties_per_tensor_exact_k_weighted_divisor():
@@ -194,3 +207,136 @@ def test_kth_smallest_is_exact_on_large_tensors_with_ties():
     ordered = v.sort().values
     for k in (1, 2, 1000, 2_500_000, 4_999_999, 5_000_000):
         assert kth_smallest(v, k) == ordered[k - 1]
+
+
+# -- whole-model scope and the methods that default to it ---------------------------------------
+
+import math  # noqa: E402
+
+from mixtune.merge.methods import CompeftParams, LinesParams, PcbParams, TransferParams  # noqa: E402
+
+ZERO2 = {"a": torch.zeros(4), "b": torch.zeros(4)}
+TWO = {"a": T([4.0, -1, 0, 2]), "b": T([-3.0, 1, 5, -2])}  # one model, two tensors: |x| 0,1,1,2,2,3,4,5
+
+
+def test_ties_global_trims_over_the_whole_model():
+    # n = 8, k = int(0.25 * 8) = 2: threshold = 6th smallest |x| = 3, so 4, -3, 5 stay (a's 2 goes);
+    # per tensor (n = 4, k = 1) each tensor keeps its own top: a keeps 4 and 2 (threshold 2)
+    out = merge_dicts("ties_paper", TiesParams(density=0.25), ZERO2, [TWO])
+    assert torch.equal(out["a"], T([4.0, 0, 0, 0])) and torch.equal(out["b"], T([-3.0, 0, 5, 0]))
+    per = merge_dicts("ties_paper", TiesParams(density=0.25, scope="per_tensor"), ZERO2, [TWO])
+    assert torch.equal(per["a"], T([4.0, 0, 0, 2]))
+
+
+def test_ties_global_breaks_zero_sums_with_the_whole_models_majority():
+    # no trim; a[0] sums to 0. gamma: a -> [0, +1], b -> [-1, -1, -1]; the model's majority is
+    # sign(1 - 3) = -1, so a[0] takes -1 and only model 2's -1 agrees; a tensor's own majority (+1) takes model 1's 1
+    base = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    m1 = {"a": T([1.0, 2]), "b": T([-3.0, -3, -3])}
+    m2 = {"a": T([-1.0, 2]), "b": T([-3.0, -3, -3])}
+    assert merge_dicts("ties_paper", TiesParams(density=1.0), base, [m1, m2])["a"][0] == -1
+    assert merge_dicts("ties_paper", TiesParams(density=1.0, scope="per_tensor"), base, [m1, m2])["a"][0] == 1
+
+
+def test_breadcrumbs_global_cuts_by_whole_model_ranks():
+    # n = 8: drop the top int(0.125 * 8) = 1 (5), keep the next int(0.5 * 8) = 4: ranks 4..7 = |x| 2, 2, 3, 4
+    out = merge_dicts("breadcrumbs_paper", BreadcrumbsParams(density=0.5, gamma=0.125, scope="global",
+                                                             **{"lambda": 1.0}), ZERO2, [TWO])
+    assert torch.equal(out["a"], T([4.0, 0, 0, 2])) and torch.equal(out["b"], T([-3.0, 0, 0, -2]))
+
+
+def test_global_statistics_are_exact_when_sampled(monkeypatch):
+    import mixtune.merge.context as context
+
+    monkeypatch.setattr(context, "SAMPLE", 4096)  # far fewer samples than entries: bracket, gather, select
+    g = torch.Generator().manual_seed(0)
+    model = {f"t{i}": torch.randn(n, generator=g).round(decimals=2) for i, n in enumerate((50_000, 30_000, 7))}
+    base = {k: torch.zeros_like(v) for k, v in model.items()}
+    out = merge_dicts("ties_paper", TiesParams(density=0.1), base, [model])
+    flat = torch.cat(list(model.values())).abs()
+    threshold = flat.sort().values[flat.numel() - int(0.1 * flat.numel()) - 1]
+    for k, v in model.items():
+        assert torch.equal(out[k], v * (v.abs() >= threshold))
+
+
+def test_pcb_by_hand():
+    # T1 = [2,-1,0,1], T2 = [1,1,0,-2], n = 2 models, clip 0 (a_lo = min = 0, a_hi = max = 2):
+    # intra1 = exp(2 [1, .25, 0, .25]) = [e^2, e^.5, 1, e^.5]; intra2 = [e^.5, e^.5, 1, e^2]
+    # sum T = [3, 0, 0, -1]: inter1 = tanh([6, 0, 0, -1]); inter2 = tanh([3, 0, 0, 2])
+    # score1 = [e^2 tanh 6, 0, 0, -e^.5 tanh 1]; score2 = [e^.5 tanh 3, 0, 0, e^2 tanh 2]
+    t1, t2 = T([2.0, -1, 0, 1]), T([1.0, 1, 0, -2])
+    zero = {"w": torch.zeros(4)}
+    e = math.exp
+    s1 = [e(2) * math.tanh(6), 0, 0, -e(0.5) * math.tanh(1)]
+    s2 = [e(0.5) * math.tanh(3), 0, 0, e(2) * math.tanh(2)]
+    # r = 1: s_lo = the minimum, so scale = minmax(score) = (s - min) / (max - min)
+    sc1 = [(v - min(s1)) / (max(s1) - min(s1)) for v in s1]  # [1, c, c, 0]
+    sc2 = [(v - min(s2)) / (max(s2) - min(s2)) for v in s2]  # [q, 0, 0, 1]
+    want = [(2 * sc1[0] + 1 * sc2[0]) / (sc1[0] + sc2[0]), -1 * sc1[1] / sc1[1], 0.0, -2.0]
+    out = merge_dicts("pcb", PcbParams(ratio=1.0, clip=0.0), zero, [{"w": t1}, {"w": t2}])["w"]
+    assert torch.allclose(out, T(want), atol=1e-6)
+    # r = 0.5: s_lo is the int(4 * 0.5) + 1 = 3rd smallest score (0 for model 1, e^.5 tanh 3 for model 2), so
+    # only each model's top entry keeps a weight: scale1 = [1,0,0,0], scale2 = [0,0,0,1] -> [2, 0, 0, -2]
+    out = merge_dicts("pcb", PcbParams(ratio=0.5, clip=0.0), zero, [{"w": t1}, {"w": t2}])["w"]
+    assert torch.allclose(out, T([2.0, 0, 0, -2]), atol=1e-6)
+
+
+def test_pcb_clips_magnitudes_to_their_quantiles():
+    # n = 10, clip 0.1: a_lo = the int(1) + 1 = 2nd smallest |T|, a_hi = the int(9) = 9th; one model
+    # (inter = tanh(T^2) > 0), r = 1: the clipped vector's entries are sign(T) * clamp(|T|, 1, 8)
+    t = T([0.0, 1, 2, 3, 4, 5, 6, 7, 8, -100])
+    out = merge_dicts("pcb", PcbParams(ratio=1.0, clip=0.1), {"w": torch.zeros(10)}, [{"w": t}])["w"]
+    want = T([1.0, 1, 2, 3, 4, 5, 6, 7, 8, -8])
+    kept = out != 0  # entries whose balanced score is the minimum get scale 0 (0/0 -> 0 here)
+    assert torch.allclose(out[kept], want[kept]) and kept.sum() >= 8
+
+
+def test_lines_scales_by_block_depth_from_the_name():
+    keys = ["model.embed_tokens.weight", "model.layers.0.q.weight", "model.layers.1.q.weight",
+            "model.layers.2.mlp.experts.3.w", "lm_head.weight"]
+    base = {k: torch.zeros(2) for k in keys}
+    ones = {k: torch.ones(2) for k in keys}
+    # L = 3 blocks, alpha 0.1, beta = 1 - alpha: s(l) = 0.1 + 0.9 l / 2; outside the blocks 0.1
+    out = merge_dicts("lines", LinesParams(alpha=0.1), base, [ones])
+    assert [round(out[k][0].item(), 6) for k in keys] == [0.1, 0.1, 0.55, 1.0, 0.1]
+    # multi-task: alpha auto = 1/T with T = 2, beta 0.3: block 1 -> 0.5 + 0.3 * 0.5 = 0.65, times the sum (2)
+    out = merge_dicts("lines", LinesParams(alpha="auto", beta=0.3), base, [ones, ones])
+    assert round(out["model.layers.1.q.weight"][0].item(), 6) == 1.3 and out["lm_head.weight"][0] == 1.0
+
+
+def test_compeft_is_ternary_with_the_dense_std():
+    # tau = [4,-1,0,2,-3,1,5,-2]: mean 0.75, sum of squares 60, unbiased var (60 - 8 * 0.5625) / 7 = 55.5 / 7;
+    # density 0.25 keeps |x| >= 3 (threshold as in TIES): 4, -3, 5 -> sigma * [1,0,0,0 | -1,0,1,0]
+    sigma = math.sqrt(55.5 / 7)
+    out = merge_dicts("compeft", CompeftParams(density=0.25), ZERO2, [TWO])
+    assert torch.allclose(out["a"], sigma * T([1.0, 0, 0, 0])) and torch.allclose(out["b"], sigma * T([-1.0, 0, 1, 0]))
+    assert len(set(torch.cat([out["a"], out["b"]]).tolist())) == 3  # {-s, 0, s}
+    pruned = merge_dicts("compeft", CompeftParams(density=0.25, alpha=None), ZERO2, [TWO])
+    assert torch.equal(pruned["b"], T([-3.0, 0, 5, 0]))
+    # per tensor: each tensor's own std (a: [4,-1,0,2] -> var (21 - 4 * 1.5625) / 3) and top-k
+    per = merge_dicts("compeft", CompeftParams(density=0.25, scope="per_tensor"), ZERO2, [TWO])
+    assert torch.allclose(per["a"], math.sqrt((21 - 6.25) / 3) * T([1.0, 0, 0, 1]))
+
+
+def test_transfer_adds_the_source_diff_to_the_target():
+    src, ft, tgt = {"w": T([1.0, 2])}, {"w": T([1.5, 1])}, {"w": T([10.0, 20])}
+    assert torch.equal(merge_dicts("transfer", TransferParams(), src, [ft, tgt])["w"], T([10.5, 19]))
+    # onto its own base, the transfer is the fine-tune itself
+    assert torch.equal(merge_dicts("transfer", TransferParams(), src, [ft, src])["w"], ft["w"])
+    with pytest.raises(Exception, match="two models"):
+        merge_dicts("transfer", TransferParams(), src, [ft])
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ties_paper", TiesParams()), ("dare_ties_paper", DareTiesParams(drop=0.3)), ("pcb", PcbParams()),
+    ("compeft", CompeftParams()), ("breadcrumbs_paper", BreadcrumbsParams(scope="global")),
+])
+def test_global_methods_are_deterministic_and_keep_identical_models(name, params):
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(6, 5, generator=g), "b": torch.randn(7, generator=g)}
+    ft = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ft2 = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    one = merge_dicts(name, params, base, [ft, ft2], seed=3)
+    assert all(torch.equal(one[k], v) for k, v in merge_dicts(name, params, base, [ft, ft2], seed=3).items())
+    same = merge_dicts(name, params, base, [base, base])
+    assert all(torch.equal(same[k], base[k]) for k in base)

@@ -149,3 +149,75 @@ def test_cli_merge_list_dry_run_and_errors(three, tmp_path):
                       "parameters: {densty: 0.5}\n")
     typo = runner.invoke(app, ["merge", str(recipe), "--dry-run"])
     assert isinstance(typo.exception, MixtuneError) and "densty" in str(typo.exception)
+
+
+def test_vocabulary_mismatch_errors_unless_padding_or_truncation_is_asked_for(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base_t = {"model.embed_tokens.weight": torch.randn(8, 6, generator=g), "norm.weight": torch.ones(6)}
+    big_t = {"model.embed_tokens.weight": torch.randn(10, 6, generator=g), "norm.weight": torch.ones(6)}
+    base = write_model(tmp_path / "base", base_t, {"model_type": "llama", "vocab_size": 8})
+    big = write_model(tmp_path / "big", big_t, {"model_type": "llama", "vocab_size": 10})
+    cfg = MergeConfig(method="task_arithmetic", base_model=base, models=[{"model": big}])
+    with pytest.raises(CheckpointError, match="vocab: pad"):
+        merge(cfg, tmp_path / "out")
+    padded = merge(cfg.model_copy(update={"vocab": "pad"}), tmp_path / "pad")
+    emb = load_file(str(padded / "model.safetensors"))["model.embed_tokens.weight"]
+    # the base is padded with zero rows, so the new rows are the model's own: 0 + (row - 0)
+    assert emb.shape == (10, 6) and torch.allclose(emb, big_t["model.embed_tokens.weight"], atol=1e-6)
+    assert torch.equal(emb[8:], big_t["model.embed_tokens.weight"][8:])
+    assert json.loads((padded / "config.json").read_text())["vocab_size"] == 10
+    cut = merge(cfg.model_copy(update={"vocab": "truncate"}), tmp_path / "cut")
+    emb = load_file(str(cut / "model.safetensors"))["model.embed_tokens.weight"]
+    assert emb.shape == (8, 6) and torch.allclose(emb, big_t["model.embed_tokens.weight"][:8], atol=1e-6)
+    assert json.loads((cut / "config.json").read_text())["vocab_size"] == 8
+
+
+def test_transfer_takes_config_and_tokenizer_from_the_fine_tune(three, tmp_path):
+    base, ft1, ft2 = three
+    (ft1 / "tokenizer.json").write_text('{"from": "ft1"}')
+    cfg = MergeConfig(method="transfer", base_model=base, models=[{"model": ft1}, {"model": ft2}])
+    out = merge(cfg, tmp_path / "out")
+    assert (out / "tokenizer.json").read_text() == '{"from": "ft1"}'
+    b, m1, m2 = (load_file(str(p / "model.safetensors")) for p in three)
+    want = m2["a.weight"].float() + (m1["a.weight"].float() - b["a.weight"].float())
+    assert torch.equal(load_file(str(out / "model.safetensors"))["a.weight"], want.to(torch.bfloat16))
+    # files_from overrides the method's choice
+    out2 = merge(cfg.model_copy(update={"files_from": ft2}), tmp_path / "out2")
+    assert (out2 / "tokenizer.json").read_text() == "{}"
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_dir, tmp_path_factory):
+    """A random (non-zero) LoRA adapter on the built-in model, and the model peft merges from it."""
+    from peft import LoraConfig, get_peft_model
+
+    from mixtune.models import load_model
+
+    root = tmp_path_factory.mktemp("lora")
+    model, _ = load_model(tiny_dir)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(root / "adapter")
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return root / "adapter", merged
+
+
+def test_a_lora_adapter_is_read_as_its_base_with_the_update_applied(tiny_dir, lora, tmp_path):
+    adapter, want = lora
+    cfg = MergeConfig(method="task_arithmetic", base_model=tiny_dir, models=[{"model": adapter}])
+    got = load_file(str(merge(cfg, tmp_path / "out") / "model.safetensors"))
+    changed = [k for k in got if not torch.equal(got[k], load_file(str(tiny_dir / "model.safetensors"))[k])]
+    targets = [k for k in got if k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))]
+    assert sorted(changed) == sorted(targets) and targets  # only the projections the adapter targets
+    for k, v in got.items():
+        assert torch.allclose(v.float(), want[k].float(), atol=1e-6), k
+    # an adapter needs the base it adapts; DoRA is refused with the reason
+    with pytest.raises(MixtuneError, match="give base_model"):
+        merge(MergeConfig(method="linear", models=[{"model": adapter}]), tmp_path / "x")
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(CheckpointError, match="use_dora adapters are not supported"):
+        merge(MergeConfig(method="task_arithmetic", base_model=tiny_dir, models=[{"model": dora}]), tmp_path / "y")

@@ -11,6 +11,8 @@ mixtune's form::
     dtype: bfloat16               # default: each tensor keeps the base's dtype
     seed: 0                       # random methods (DARE)
     max_shard_size: 5GB
+    vocab: error                  # or pad / truncate when vocabulary sizes differ
+    files_from: ./math            # config + tokenizer over the base's (default: the base's)
 
 mergekit's form (recognised by its ``merge_method`` key) is read as mergekit reads it:
 ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters`` (``weight``,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field
@@ -54,6 +57,12 @@ class MergeConfig(Strict):
     seed: int = 0
     max_shard_size: str | int = "5GB"
     """Largest output shard: bytes, or e.g. 5GB, 500MB, 2GiB."""
+    vocab: Literal["error", "pad", "truncate"] = "error"
+    """When embedding and head rows differ: stop (default), pad every input with zero rows to the
+    largest vocabulary (as fine-tuning transfer does), or cut them to the base's (as mergekit does)."""
+    files_from: Path | None = None
+    """Folder whose config and tokenizer files go beside the merged weights, over the base's
+    (default: the base's; for ``transfer``, the fine-tune's)."""
 
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
@@ -98,7 +107,8 @@ def from_mergekit(doc: dict, where: str = "config") -> dict:
         if "weight" not in params:
             raise ConfigError(f"{where}: models[{i}] ({entry['model']}) has no weight (mergekit requires one)")
         models.append({"model": entry["model"], "weight": params.pop("weight"), "parameters": params})
-    out = {"method": method, "models": models, "parameters": top}
+    # mergekit cuts embeddings and heads whose vocabulary differs to the base's
+    out = {"method": method, "models": models, "parameters": top, "vocab": "truncate"}
     if base is not None:
         out["base_model"] = base
     dtype = doc.get("out_dtype") or doc.get("dtype")

@@ -1,22 +1,25 @@
 """Merge methods: one small pure function per method, on the tensors of one parameter.
 
 Every function gets the base tensor (None for methods without a base), the models' tensors as
-stored (bf16, say), their weights, its validated parameters, a seeded generator and the per-model
-parameters, and returns the merged tensor, computed in float32. Formulas follow the official code
+stored (bf16, say), their weights, its validated parameters and a :class:`~mixtune.merge.context.Context`
+(the parameter's name and block index, a seeded generator, the per-model parameters, whole-model
+statistics), and returns the merged tensor, computed in float32. Formulas follow the official code
 of each paper, as summarised in shared/methods/merging.md; where a selection needs a top-k or
 quantile, ``scope`` says over what it is taken:
 
+- ``global``: every floating-point parameter of the model at once, per model (the TIES, PCB and
+  ComPEFT code flatten the whole model this way); found by streaming passes before the merge;
 - ``per_tensor``: the whole tensor, flattened;
 - ``per_row``: each row along the last dimension (1-D tensors: the whole vector).
 
-(``global``, one ranking over the whole model as the TIES code does, is not implemented yet.)
-
-Two families share the registry. The ``*_paper`` methods follow each paper's official code. The
-mergekit names (``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
-``breadcrumbs``, ``breadcrumbs_ties``) reproduce mergekit 0.1.5's variants, so a mergekit config
-gives the tensors it gave there: per-tensor selection, per-model ``density`` defaulting to 1 (no
-sparsification), L1-norm rescaling instead of 1/(1 - p), sign election on weighted deltas and a
-weighted divisor (shared/methods/merging.md lists every difference).
+Two families share the registry. The paper methods (``ties_paper``, ``dare_paper``,
+``dare_ties_paper``, ``breadcrumbs_paper``, ``pcb``, ``lines``, ``compeft``, ``transfer``) follow
+each paper's official code, with its scope as the default. The mergekit names (``linear``,
+``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
+``breadcrumbs_ties``) reproduce mergekit 0.1.5's variants, so a mergekit config gives the tensors it
+gave there: per-tensor selection, per-model ``density`` defaulting to 1 (no sparsification),
+L1-norm rescaling instead of 1/(1 - p), sign election on weighted deltas and a weighted divisor
+(shared/methods/merging.md lists every difference).
 Notation: theta_0 the base, tau_i = theta_i - theta_0 the task vectors, d a kept fraction.
 """
 
@@ -29,9 +32,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mixtune.core import Registry, Strict
+from mixtune.core import ConfigError, Registry, Strict
+from mixtune.merge.context import Context
 
-Scope = Literal["per_tensor", "per_row"]
+Scope = Literal["global", "per_tensor", "per_row"]
 
 
 class NoModelParams(Strict):
@@ -45,48 +49,73 @@ class MergeMethod:
     needs_base: bool
     model_params: type[Strict] = NoModelParams
     """Per-model parameters besides ``weight`` (mergekit's density, gamma)."""
+    files_from: int = 0
+    """Which input's config and tokenizer files the output takes (0: the base, or the first model
+    for methods without one; i: the i-th model, 1-based)."""
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", require_citation=True)
 
 
-def _register(name: str, params: type[Strict], needs_base: bool = True, model_params: type[Strict] = NoModelParams):
+def _register(name: str, params: type[Strict], needs_base: bool = True, model_params: type[Strict] = NoModelParams,
+              files_from: int = 0):
     def wrap(fn):
-        MERGE_METHODS.add(name, MergeMethod(fn, params, needs_base, model_params), doc=fn.__doc__)
+        MERGE_METHODS.add(name, MergeMethod(fn, params, needs_base, model_params, files_from), doc=fn.__doc__)
         return fn
     return wrap
 
 
-def _rows(x: torch.Tensor, scope: Scope) -> torch.Tensor:
-    """``x`` as a 2-D view whose rows are the units a selection ranks within."""
-    if scope == "per_row" and x.dim() >= 2:
-        return x.reshape(-1, x.shape[-1])
-    return x.reshape(1, -1)
+def units(x: torch.Tensor, scope: Scope) -> torch.Tensor:
+    """Stacked ``x`` (models x parameter shape) as models x units x entries, a unit being what a
+    selection ranks within: the row (``per_row``, tensors of 2+ dimensions) or the whole tensor."""
+    if scope == "per_row" and x.dim() >= 3:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.reshape(x.shape[0], 1, -1)
 
 
-def trim_mask(x: torch.Tensor, density: float, scope: Scope) -> torch.Tensor:
-    """Keep-mask of the largest magnitudes, as TIES' ``topk_values_mask`` (Yadav et al., 2023,
-    arXiv:2306.01708, Sec. 3, "Trim"): with n entries per unit and k = int(density * n), the
-    threshold is the (n - k)-th smallest |x| and every entry at or above it is kept (ties
-    inclusive, so k + 1 entries survive when magnitudes are distinct, as in the official code).
-    ``density >= 1`` keeps everything."""
+def order_stats(values: torch.Tensor, ranks: Callable[[int], list[int]], scope: Scope, ctx: Context | None,
+                name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``values`` as models x units x entries and, per model and unit, its k-th smallest entry for
+    each k in ``ranks(n)`` (1-based; n = the unit's size: the whole model for ``global``)."""
+    v = units(values, scope)
+    if scope == "global":
+        if ctx is None:
+            raise ValueError("scope global needs the merge context's whole-model statistics")
+        found = ctx.kth(name, v.reshape(v.shape[0], -1), ranks)
+        return v, [found[:, j].reshape(-1, 1, 1) for j in range(found.shape[1])]
+    n = v.shape[-1]
+    out = []
+    for k in ranks(n):
+        if v.shape[1] == 1:  # one unit per model: selection without a full kthvalue
+            out.append(torch.stack([kth_smallest(row[0], k) for row in v]).reshape(-1, 1, 1))
+        else:
+            out.append(v.kthvalue(k, dim=-1, keepdim=True).values)
+    return v, out
+
+
+def trim_mask(x: torch.Tensor, density: float, scope: Scope, ctx: Context | None = None,
+              name: str = "trim") -> torch.Tensor:
+    """Keep-mask of the largest magnitudes of each model's ``x[i]``, as TIES' ``topk_values_mask``
+    (Yadav et al., 2023, arXiv:2306.01708, Sec. 3, "Trim"): with n entries per unit and
+    k = int(density * n), the threshold is the (n - k)-th smallest |x| and every entry at or above
+    it is kept (ties inclusive, so k + 1 entries survive when magnitudes are distinct, as in the
+    official code). ``density >= 1`` keeps everything."""
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
-    a = _rows(x.abs(), scope)
-    n = a.shape[1]
-    k = int(density * n)
-    if n - k < 1:
+    if x[0].numel() == 0:
         return torch.ones_like(x, dtype=torch.bool)
-    kth = a.kthvalue(n - k, dim=1, keepdim=True).values
-    return (a >= kth).reshape(x.shape)
+    v, (kth,) = order_stats(x.abs(), lambda n: [max(1, n - int(density * n))], scope, ctx, name)
+    return (v >= kth).reshape(x.shape)
 
 
-def elect_sign(taus: torch.Tensor) -> torch.Tensor:
+def elect_sign(taus: torch.Tensor, scope: Scope = "per_tensor", ctx: Context | None = None) -> torch.Tensor:
     """TIES "Elect" (Yadav et al., 2023, arXiv:2306.01708, Sec. 3; ``resolve_sign`` "mass"):
-    gamma = sign(sum_t tau_t); entries whose sum is 0 take the majority sign of the tensor,
-    sign(sum gamma) (the official code takes it over the whole model), and +1 if that is 0 too."""
+    gamma = sign(sum_t tau_t); entries whose sum is 0 take the majority sign sign(sum gamma),
+    taken over the whole model for ``global`` (as the official code) and over the tensor
+    otherwise, and +1 if that is 0 too."""
     gamma = torch.sign(taus.sum(0))
-    majority = torch.sign(gamma.sum())
+    total = ctx.total("ties_majority", gamma.sum()) if scope == "global" else gamma.sum()
+    majority = torch.sign(total).to(gamma.dtype)
     gamma[gamma == 0] = majority if majority != 0 else 1.0
     return gamma
 
@@ -112,20 +141,37 @@ def dare_drop(tau: torch.Tensor, p: float, rng: torch.Generator, rescale: bool =
     return out / (1 - p) if rescale and p < 1 else out
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: Scope) -> torch.Tensor:
+def breadcrumbs_mask(taus: torch.Tensor, density: float, gamma: float, scope: Scope,
+                     ctx: Context | None = None) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795, Sec. 3;
-    ``TaskVectorMiddleKeep``): per unit of n entries, remove the int(gamma * n) largest magnitudes,
-    then keep the int(density * n) largest of what remains (magnitude ranks (gamma n, (gamma +
-    density) n]). 0-d tensors are kept whole."""
-    if tau.dim() == 0:
-        return torch.ones_like(tau, dtype=torch.bool)
-    a = _rows(tau.abs(), scope)
-    n = a.shape[1]
+    ``TaskVectorMiddleKeep``): per unit of n entries of each model's ``taus[i]``, remove the
+    int(gamma * n) largest magnitudes, then keep the int(density * n) largest of what remains
+    (magnitude ranks (gamma n, (gamma + density) n]). Within a tensor, equal magnitudes are ranked
+    by position; over the whole model (``global``) the cut-offs are magnitudes and entries equal
+    to either are kept. 0-d tensors are kept whole."""
+    if taus.dim() == 1:
+        return torch.ones_like(taus, dtype=torch.bool)
+    a = taus.abs()
+    if scope == "global":
+        def ranks(n):  # the smallest and the largest kept magnitude
+            top, keep = int(gamma * n), int(density * n)
+            return [min(n, max(1, n - top - keep + 1)), max(1, n - top)]
+        v, (lo, hi) = order_stats(a, ranks, scope, ctx, "breadcrumbs")
+        return ((v >= lo) & (v <= hi)).reshape(taus.shape)
+    v = units(a, scope)
+    n = v.shape[-1]
     top, keep = int(gamma * n), int(density * n)
-    order = a.argsort(dim=1, descending=True, stable=True)
+    order = v.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand_as(order))
-    return ((rank >= top) & (rank < top + keep)).reshape(tau.shape)
+    rank.scatter_(-1, order, torch.arange(n).expand_as(order))
+    return ((rank >= top) & (rank < top + keep)).reshape(taus.shape)
+
+
+def _deltas(base: torch.Tensor, models: list[torch.Tensor], weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """base in float32 and the stacked (weighted) task vectors w_i (theta_i - theta_0)."""
+    b = base.float()
+    w = [1.0] * len(models) if weights is None else weights
+    return b, torch.stack([wi * (m.float() - b) for wi, m in zip(w, models)])
 
 
 # -- methods ----------------------------------------------------------------------------------
@@ -136,7 +182,7 @@ class LinearParams(Strict):
 
 
 @_register("linear", LinearParams, needs_base=False)
-def linear(base, models, weights, p: LinearParams, rng, per_model=None):
+def linear(base, models, weights, p: LinearParams, ctx: Context):
     """Model soups (Wortsman et al., 2022, arXiv:2203.05482, uniform soup): sum_i w_i theta_i /
     sum_i w_i; equal weights give the uniform soup. Also mergekit's ``linear``."""
     total = torch.zeros(models[0].shape, dtype=torch.float32)
@@ -150,19 +196,20 @@ class TiesParams(Strict):
     density: float = Field(default=0.2, gt=0, le=1)
     """Kept fraction of each task vector (paper: 20%)."""
     lambda_: float = Field(default=1.0, alias="lambda")
-    scope: Scope = "per_tensor"
+    scope: Scope = "global"
+    """Where the top-k is taken (paper: the whole model)."""
 
 
 @_register("ties_paper", TiesParams)
-def ties_paper(base, models, weights, p: TiesParams, rng, per_model=None):
+def ties_paper(base, models, weights, p: TiesParams, ctx: Context):
     """TIES-Merging (Yadav et al., 2023, arXiv:2306.01708, Algorithm 1): trim each w_i tau_i to
-    its top ``density`` magnitudes, elect the sign of the sum, average the agreeing entries
-    (weighted by w_i; the paper's count mean when all w_i = 1), theta_0 + lambda * tau_m. The paper ranks over the whole model; here over
-    ``scope``."""
-    base, models = base.float(), [m.float() for m in models]
-    taus = torch.stack([w * (m - base) for w, m in zip(weights, models)])
-    taus = torch.stack([t * trim_mask(t, p.density, p.scope) for t in taus])
-    return base + p.lambda_ * disjoint_mean(taus, elect_sign(taus), torch.tensor(weights, dtype=taus.dtype))
+    its top ``density`` magnitudes (over the whole model by default, as the official code), elect
+    the sign of the sum, average the agreeing entries (weighted by w_i; the paper's count mean
+    when all w_i = 1), theta_0 + lambda * tau_m."""
+    base, taus = _deltas(base, models, weights)
+    taus = taus * trim_mask(taus, p.density, p.scope, ctx)
+    gamma = elect_sign(taus, p.scope, ctx)
+    return base + p.lambda_ * disjoint_mean(taus, gamma, torch.tensor(weights, dtype=taus.dtype))
 
 
 class DareParams(Strict):
@@ -176,12 +223,12 @@ class DareParams(Strict):
 
 
 @_register("dare_paper", DareParams)
-def dare_paper(base, models, weights, p: DareParams, rng, per_model=None):
+def dare_paper(base, models, weights, p: DareParams, ctx: Context):
     """DARE (Yu et al., 2024, arXiv:2311.03099, Sec. 3): drop-and-rescale every tau_i, then
     average merging, theta_0 + sum_i w_i tau~_i / sum_i w_i (default), or task arithmetic,
     theta_0 + lambda * sum_i w_i tau~_i."""
     base, models = base.float(), [m.float() for m in models]
-    taus = [w * dare_drop(m - base, p.drop, rng, p.rescale) for w, m in zip(weights, models)]
+    taus = [w * dare_drop(m - base, p.drop, ctx.rng, p.rescale) for w, m in zip(weights, models)]
     if p.merge == "average":
         return base + sum(taus) / sum(weights)
     return base + p.lambda_ * sum(taus)
@@ -192,17 +239,17 @@ class DareTiesParams(Strict):
     density: float = Field(default=0.2, gt=0, le=1)
     """TIES trim applied after the drop (official: keep 20%)."""
     lambda_: float = Field(default=1.0, alias="lambda")
-    scope: Scope = "per_tensor"
+    scope: Scope = "global"
 
 
 @_register("dare_ties_paper", DareTiesParams)
-def dare_ties_paper(base, models, weights, p: DareTiesParams, rng, per_model=None):
+def dare_ties_paper(base, models, weights, p: DareTiesParams, ctx: Context):
     """DARE-TIES (Yu et al., 2024, arXiv:2311.03099, Sec. 4.1; MergeLM ``ties_merging`` after
     ``mask_model_weights``): drop-and-rescale each tau_i, then the full TIES merge."""
     base, models = base.float(), [m.float() for m in models]
-    dropped = [base + dare_drop(m - base, p.drop, rng) for m in models]
+    dropped = [base + dare_drop(m - base, p.drop, ctx.rng) for m in models]
     ties = TiesParams(density=p.density, scope=p.scope, **{"lambda": p.lambda_})
-    return ties_paper(base, dropped, weights, ties, rng)
+    return ties_paper(base, dropped, weights, ties, ctx)
 
 
 class BreadcrumbsParams(Strict):
@@ -216,13 +263,131 @@ class BreadcrumbsParams(Strict):
 
 
 @_register("breadcrumbs_paper", BreadcrumbsParams)
-def breadcrumbs_paper(base, models, weights, p: BreadcrumbsParams, rng, per_model=None):
+def breadcrumbs_paper(base, models, weights, p: BreadcrumbsParams, ctx: Context):
     """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795, Sec. 3): mask the top
     ``gamma`` outliers and keep the next ``density`` of each tau_i (per row in the official
     code), theta_0 + lambda * sum_i w_i tau~_i."""
-    base, models = base.float(), [m.float() for m in models]
-    taus = [w * (m - base) for w, m in zip(weights, models)]
-    return base + p.lambda_ * sum(t * breadcrumbs_mask(t, p.density, p.gamma, p.scope) for t in taus)
+    base, taus = _deltas(base, models, weights)
+    return base + p.lambda_ * (taus * breadcrumbs_mask(taus, p.density, p.gamma, p.scope, ctx)).sum(0)
+
+
+def _minmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(x - lo) / (hi - lo), 0 where hi == lo (the official code divides by zero there)."""
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+
+
+class PcbParams(Strict):
+    ratio: float = Field(default=0.1, gt=0, le=1)
+    """r: the kept fraction of each task vector by balanced score (``pcb_ratio``; grids 0.05-0.2)."""
+    clip: float = Field(default=0.0001, ge=0, lt=0.5)
+    """Magnitudes are clipped to their [clip, 1 - clip] quantiles first (NLP code: 0.01)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    scope: Scope = "global"
+
+
+@_register("pcb", PcbParams)
+def pcb(base, models, weights, p: PcbParams, ctx: Context):
+    """PCB-Merging (Du et al., 2024, arXiv:2410.02396, Sec. 3; official ``PCB_merge``), on
+    T_i = w_i tau_i with n models and N entries per unit (the whole model by default):
+
+    A_i = clamp(|T_i|, a_lo, a_hi), a_lo/a_hi the (int(N c) + 1)-th / int(N (1 - c))-th smallest |T_i|;
+    intra_i = exp(n * ((A_i - a_lo) / (a_hi - a_lo))^2);  inter_i = tanh(T_i * sum_j T_j);
+    s_i = intra_i * inter_i;  scale_i = (clamp(s_i, s_lo, s_max) - s_lo) / (s_max - s_lo), s_lo the
+    (int(N (1 - r)) + 1)-th smallest s_i;  tau_m = sum_i sign(T_i) A_i scale_i / max(sum_i scale_i, 1e-12);
+    theta_0 + lambda * tau_m. The code's exp/tanh stand where the paper writes softmax."""
+    base, t = _deltas(base, models, weights)
+    n_models = t.shape[0]
+    v, (a_lo, a_hi) = order_stats(t.abs(), lambda n: [min(n, int(n * p.clip) + 1), max(1, int(n * (1 - p.clip)))],
+                                  p.scope, ctx, "pcb_clip")
+    a = v.clamp(a_lo, a_hi)
+    intra = torch.exp(n_models * _minmax(a, a_lo, a_hi) ** 2)
+    inter = torch.tanh(t * t.sum(0, keepdim=True)).reshape(v.shape)
+    score = intra * inter
+    _, (s_lo, s_max) = order_stats(score.reshape(t.shape), lambda n: [min(n, int(n * (1 - p.ratio)) + 1), n],
+                                   p.scope, ctx, "pcb_score")
+    scale = _minmax(score.clamp(s_lo, s_max), s_lo, s_max)
+    clipped = torch.sign(t).reshape(v.shape) * a
+    merged = (clipped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    return base + p.lambda_ * merged.reshape(base.shape)
+
+
+class LinesParams(Strict):
+    alpha: float | Literal["auto"] = 0.1
+    """Scale of the first block and of every non-block parameter (embeddings, final norm, head).
+    ``auto`` is the multi-task rule for summed task vectors, (||sum tau||_1 / ||sum tau||_1) / T = 1/T."""
+    beta: float | None = None
+    """Added scale at the last block; default 1 - alpha (the single-task rule: the last block keeps
+    its whole update)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+
+
+@_register("lines", LinesParams)
+def lines(base, models, weights, p: LinesParams, ctx: Context):
+    """LiNeS (Wang et al., 2025, arXiv:2410.17146, Sec. 3; official ``LiNeS_scaling``): scale the
+    summed task vector by depth, theta_0 + lambda * s(l) * sum_i w_i tau_i with
+    s(l) = alpha + beta * l / (L - 1) for block l of L (0-based, read from the parameter name;
+    L = 1 gives alpha + beta) and s = alpha for parameters outside the blocks, so shallow layers
+    stay near the base and forget less."""
+    base, taus = _deltas(base, models, weights)
+    alpha = 1 / len(models) if p.alpha == "auto" else p.alpha
+    beta = 1 - alpha if p.beta is None else p.beta
+    if ctx.layer is None:
+        s = alpha
+    else:
+        s = alpha + beta * (ctx.layer / (ctx.num_layers - 1) if ctx.num_layers > 1 else 1.0)
+    return base + p.lambda_ * s * taus.sum(0)
+
+
+class CompeftParams(Strict):
+    density: float = Field(default=0.2, gt=0, le=1)
+    """k: kept fraction of each task vector (official default 20%)."""
+    alpha: float | None = Field(default=1.0, gt=0)
+    """Kept entries become alpha * std(tau) * sign(tau) (``replace_factor``); null keeps their
+    values (pruning only, the code's replace_factor -1)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    scope: Scope = "global"
+
+
+@_register("compeft", CompeftParams)
+def compeft(base, models, weights, p: CompeftParams, ctx: Context):
+    """ComPEFT (Yadav et al., 2023, arXiv:2311.13171, Sec. 3; official ``compress_and_update_*``):
+    compress each task vector to a ternary one, tau^_i = alpha * sigma_i * sign(tau_i) * m_i, with
+    sigma_i the standard deviation of the dense tau_i (unbiased, over ``scope``) and m_i its TIES
+    top-k mask (ties inclusive); theta_0 + lambda * sum_i w_i tau^_i. One model with weight 1 gives
+    that model, compressed."""
+    base, taus = _deltas(base, models)
+    mask = trim_mask(taus, p.density, p.scope, ctx, "compeft_trim")
+    if p.alpha is None:
+        kept = taus * mask
+    else:
+        v = units(taus.double(), p.scope)
+        moments = torch.stack([torch.full(v.shape[:2], v.shape[-1], dtype=torch.float64), v.sum(-1),
+                               (v * v).sum(-1)], -1)  # models x units x (n, sum, sum of squares)
+        if p.scope == "global":
+            moments = ctx.total("compeft_moments", moments)
+        n, s1, s2 = moments.unbind(-1)
+        std = ((s2 - s1 * s1 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt().float()
+        kept = (p.alpha * std.unsqueeze(-1) * torch.sign(units(taus, p.scope))).reshape(taus.shape) * mask
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *[1] * base.dim())
+    return base + p.lambda_ * (w * kept).sum(0)
+
+
+class TransferParams(Strict):
+    lambda_: float = Field(default=1.0, alias="lambda")
+
+
+@_register("transfer", TransferParams, files_from=1)
+def transfer(base, models, weights, p: TransferParams, ctx: Context):
+    """Fine-tuning transfer (Lin et al., 2025, arXiv:2503.20110, Sec. 2; official
+    ``run_transfer_finetuning.py``): theta'_t = theta_t + lambda * (theta'_s - theta_s). The base is
+    the source base theta_s; models are, in this order, its fine-tune theta'_s and the target base
+    theta_t (weights are not used). Every tensor is transferred, embeddings and head included;
+    config and tokenizer files come from the fine-tune, as in the official code."""
+    if len(models) != 2:
+        raise ConfigError(f"transfer takes two models, the source fine-tune then the target base; got {len(models)}")
+    source, target = models[0].float(), models[1].float()
+    return target + p.lambda_ * (source - base.float())
 
 
 # -- mergekit's generalized task arithmetic (mergekit 0.1.5, generalized_task_arithmetic.py) ------
@@ -333,15 +498,15 @@ CHUNK = 1 << 22  # elements combined at a time: bounds the float32 working set o
 
 
 def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
-    def merge(base, models, weights, p: MergekitParams, rng, per_model=None):
-        per_model = per_model or [MergekitModelParams()] * len(models)
+    def merge(base, models, weights, p: MergekitParams, ctx: Context):
+        per_model = ctx.per_model or [MergekitModelParams()] * len(models)
         norm = normalize if p.normalize is None else p.normalize
         resc = rescale if p.rescale is None else p.rescale
         # 1) each model's keep-mask and rescale factor need its whole delta: one model at a time
         keeps = []
         for m, mp in zip(models, per_model):
             if sparsify and mp.density < 1:
-                keeps.append(mergekit_keep(m.float() - base.float(), mp.density, sparsify, rng, gamma=mp.gamma,
+                keeps.append(mergekit_keep(m.float() - base.float(), mp.density, sparsify, ctx.rng, gamma=mp.gamma,
                                            rescale=resc))
             else:
                 keeps.append((None, 1.0))
