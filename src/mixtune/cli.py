@@ -338,6 +338,9 @@ def merge_cmd(
     if dry_run:
         console.print(f"{cfg.method}: {n_tensors} tensors, {len(models)} model(s){f' on base {base}' if base else ''}; "
                       f"parameters {params.model_dump(by_alias=True)}")
+        if getattr(params, "scope", None) == "global":
+            console.print("scope global: whole-model statistics come first, in extra streaming passes over the "
+                          "inputs (one per total, two per top-k or quantile)")
         return
     if out is None:
         raise typer.BadParameter("give --out for the merged model")
@@ -352,6 +355,32 @@ def merge_cmd(
         merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task),
               on_pass=on_pass)
     console.print(f"wrote {out}")
+
+
+@app.command("soup")
+def soup_cmd(
+    models: Annotated[list[Path], typer.Argument(help="Fine-tuned model folders of one architecture (2 or more).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the soup.")],
+    abilities: Annotated[str, typer.Option(help="Comma-separated built-in abilities to score on.")] = "math,code,general",
+    n: Annotated[int, typer.Option("--n", help="Held-out problems per ability for each score.")] = 100,
+    seed: Annotated[int, typer.Option(help="Which held-out problems (eval and studies use 0).")] = 1,
+    difficulty: Annotated[int, typer.Option(help="1-3, see `mixtune list`.")] = 1,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Greedy soup (Wortsman et al., 2022): average fine-tunes, keeping each only if it helps.
+
+    Scores every model on held-out problems of the abilities (mean accuracy), sorts them, and adds
+    each to the running uniform average only when the average scores strictly higher. Writes the
+    soup with OUT/soup.json (every score and decision).
+    """
+    from mixtune.eval import parse_abilities
+    from mixtune.merge.soup import ability_scorer, greedy_soup
+
+    _quiet_transformers()
+    scorer = ability_scorer(parse_abilities(abilities), n=n, seed=seed, difficulty=difficulty)
+    result = greedy_soup(models, scorer, out, dtype=dtype, overwrite=overwrite, progress=console.print)
+    console.print(f"wrote {out}: {len(result.ingredients)} of {len(models)} models, score {result.score:.4f}")
 
 
 @app.command()

@@ -4,11 +4,22 @@ import pytest
 import torch
 
 from mixtune.merge.context import Context
+from mixtune.merge.methods import (
+    MERGE_METHODS,
+    BreadcrumbsParams,
+    DareParams,
+    DareTiesParams,
+    LinearParams,
+    MergekitModelParams,
+    MergekitParams,
+    TiesParams,
+    breadcrumbs_mask,
+    dare_drop,
+    elect_sign,
+    mergekit_sparsify,
+    trim_mask,
+)
 from mixtune.merge.run import merge_tensors
-from mixtune.merge.methods import (MERGE_METHODS, BreadcrumbsParams, DareParams, DareTiesParams, LinearParams,
-                                   MergekitModelParams, mergekit_sparsify,
-                                   MergekitParams, TiesParams, breadcrumbs_mask, dare_drop, elect_sign,
-                                   trim_mask)
 
 T = torch.tensor
 BASE = T([[0.0, 0, 0, 0], [1, 1, 1, 1], [2, 2, 2, 2]])
@@ -26,7 +37,7 @@ def merge_dicts(name, params, base, models, weights=None, seed=0, per_model=None
     """The file-free merge path: whole-model statistics (scope global) included."""
     method = MERGE_METHODS.get(name)
     keys = list(models[0])
-    load = lambda k: ([base[k]] if base is not None else []) + [m[k] for m in models]  # noqa: E731
+    load = lambda k: ([base[k]] if base is not None else []) + [m[k] for m in models]
     out = merge_tensors(method, params, per_model or [], list(weights or [1.0] * len(models)), keys, load,
                         sizes={k: models[0][k].numel() for k in keys}, has_base=base is not None, seed=seed)
     return dict(out)
@@ -211,9 +222,9 @@ def test_kth_smallest_is_exact_on_large_tensors_with_ties():
 
 # -- whole-model scope and the methods that default to it ---------------------------------------
 
-import math  # noqa: E402
+import math
 
-from mixtune.merge.methods import CompeftParams, LinesParams, PcbParams, TransferParams  # noqa: E402
+from mixtune.merge.methods import CompeftParams, LinesParams, PcbParams, TransferParams
 
 ZERO2 = {"a": torch.zeros(4), "b": torch.zeros(4)}
 TWO = {"a": T([4.0, -1, 0, 2]), "b": T([-3.0, 1, 5, -2])}  # one model, two tensors: |x| 0,1,1,2,2,3,4,5
@@ -246,7 +257,7 @@ def test_breadcrumbs_global_cuts_by_whole_model_ranks():
 
 
 def test_global_statistics_are_exact_when_sampled(monkeypatch):
-    import mixtune.merge.context as context
+    from mixtune.merge import context
 
     monkeypatch.setattr(context, "SAMPLE", 4096)  # far fewer samples than entries: bracket, gather, select
     g = torch.Generator().manual_seed(0)

@@ -221,3 +221,34 @@ def test_a_lora_adapter_is_read_as_its_base_with_the_update_applied(tiny_dir, lo
     (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(CheckpointError, match="use_dora adapters are not supported"):
         merge(MergeConfig(method="task_arithmetic", base_model=tiny_dir, models=[{"model": dora}]), tmp_path / "y")
+
+
+def test_greedy_soup_adds_a_model_only_when_the_score_improves(tmp_path):
+    from mixtune.merge.soup import greedy_soup
+
+    ms = [write_model(tmp_path / name, {"w": T}) for name, T in
+          [("m1", torch.tensor([1.0])), ("m2", torch.tensor([-1.0])), ("m3", torch.tensor([5.0]))]]
+    calls = []
+
+    def score(folder):  # closeness to 0, higher is better
+        calls.append(folder)
+        return -abs(load_file(str(folder / "model.safetensors"))["w"].item())
+
+    # own scores -1, -1, -5 -> order m1, m2 (stable), m3; m1 + m2 averages to 0 (score 0 > -1: added);
+    # adding m3 gives 5/3 (score -1.67 < 0: left out)
+    result = greedy_soup(ms, score, tmp_path / "soup")
+    assert result.ingredients == [str(ms[0]), str(ms[1])] and result.score == 0
+    assert [s["added"] for s in result.steps] == [True, False]
+    assert load_file(str(tmp_path / "soup" / "model.safetensors"))["w"].item() == 0
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["candidates"][str(ms[2])] == -5
+    assert len(calls) == 5 and not list(tmp_path.glob(".soup*"))  # 3 own scores + 2 trials; no leftovers
+
+
+def test_cli_soup_scores_with_the_built_in_abilities(tiny_dir, tmp_path):
+    result = CliRunner().invoke(app, ["soup", str(tiny_dir), str(tiny_dir), "-o", str(tmp_path / "soup"),
+                                      "--abilities", "echo", "--n", "4"])
+    assert result.exit_code == 0, result.output
+    soup = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    # the same model twice: the average is that model, so its score is not strictly higher
+    assert soup["ingredients"] == [str(tiny_dir)] and soup["steps"][0]["added"] is False
+    assert soup["steps"][0]["score"] == soup["score"]

@@ -1,7 +1,7 @@
 """Weight-space merging of checkpoints, streamed tensor by tensor from safetensors."""
 
-from mixtune.merge.methods import MERGE_METHODS
 from mixtune.merge.config import MergeConfig, load_merge_config
+from mixtune.merge.methods import MERGE_METHODS
 from mixtune.merge.run import merge
 
 __all__ = ["MERGE_METHODS", "MergeConfig", "load_merge_config", "merge"]

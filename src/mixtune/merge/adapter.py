@@ -73,7 +73,7 @@ class AdapterReader:
         self.whole: dict[str, str] = {}  # base key -> adapter key of a tensor saved whole
         names = list(self._file.keys())
         for name in names:
-            short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            short = name.removeprefix(PREFIX)
             for a_suffix, b_suffix, emb in [(".lora_A.weight", ".lora_B.weight", False),
                                             (".lora_embedding_A", ".lora_embedding_B", True)]:
                 if short.endswith(a_suffix):

@@ -21,11 +21,24 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mixtune.core import CheckpointError, ConfigError, atomic_dir, atomic_write_text, dump_config
+from mixtune.core import (
+    CheckpointError,
+    ConfigError,
+    atomic_dir,
+    atomic_write_text,
+    dump_config,
+)
 from mixtune.merge.adapter import AdapterReader, is_adapter
 from mixtune.merge.config import MergeConfig
 from mixtune.merge.context import Context, layer_index, resolve_globals, tensor_seed
-from mixtune.merge.io import DTYPES, TORCH_DTYPES, CheckpointReader, StreamingWriter, copy_side_files, parse_size
+from mixtune.merge.io import (
+    DTYPES,
+    TORCH_DTYPES,
+    CheckpointReader,
+    StreamingWriter,
+    copy_side_files,
+    parse_size,
+)
 from mixtune.merge.methods import MERGE_METHODS
 
 VOCAB = re.compile(r"embed|lm_head|wte|word_embeddings|(^|\.)output\.weight$")
@@ -58,7 +71,7 @@ def resolve(cfg: MergeConfig, base_dir: Path = Path(".")):
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     parse_size(cfg.max_shard_size)
-    here = lambda p: p if p.is_absolute() else base_dir / p  # noqa: E731
+    here = lambda p: p if p.is_absolute() else base_dir / p
     base = here(cfg.base_model) if cfg.base_model is not None else None
     return method, params, per_model, base, [here(m.model) for m in cfg.models]
 
