@@ -119,7 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=1e9, help="Approximate parameters per checkpoint.")
     ap.add_argument("--out", type=Path, default=Path("/tmp/merge-bench"))
-    ap.add_argument("--methods", default="linear,ties,dare_ties")
+    ap.add_argument("--methods", default="linear,ties,dare_ties",
+                    help="mergekit methods, and *_paper methods (mixtune only, whole-model scope).")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="Input and output shard size.")
     a = ap.parse_args()
     per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN
@@ -143,13 +144,21 @@ def main() -> None:
                                                         for m in models[1:]]}
         if method == "dare_ties":
             doc["random_seed"] = 0
+        paper = method.endswith("_paper")  # mixtune only: the paper's whole-model scope, no mergekit equivalent
+        if paper:
+            doc = {"method": method, "base_model": str(models[0]), "models": [{"model": str(m)} for m in models[1:]],
+                   "parameters": {"density": 0.5}}
         cfg = a.out / f"{method}.yaml"
         cfg.write_text(json.dumps(doc))  # JSON is YAML
         row = {"method": method}
-        for tool, cmd in [("mergekit", [str(bin_dir / "mergekit-yaml"), str(cfg), str(a.out / f"mk-{method}"),
-                                        "--out-shard-size", str(shard_bytes)]),
-                          ("mixtune", [str(bin_dir / "mixtune"), "merge", str(cfg), "-o", str(a.out / f"mx-{method}"),
-                                       f"max_shard_size={shard_bytes}"])]:
+        tools = [("mergekit", [str(bin_dir / "mergekit-yaml"), str(cfg), str(a.out / f"mk-{method}"),
+                               "--out-shard-size", str(shard_bytes)]),
+                 ("mixtune", [str(bin_dir / "mixtune"), "merge", str(cfg), "-o", str(a.out / f"mx-{method}"),
+                              f"max_shard_size={shard_bytes}"])]
+        if paper:
+            row |= {"mergekit_s": math.nan, "mergekit_rss_gib": math.nan, "mergekit_anon_gib": math.nan}
+            tools = tools[1:]
+        for tool, cmd in tools:
             shutil.rmtree(Path(cmd[-2] if tool == "mixtune" else cmd[3]), ignore_errors=True)
             row[f"{tool}_s"], row[f"{tool}_rss_gib"], row[f"{tool}_anon_gib"] = timed(cmd)
             print(f"{method:10s} {tool:9s} {row[f'{tool}_s']:7.1f} s  peak RSS {row[f'{tool}_rss_gib']:.2f} GiB "

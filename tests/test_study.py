@@ -85,3 +85,30 @@ def test_data_amounts_add_scaling_curves(tiny_dir, tmp_path):
     assert {(r["name"], r["amount"]) for r in study.results()} == {
         ("base", 0.5), ("base", 1.0), ("specialist:math", 0.5), ("specialist:math", 1.0)}
     assert "<h2>Data amount</h2>" in study.report().read_text()
+
+
+def test_methods_axis_repeats_runs_per_method_and_trains_adapters_through_merged_models(tiny_dir, tmp_path):
+    cfg = config(tiny_dir, strategies=[{"name": "sequential", "order": ["math", "general"]}], specialists=["math"],
+                 methods=[{"name": "full"}, {"name": "lora", "r": 2}, {"name": "hft"}], method_lr={"lora": 5e-3})
+    runs = {r.name: r for r in expand(cfg)}
+    assert list(runs) == ["base", "specialist:math [full]", "sequential [full]", "specialist:math [lora(r=2)]",
+                          "sequential [lora(r=2)]", "specialist:math [hft]", "sequential [hft]"]
+    keys = {n: stage_keys(cfg, r) for n, r in runs.items()}
+    plain = config(tiny_dir, strategies=[{"name": "sequential", "order": ["math", "general"]}], specialists=["math"])
+    # the study's own method shares its stages with a study without a methods axis; others share only the prefix
+    assert keys["sequential [full]"] == stage_keys(plain, {r.name: r for r in expand(plain)}["sequential"])
+    assert len({keys[n][0] for n in keys if n != "base"}) == 1
+    assert len({keys["sequential [full]"][1], keys["sequential [lora(r=2)]"][1], keys["sequential [hft]"][1]}) == 3
+    trained: list[str] = []
+    study = Study(cfg, tmp_path, progress=False, log=lambda m: None)
+    study.run(on_stage=trained.append)
+    assert len(trained) == 1 + 3 * 2
+    lora_final = keys["sequential [lora(r=2)]"][-1]
+    assert (study.model_dir(lora_final) / "adapter_config.json").exists()
+    assert study.model_path(lora_final).name == "merged"  # the full model the next stage and eval use
+    rows = study.db.execute("SELECT key, trainable, optimizer_bytes, peak_rss_mb FROM stages").fetchall()
+    by_key = {k: (t, b, m) for k, t, b, m in rows}
+    full_n, lora_n = by_key[keys["sequential [full]"][1]][0], by_key[keys["sequential [lora(r=2)]"][1]][0]
+    assert 0 < lora_n < by_key[keys["sequential [hft]"][1]][0] < full_n
+    assert all(m is not None and m > 0 for *_, m in rows)  # peak memory per stage (Linux)
+    assert {r["name"] for r in study.results()} >= {"sequential [lora(r=2)]", "sequential [hft]"}

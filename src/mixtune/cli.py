@@ -236,6 +236,7 @@ def study_cmd(
     recipe: Annotated[Path, typer.Argument(help="Study YAML: sources, strategies, specialists, seeds, amounts.")],
     overrides: Overrides = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: runs/NAME).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their stages; train nothing.")] = False,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
 
@@ -243,11 +244,24 @@ def study_cmd(
     OUT/scores.csv, OUT/report.html.
     """
     from mixtune.core import load_config, parse_overrides
-    from mixtune.study import Study, StudyConfig
+    from mixtune.study import StudyConfig, expand, stage_keys
 
     _quiet_transformers()
     cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []))
     out = out or Path("runs") / recipe.stem
+    if dry_run:
+        runs = expand(cfg)
+        table = Table(title=f"{recipe.name}: {len(runs)} runs")
+        for col in ("run", "stages", "method"):
+            table.add_column(col)
+        for r in runs:
+            table.add_row(r.id, " > ".join(st.name for st in r.stages) or "(the starting model)",
+                          (r.method or cfg.train.method.model_dump())["name"] if r.stages else "-")
+        console.print(table)
+        distinct = {k for r in runs for k in stage_keys(cfg, r)}
+        console.print(f"{len(distinct)} distinct stages to train (shared prefixes train once); "
+                      f"{len(runs)} models scored on {', '.join(cfg.eval.abilities)} ({cfg.eval.n} problems each)")
+        return
     _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
                notes=[f"mixtune study {recipe}"])
 
@@ -374,8 +388,8 @@ def soup_cmd(
     each to the running uniform average only when the average scores strictly higher. Writes the
     soup with OUT/soup.json (every score and decision).
     """
-    from mixtune.eval import parse_abilities
-    from mixtune.merge.soup import ability_scorer, greedy_soup
+    from mixtune.eval import ability_scorer, parse_abilities
+    from mixtune.merge.soup import greedy_soup
 
     _quiet_transformers()
     scorer = ability_scorer(parse_abilities(abilities), n=n, seed=seed, difficulty=difficulty)

@@ -17,6 +17,7 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -34,6 +35,7 @@ from mixtune.data.sources import SourceConfig
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
 from mixtune.train.config import TrainConfig
+from mixtune.train.methods import MethodConfig
 
 
 class EvalConfig(Strict):
@@ -63,6 +65,13 @@ class StudyConfig(Strict):
     """Sources to train alone, one run each (the specialists forgetting is measured against)."""
     strategies: list[dict] = []
     """Strategy configs; a list-valued parameter gives one run per value, e.g. ``{name: dmt, k: [0, 0.125]}``."""
+    methods: list[MethodConfig] = []
+    """Tuning methods to compare: every run but the base is repeated once per method (its stages
+    after the prefix train with it; the prefix trains with ``train.method``). Empty: ``train.method``
+    only. Adapter methods export their merged model too, which the next stage starts from."""
+    method_lr: dict[str, float] = {}
+    """Peak learning rate per method name in ``methods`` (default ``train.lr``): adapters and sparse
+    methods usually want a larger one than full fine-tuning."""
     seeds: list[int] = [0]
     amounts: list[float] = [1.0]
     """Share of every non-prefix source to use (data-scaling curves when several)."""
@@ -77,6 +86,8 @@ class Run:
     seed: int
     amount: float
     stages: list[StageConfig]
+    method: dict | None = None
+    """The tuning method of the stages after the prefix (None: the study's ``train.method``)."""
 
     @property
     def id(self) -> str:
@@ -103,8 +114,20 @@ def expand(study: StudyConfig) -> list[Run]:
             name = f"{params['name']}({label})" if label else params["name"]
             variants.append((name, params["name"], {k: v for k, v in params.items() if k != "name"},
                              plan_stages(strategy, sources)))
-    return [Run(name, strat, params, seed, amount, [*study.prefix, *stages])
-            for seed in study.seeds for amount in study.amounts for name, strat, params, stages in variants]
+    methods = [m.model_dump(mode="json") for m in study.methods] or [None]
+    return [Run(name if method is None or not stages else f"{name} [{method_label(method)}]", strat, params, seed,
+                amount, [*study.prefix, *stages], method if stages else None)
+            for seed in study.seeds for amount in study.amounts for method in methods
+            for name, strat, params, stages in variants if stages or method == methods[0]]
+
+
+def method_label(method: dict) -> str:
+    """``lora(r=4)``: the method's name and the parameters that differ from its defaults."""
+    from mixtune.train.methods import TUNERS
+
+    defaults = TUNERS.get(method["name"]).params().model_dump(mode="json") if method["name"] != "peft" else {}
+    changed = [f"{k}={v}" for k, v in method.items() if k != "name" and defaults.get(k) != v]
+    return f"{method['name']}({','.join(changed)})" if changed else method["name"]
 
 
 def _strategy(spec: dict):
@@ -114,6 +137,17 @@ def _strategy(spec: dict):
         raise ConfigError(f"study strategy {spec}: {e}") from None
 
 
+def run_method(study: StudyConfig, run: Run) -> dict | None:
+    """What differs in how ``run`` trains after the prefix: its method and learning rate, when they
+    are not the study's ``train`` settings (None when they are, so such runs share stages)."""
+    if run.method is None:
+        return None
+    lr = study.method_lr.get(run.method["name"], study.train.lr)
+    if run.method == study.train.method.model_dump(mode="json") and lr == study.train.lr:
+        return None
+    return {"method": run.method, "lr": lr}
+
+
 def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     """One key per stage of ``run``: a hash of everything that decides the weights after it."""
     common = {"model": study.model, "seed": run.seed, "amount": run.amount,
@@ -121,15 +155,39 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
               "format": study.format.model_dump(mode="json"), "train": study.train.model_dump(mode="json"),
               "prefix_len": len(study.prefix)}
     keys, chain = [], []
-    for st in run.stages:
-        chain.append(st.model_dump(mode="json", exclude={"name"}))
+    own = run_method(study, run)
+    for i, st in enumerate(run.stages):
+        entry = st.model_dump(mode="json", exclude={"name"})
+        if own is not None and i >= len(study.prefix):
+            entry |= own
+        chain.append(entry)
         blob = json.dumps(common | {"stages": chain}, sort_keys=True)
         keys.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
     return keys
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux: /proc/self/clear_refs; elsewhere a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since :func:`reset_peak_rss`, in MiB (None where unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS stages (key TEXT PRIMARY KEY, parent TEXT, name TEXT, steps INTEGER, seconds REAL);
+CREATE TABLE IF NOT EXISTS stages (key TEXT PRIMARY KEY, parent TEXT, name TEXT, steps INTEGER, seconds REAL,
+    trainable INTEGER, optimizer_bytes INTEGER, peak_rss_mb REAL);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, name TEXT, strategy TEXT, params TEXT, seed INTEGER,
     amount REAL, stage_keys TEXT, final_key TEXT);
 CREATE TABLE IF NOT EXISTS scores (model_key TEXT, ability TEXT, metric TEXT, value REAL, n INTEGER,
@@ -147,6 +205,10 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.out / "results.sqlite")
         self.db.executescript(SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(stages)")}
+        for column, kind in [("trainable", "INTEGER"), ("optimizer_bytes", "INTEGER"), ("peak_rss_mb", "REAL")]:
+            if column not in have:  # a study folder from before these were recorded
+                self.db.execute(f"ALTER TABLE stages ADD COLUMN {column} {kind}")
         atomic_write_text(self.out / "study.yaml", dump_config(cfg))
 
     def run(self, on_stage=None) -> None:
@@ -177,6 +239,21 @@ class Study:
 
     def _trained(self, key: str) -> bool:
         return (self.model_dir(key) / "mixtune.yaml").exists()
+
+    def model_path(self, key: str) -> Path:
+        """The full model after stage ``key``: the stage folder, or its ``merged/`` for adapter methods."""
+        merged = self.model_dir(key) / "merged"
+        return merged if (merged / "config.json").exists() else self.model_dir(key)
+
+    def _train_config(self, run: Run, stage: int) -> TrainConfig:
+        """The study's training settings, with the run's method after the prefix (adapters also merged)."""
+        own = run_method(self.cfg, run)
+        if own is None or stage < len(self.cfg.prefix):
+            return self.cfg.train
+        method = TypeAdapter(MethodConfig).validate_python(own["method"])
+        if "merge" in type(method).model_fields:
+            method = method.model_copy(update={"merge": True})  # the next stage and the evaluation need a full model
+        return self.cfg.train.model_copy(update={"method": method, "lr": own["lr"]})
 
     def _start_model(self, run: Run) -> Path:
         from mixtune.pipeline import start_model
@@ -213,20 +290,28 @@ class Study:
                 prev = key
                 continue
             self.log(f"{run.id}: training stage {i + 1}/{len(keys)} {plan.name} ({plan.steps} steps) -> {key}")
-            src = self.model_dir(prev) if prev else parent
+            src = self.model_path(prev) if prev else parent
             model, tokenizer = load_model(src)
             t0 = time.perf_counter()
             work = self.out / "work" / key
-            (exported,) = train(model, tokenizer, [plan], self.cfg.train, work, source_names=data.source_names,
-                                seed=run.seed, config_text=dump_config(recipe), progress=self.progress)
-            seconds = time.perf_counter() - t0
+            reset_peak_rss()
+            train_cfg = self._train_config(run, i)
+            if run.stages[i].lr is None:  # a method's own learning rate (method_lr), unless the stage sets one
+                plan = dataclasses.replace(plan, lr=train_cfg.lr)
+            (exported,) = train(model, tokenizer, [plan], train_cfg, work,
+                                source_names=data.source_names, seed=run.seed, config_text=dump_config(recipe),
+                                progress=self.progress, first_stage=i)
+            seconds, peak = time.perf_counter() - t0, peak_rss_mb()
             dest = self.model_dir(key)
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             exported.rename(dest)
             self._store_losses(key, work / "log.jsonl")
-            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?)", (key, prev, plan.name, plan.steps,
-                                                                                  seconds))
+            sizes = next((e for e in map(json.loads, (work / "log.jsonl").read_text().splitlines())
+                          if "trainable_params" in e), {})
+            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
+                            (key, prev, plan.name, plan.steps, seconds, sizes.get("trainable_params"),
+                             sizes.get("optimizer_bytes"), peak))
             self.db.commit()
             shutil.rmtree(work, ignore_errors=True)
             prev = key
@@ -254,7 +339,7 @@ class Study:
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
-        model_dir = self.model_dir(key) if (self.model_dir(key) / "config.json").exists() else self._start_model(run)
+        model_dir = self.model_path(key) if (self.model_path(key) / "config.json").exists() else self._start_model(run)
         model, tokenizer = load_model(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
                           batch_size=e.batch_size)

@@ -38,8 +38,12 @@ def test_list_shows_abilities_and_levels():
 def test_every_example_recipe_previews():
     assert len(EXAMPLES) >= 1  # the check must see the shipped recipes
     for path in EXAMPLES:
-        out = mixtune("data", "preview", path, "-n", "1").stdout
-        assert "packed into" in out and "example 0" in out
+        if "strategies" in path.read_text():  # a study: list its runs
+            out = mixtune("study", path, "--dry-run").stdout
+            assert "distinct stages to train" in out
+        else:
+            out = mixtune("data", "preview", path, "-n", "1").stdout
+            assert "packed into" in out and "example 0" in out
 
 
 def test_preview_table_has_the_promised_counts():
@@ -131,4 +135,4 @@ def test_train_runs_and_resumes_from_the_cli(tmp_path):
 
 def test_train_rejects_an_unknown_method_with_the_choices(tmp_path):
     out = mixtune("train", "examples/dmt.yaml", "train.method.name=lorra", "--dry-run", check=False)
-    assert out.returncode == 2 and "override train.method" in out.stderr and "'full', 'lora'" in out.stderr
+    assert out.returncode == 2 and "override train.method" in out.stderr and "'full', 'hft', 'lift', 'lora'" in out.stderr

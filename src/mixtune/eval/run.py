@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +95,20 @@ def parse_abilities(text: str) -> list[str]:
     for a in names:
         ABILITIES.get(a)
     return names
+
+
+def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficulty: int = 1,
+                   batch_size: int = 64) -> Callable[[Path], float]:
+    """Mean accuracy over built-in ``abilities`` on ``n`` held-out problems each, greedy decoding.
+
+    The problems are drawn from the abilities' test split with ``seed`` (default 1, where
+    ``mixtune eval`` and studies default to 0): a different sample of the same held-out pool, so
+    the two can share problems. For a clean final number, evaluate with a seed and ``n`` whose
+    problems the soup did not see, or on data of your own.
+    """
+    def score(folder: Path) -> float:
+        model, tok = load_for_eval(folder)
+        scores = evaluate(model, tok, abilities, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size)
+        return sum(s.score for s in scores.values()) / len(scores)
+
+    return score

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,19 +24,10 @@ import torch
 SAMPLE = 1 << 22
 """Entries sampled per row of an order statistic: its bracket spans about 6/sqrt(SAMPLE) of the ranks."""
 
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-"""A transformer block index in a parameter name (``model.layers.12.mlp...``), anchored on the block
-container so that ``experts.3`` inside block 12 is not taken for block 3."""
-
 
 def tensor_seed(seed: int, key: str) -> int:
     """A generator seed per tensor, so results do not depend on the order tensors are read in."""
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:7], "big")
-
-
-def layer_index(key: str, pattern: re.Pattern = LAYER) -> int | None:
-    m = pattern.search(key)
-    return int(m.group(1)) if m else None
 
 
 class Pending(Exception):
@@ -70,6 +60,8 @@ class Context:
         layer: the block index in ``key`` (None for embeddings, final norm, head).
         num_layers: the number of blocks in the model (1 + the largest index).
         known: whole-model statistics found so far, by name.
+        dtype: the dtype the output tensor is written in; a method may return it directly
+            (it computes in float32 either way).
     """
 
     key: str = "tensor"
@@ -78,6 +70,7 @@ class Context:
     layer: int | None = None
     num_layers: int = 0
     known: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
     _requests: dict | None = None
     _phase: str = "merge"
     _rate: float = 1.0
@@ -106,7 +99,7 @@ class Context:
         elif (req := self._requests.get(name)) is not None:  # gather
             for j in range(req.lo.shape[1]):
                 lo, hi = req.lo[:, j:j + 1], req.hi[:, j:j + 1]
-                req.below[:, j] += (values < lo).sum(1)
+                req.below[:, j] += torch.count_nonzero(values < lo, dim=1)
                 inside = (values >= lo) & (values <= hi)
                 for r in range(values.shape[0]):
                     req.inside[r][j].append(values[r][inside[r]])

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -174,6 +175,15 @@ def _deltas(base: torch.Tensor, models: list[torch.Tensor], weights=None) -> tup
     return b, torch.stack([wi * (m.float() - b) for wi, m in zip(w, models)])
 
 
+CHUNK = 1 << 20
+"""Elements combined at a time by the elementwise methods: their float32 working set stays in cache."""
+
+
+def chunks(n: int, size: int = CHUNK):
+    """Slices covering range(n), ``size`` at a time."""
+    return (slice(lo, min(n, lo + size)) for lo in range(0, n, size))
+
+
 # -- methods ----------------------------------------------------------------------------------
 
 class LinearParams(Strict):
@@ -185,11 +195,16 @@ class LinearParams(Strict):
 def linear(base, models, weights, p: LinearParams, ctx: Context):
     """Model soups (Wortsman et al., 2022, arXiv:2203.05482, uniform soup): sum_i w_i theta_i /
     sum_i w_i; equal weights give the uniform soup. Also mergekit's ``linear``."""
-    total = torch.zeros(models[0].shape, dtype=torch.float32)
-    for w, m in zip(weights, models):
-        total.add_(m.float(), alpha=w)
     s = sum(weights)
-    return total / s if p.normalize and abs(s) > 1e-8 else total
+    norm = 1 / s if p.normalize and abs(s) > 1e-8 else 1.0
+    flat = [m.reshape(-1) for m in models]
+    out = torch.empty(flat[0].numel(), dtype=ctx.dtype)
+    for part in chunks(out.numel()):  # in float32 a chunk at a time, written in the output dtype
+        acc = torch.mul(flat[0][part].float(), weights[0])  # a new tensor even when the input is float32
+        for w, m in zip(weights[1:], flat[1:]):
+            acc.add_(m[part], alpha=w)
+        out[part] = acc.mul_(norm) if norm != 1.0 else acc
+    return out.reshape(models[0].shape)
 
 
 class TiesParams(Strict):
@@ -429,7 +444,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     q, spread = k / n, 8 / s**0.5
     lo = sample.kthvalue(max(1, int((q - spread) * s))).values
     hi = sample.kthvalue(min(s, int((q + spread) * s) + 1)).values
-    below = int((values < lo).sum())
+    below = int(torch.count_nonzero(values < lo))  # count_nonzero: 20x faster than a bool sum
     inside = values[(values >= lo) & (values <= hi)]
     if below < k <= below + inside.numel():
         return inside.kthvalue(k - below).values
@@ -442,17 +457,30 @@ def rank_range_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor
     top-k of half of 65M entries takes 6 s here, ``kthvalue`` 1.1 s, :func:`kth_smallest` 0.2 s)."""
     n = values.numel()
     start, stop = max(0, start), min(n, stop)
-    mask = torch.zeros(n, dtype=torch.bool)
     if stop <= start:
-        return mask
+        return torch.zeros(n, dtype=torch.bool)
     lo, hi = kth_smallest(values, start + 1), kth_smallest(values, stop)
-    mask |= (values > lo) & (values < hi)
+    mask = (values > lo) & (values < hi)
     for v in {lo.item(), hi.item()}:
-        tied = (values == v).nonzero().squeeze(1)  # in position order
-        first_rank = int((values < v).sum())
+        equal = values == v
+        first_rank = int(torch.count_nonzero(values < v))
+        if int(torch.count_nonzero(equal)) == 1:  # the usual case: one entry, one rank
+            if start <= first_rank < stop:
+                mask |= equal
+            continue
+        tied = equal.nonzero().squeeze(1)  # in position order
         ranks = first_rank + torch.arange(tied.numel())
         mask[tied[(ranks >= start) & (ranks < stop)]] = True
     return mask
+
+
+def random_keep(n: int, density: float, rng: torch.Generator) -> torch.Tensor:
+    """A mask keeping each of n entries independently with probability ``density`` (to 2^-32):
+    uniform 32-bit integers below density * 2^32, drawn by numpy's PCG64 (4x faster than
+    ``torch.rand`` here) from a seed the torch generator gives."""
+    gen = np.random.default_rng(int(torch.randint(2**62, (1,), generator=rng)))
+    bits = gen.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(bits < np.uint32(min(2**32 - 1, round(density * 2**32))))
 
 
 def mergekit_keep(delta: torch.Tensor, density: float, kind: str, rng: torch.Generator, *, gamma: float = 0.0,
@@ -467,7 +495,7 @@ def mergekit_keep(delta: torch.Tensor, density: float, kind: str, rng: torch.Gen
             return torch.zeros(delta.shape, dtype=torch.bool), 1.0
         mask = rank_range_mask(flat, n - max(1, int(density * n)), n)
     elif kind == "random":
-        mask = torch.rand(n, generator=rng) < density  # keep with probability density
+        mask = random_keep(n, density, rng)
     else:
         keep, top = int(density * n), int(gamma * n)
         bottom = max(0, n - keep - top)
@@ -494,7 +522,16 @@ def mergekit_sparsify(delta: torch.Tensor, density: float, kind: str, rng: torch
     return delta if mask is None else delta * mask * scale
 
 
-CHUNK = 1 << 22  # elements combined at a time: bounds the float32 working set of large tensors
+
+
+def _l1_kept(base: torch.Tensor, model: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
+    """||model - base||_1 and its part under ``keep`` (flat tensors), a chunk at a time."""
+    before = after = 0.0
+    for part in chunks(base.numel()):
+        d = torch.sub(model[part], base[part].float()).abs_()
+        before += float(d.sum())
+        after += float(d.mul_(keep[part]).sum())
+    return before, after
 
 
 def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
@@ -502,42 +539,52 @@ def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
         per_model = ctx.per_model or [MergekitModelParams()] * len(models)
         norm = normalize if p.normalize is None else p.normalize
         resc = rescale if p.rescale is None else p.rescale
-        # 1) each model's keep-mask and rescale factor need its whole delta: one model at a time
-        keeps = []
-        for m, mp in zip(models, per_model):
-            if sparsify and mp.density < 1:
-                keeps.append(mergekit_keep(m.float() - base.float(), mp.density, sparsify, ctx.rng, gamma=mp.gamma,
-                                           rescale=resc))
-            else:
-                keeps.append((None, 1.0))
-        # 2) the combination is elementwise: in chunks, so large tensors need little float32 memory
         flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
-        flat_keeps = [(k.reshape(-1) if k is not None else None, c) for k, c in keeps]
-        w = torch.tensor(weights, dtype=torch.float32).reshape(-1, 1)
-        out = torch.empty(flat_base.shape, dtype=torch.float32)
-        for lo in range(0, flat_base.numel(), CHUNK):
-            part = slice(lo, lo + CHUNK)
-            b = flat_base[part].float()
-            deltas = torch.stack([m[part].float() - b for m in flat_models])
-            for i, (keep, scale) in enumerate(flat_keeps):
-                if keep is not None:
-                    deltas[i] *= keep[part]
-                    if scale != 1.0:
-                        deltas[i] *= scale
-            deltas *= w
-            if consensus:  # sign election on the weighted sum; 0 counts as +
-                majority = (deltas.sum(0) >= 0).to(deltas.dtype) * 2 - 1
-                mask = (deltas.sign() == majority).to(deltas.dtype)
-                mixed, divisor = (deltas * mask).sum(0), (w * mask).sum(0)
-                divisor[divisor == 0] = 1
+        n = flat_base.numel()
+        # 1) each model's keep-mask and rescale factor: a top-k needs the model's whole delta;
+        #    a random mask and its L1 norms do not
+        keeps = []
+        for m, mp in zip(flat_models, per_model):
+            if not sparsify or mp.density >= 1:
+                keeps.append((None, 1.0))
+            elif sparsify == "random":
+                keep, scale = random_keep(n, mp.density, ctx.rng), 1.0
+                if resc:
+                    before, after = _l1_kept(flat_base, m, keep)
+                    scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+                keeps.append((keep, scale))
             else:
-                mixed, divisor = deltas.sum(0), w.sum(0).expand_as(b).clone()
-                divisor[divisor.abs() < 1e-8] = 1
-            if norm:
-                mixed /= divisor
+                keeps.append(mergekit_keep(m.float() - flat_base.float(), mp.density, sparsify, ctx.rng,
+                                           gamma=mp.gamma, rescale=resc))
+        # 2) the combination is elementwise: a chunk at a time, in cache, written in the output dtype
+        w = torch.tensor(weights, dtype=torch.float32).reshape(-1, 1)
+        total_w = float(w.sum()) if abs(float(w.sum())) >= 1e-8 else 1.0
+        out = torch.empty(n, dtype=ctx.dtype)
+        deltas = torch.empty((len(models), min(n, CHUNK)), dtype=torch.float32)
+        for part in chunks(n):
+            b = flat_base[part].float()
+            d = deltas[:, : b.numel()]
+            for i, (m, (keep, scale)) in enumerate(zip(flat_models, keeps)):
+                torch.sub(m[part], b, out=d[i])
+                if keep is not None:
+                    d[i].mul_(keep[part])
+                factor = weights[i] * scale
+                if factor != 1.0:
+                    d[i].mul_(factor)
+            if consensus:  # sign elected on the weighted sum (0 counts as +); zeros agree with neither
+                sign = torch.copysign(torch.ones(()), d.sum(0))  # +-1; a -0.0 sum only when every d is 0
+                aligned = (d * sign).clamp_(min=0)  # |d| where d agrees with the sign, else 0
+                mixed = aligned.sum(0).mul_(sign)
+                if norm:
+                    divisor = (w * (aligned > 0)).sum(0)
+                    mixed /= divisor.masked_fill_(divisor == 0, 1)
+            else:
+                mixed = d.sum(0)
+                if norm:
+                    mixed /= total_w
             if p.lambda_ != 1:
                 mixed *= p.lambda_
-            out[part] = b + mixed
+            out[part] = mixed.add_(b)
         return out.reshape(base.shape)
     return merge
 

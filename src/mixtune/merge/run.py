@@ -30,7 +30,8 @@ from mixtune.core import (
 )
 from mixtune.merge.adapter import AdapterReader, is_adapter
 from mixtune.merge.config import MergeConfig
-from mixtune.merge.context import Context, layer_index, resolve_globals, tensor_seed
+from mixtune.core.names import layer_index
+from mixtune.merge.context import Context, resolve_globals, tensor_seed
 from mixtune.merge.io import (
     DTYPES,
     TORCH_DTYPES,
@@ -94,6 +95,9 @@ def open_inputs(base: Path | None, models: list[Path]) -> list:
                 if not base:
                     raise ConfigError(f"model {p} is a peft adapter: give base_model, the model it adapts")
                 readers.append(AdapterReader(p, readers[0], label=f"model {p} (adapter)"))
+            elif (Path(p) / "moe_lora.json").exists():
+                raise CheckpointError(f"model {p}: a mixture of LoRA experts (moe_lora) has no single set of weights "
+                                      "to merge")
             else:
                 readers.append(CheckpointReader(p, label=f"model {p}"))
         return readers
@@ -165,8 +169,9 @@ def _copy_files(reference: Path, files_from: Path | None, folder: Path, shapes: 
 
 def merge_tensors(method, params, per_model: list, weights: list[float], keys: list[str],
                   load: Callable[[str], list[torch.Tensor]], *, sizes: dict[str, int], has_base: bool, seed: int = 0,
-                  progress: Callable[[str], None] | None = None, on_pass: Callable[[str], None] | None = None):
-    """Yields ``(key, merged float32 tensor)`` for each of ``keys``, in order.
+                  progress: Callable[[str], None] | None = None, on_pass: Callable[[str], None] | None = None,
+                  dtypes: dict[str, torch.dtype] | None = None):
+    """Yields ``(key, merged tensor)`` for each of ``keys``, in order: in ``dtypes[key]`` or float32.
 
     ``load(key)`` gives the inputs' tensors of one parameter (base first when ``has_base``);
     ``sizes`` gives each key's entry count (per model). With ``scope: global`` the
@@ -178,7 +183,7 @@ def merge_tensors(method, params, per_model: list, weights: list[float], keys: l
 
     def context(key: str) -> Context:
         return Context(key=key, rng=torch.Generator().manual_seed(tensor_seed(seed, key)), per_model=per_model,
-                       layer=layers[key], num_layers=num_layers)
+                       layer=layers[key], num_layers=num_layers, dtype=(dtypes or {}).get(key, torch.float32))
 
     def run(key: str, ctx: Context) -> torch.Tensor:
         tensors = load(key)
@@ -226,14 +231,15 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
             tensors = [_fit(r.get(key), shapes[key]) for r in inputs]
             if key not in checked:
                 for r, t in zip(inputs, tensors):
-                    if not torch.isfinite(t).all():
+                    # a sum is NaN/Inf when an entry is (one fast pass); isfinite confirms, since a sum can overflow
+                    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                         raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
                 checked.add(key)
             return tensors
 
         merged = merge_tensors(method, params, per_model, weights, floating, load,
                                sizes={k: math.prod(shapes[k]) for k in floating}, has_base=base_path is not None,
-                               seed=cfg.seed, progress=progress, on_pass=on_pass)
+                               seed=cfg.seed, progress=progress, on_pass=on_pass, dtypes=dtype_of)
         plan = [(k, shapes[k], dtype_of[k]) for k in reference.keys()]
         with atomic_dir(out, overwrite=overwrite) as tmp:
             writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))

@@ -4,7 +4,8 @@ Model soups (Wortsman et al., 2022, arXiv:2203.05482, Sec. 2, Algorithm 1 "Greed
 official ``main.py`` step 4): sort the ingredients by their own held-out score, start the soup
 with the best, then in one pass add each next ingredient when the uniform average of the soup
 and it scores strictly higher than the soup. The score is any callable from a model folder to a
-number (higher is better); :func:`ability_scorer` scores with mixtune's built-in abilities.
+number (higher is better); :func:`mixtune.eval.ability_scorer` scores with mixtune's built-in
+abilities.
 """
 
 from __future__ import annotations
@@ -86,22 +87,3 @@ def greedy_soup(candidates: list[str | Path], score: Callable[[Path], float], ou
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficulty: int = 1,
-                   batch_size: int = 64) -> Callable[[Path], float]:
-    """Mean accuracy over built-in ``abilities`` on ``n`` held-out problems each, greedy decoding.
-
-    The problems are drawn from the abilities' test split with ``seed`` (default 1, where
-    ``mixtune eval`` and studies default to 0): a different sample of the same held-out pool, so
-    the two can share problems. For a clean final number, evaluate with a seed and ``n`` whose
-    problems the soup did not see, or on data of your own.
-    """
-    from mixtune.eval import evaluate, load_for_eval
-
-    def score(folder: Path) -> float:
-        model, tok = load_for_eval(folder)
-        scores = evaluate(model, tok, abilities, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size)
-        return sum(s.score for s in scores.values()) / len(scores)
-
-    return score

@@ -77,4 +77,8 @@ def load_model(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: st
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load the model ({e})") from None
+    if (path / "moe_lora.json").exists():  # a mixture of LoRA experts saved beside its base
+        from mixtune.models.moe_lora import load_into
+
+        model = load_into(model, path)
     return model, load_tokenizer(path)

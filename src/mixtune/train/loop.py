@@ -115,7 +115,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
           seed: int = 0, accelerator=None, config_text: str = "", resume: bool = True, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> list[Path]:
+          on_step: Callable[[int], None] | None = None, first_stage: int = 0) -> list[Path]:
     """Train ``model`` through ``stages``; returns the folders of the exported stage models.
 
     Args:
@@ -131,6 +131,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         resume: continue from the newest checkpoint in ``out_dir`` if there is one.
         progress: show a progress bar (on the main process).
         on_step: called with the global step after every optimizer step.
+        first_stage: the position of ``stages[0]`` in the whole run, when a run is trained one
+            stage per call (a study): methods that re-select per stage (HFT) seed with it.
     """
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -149,12 +151,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     model = tuner.prepare(model, params, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process)
-    log.note(f"method {params.name}: {n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%}); "
-             f"AdamW state {2 * 4 * n_train / 2**20:.1f} MiB; precision {acc.mixed_precision}; "
-             f"{world} process(es), accumulation {accum}")
 
     # 2) resume where a previous run stopped
     at, ckpt = Progress(), latest_checkpoint(out_dir) if resume else None
@@ -168,13 +165,26 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         if s < at.stage:
             exported.append(out_dir / "stages" / stage.name)
             continue
-        # 3) a fresh optimizer and schedule per stage
-        optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
+        # 3) what trains in this stage (a method may re-select it), a fresh optimizer and schedule
+        bare = acc.unwrap_model(model)
+        if tuner.start_stage is not None:
+            tuner.start_stage(bare, params, seed, first_stage + s)
+        trainable = [p for p in bare.parameters() if p.requires_grad]
+        if tuner.optimizer is not None:
+            optimizer = tuner.optimizer(bare, params, stage.lr, cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
+        n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in bare.parameters())
+        state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 8 * n_train  # AdamW: 2 fp32 moments
+        log.note(f"stage {stage.name}: method {params.name}, {n_train:,} of {n_all:,} parameters train "
+                 f"({n_train / n_all:.2%}); optimizer state {state / 2**20:.2f} MiB; precision {acc.mixed_precision}; "
+                 f"{world} process(es), accumulation {accum}")
+        log.write({"stage": stage.name, "trainable_params": n_train, "total_params": n_all, "optimizer_bytes": state})
         scheduler = get_scheduler("constant_with_warmup" if stage.schedule == "constant" else stage.schedule,
                                   optimizer, num_warmup_steps=round(cfg.warmup * stage.steps),
                                   num_training_steps=stage.steps)
         acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
-        model, optimizer, scheduler = acc.prepare(acc.unwrap_model(model), optimizer, scheduler)
+        model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
         start = 0
         if ckpt is not None and s == at.stage:
             acc.load_state(str(ckpt))
@@ -192,13 +202,23 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                 first = (g * world + acc.process_index) * cfg.micro_batch_size
                 mb = {k: v[first:first + cfg.micro_batch_size].to(acc.device) for k, v in batch.items()}
                 sync = g == accum - 1
+                if tuner.before_forward is not None:
+                    tuner.before_forward(acc.unwrap_model(model), mb)
                 with nullcontext() if sync else acc.no_sync(model):
                     logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
                     ce = token_losses(logits, mb["labels"])  # (m, L-1)
                     loss = ce.sum() / max(n_trained, 1) * world
+                    if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
+                        aux = tuner.aux_loss(acc.unwrap_model(model))
+                        if aux is not None:
+                            loss = loss + aux / accum
+                            window.aux += float(aux.detach()) / accum
                     acc.backward(loss)
                 window.add(*per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(),
                                        len(source_names)))
+                if tuner.batch_stats is not None:
+                    window.add_stats(tuner.batch_stats(acc.unwrap_model(model), mb["source_ids"].cpu(),
+                                                       len(source_names)))
             grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             scheduler.step()
@@ -207,6 +227,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
             bar.advance(tokens)
             window.tokens += tokens
+            window.steps += tuner.aux_loss is not None
 
             # 5) log, checkpoint
             if at.step % cfg.log_every == 0 or at.step == stage.steps:
@@ -234,6 +255,8 @@ def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: 
         with atomic_dir(dest, overwrite=True) as tmp:
             tuner.export(acc.unwrap_model(model), params, tmp, state_dict)
             tokenizer.save_pretrained(tmp)
+            if (tmp / "merged").is_dir():  # an adapter's merged model is a full model folder too
+                tokenizer.save_pretrained(tmp / "merged")
             atomic_write_text(tmp / "mixtune.yaml", config_text)
     acc.wait_for_everyone()
     return dest
@@ -266,11 +289,16 @@ class Window:
     def __init__(self, n_sources: int) -> None:
         self.sums = torch.zeros(n_sources, dtype=torch.float64)
         self.counts = torch.zeros(n_sources, dtype=torch.float64)
-        self.tokens, self.t0 = 0, time.perf_counter()
+        self.tokens, self.t0, self.aux, self.steps = 0, time.perf_counter(), 0.0, 0
+        self.stats: dict[str, torch.Tensor] = {}
 
     def add(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
         self.sums += sums
         self.counts += counts
+
+    def add_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.stats[k] = self.stats[k] + v if k in self.stats else v.clone()
 
     def flush(self, acc, names: list[str]) -> dict:
         """Mean loss overall and per source over the window (summed over processes), then reset."""
@@ -282,9 +310,15 @@ class Window:
         entry = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
         entry |= {f"loss/{name}": float(sums[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
         entry["tokens_per_s"] = self.tokens / max(time.perf_counter() - self.t0, 1e-9)  # tokens are global
+        if self.steps:
+            entry["aux_loss"] = self.aux / self.steps
+        for k, v in self.stats.items():  # per-source counts (e.g. expert routing), summed over processes
+            if acc.num_processes > 1:
+                v = acc.reduce(v.to(acc.device), reduction="sum").cpu()
+            entry[k] = v.tolist()
         self.sums.zero_()
         self.counts.zero_()
-        self.tokens, self.t0 = 0, time.perf_counter()
+        self.tokens, self.t0, self.aux, self.steps, self.stats = 0, time.perf_counter(), 0.0, 0, {}
         return entry
 
 

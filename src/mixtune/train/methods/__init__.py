@@ -4,7 +4,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from mixtune.train.methods import full, lora  # noqa: F401  (registration)
+from mixtune.train.methods import full, hft, lift, lora, moe_lora  # noqa: F401  (registration)
 from mixtune.train.methods.base import TUNERS, Tuner
 
 MethodConfig = Annotated[

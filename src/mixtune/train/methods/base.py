@@ -1,4 +1,5 @@
-"""What a tuning method is: typed params, a ``prepare`` that readies the model, an ``export``."""
+"""What a tuning method is: typed params, a ``prepare`` that readies the model, an ``export``,
+and optional hooks for methods that re-select what trains, bring their own optimizer or add a loss."""
 
 from __future__ import annotations
 
@@ -16,17 +17,38 @@ class Tuner:
 
     ``prepare(model, params, seed) -> model`` marks what trains (or injects adapters) before
     training; ``export(model, params, out_dir, state_dict)`` writes the trained model in the
-    form the ecosystem loads (a Hugging Face folder, or a peft adapter).
+    form the ecosystem loads (a Hugging Face folder, or a peft adapter). Optional hooks:
+
+    - ``start_stage(model, params, seed, stage)``: before each stage's optimizer is built (HFT
+      draws its half here);
+    - ``optimizer(model, params, lr, weight_decay) -> torch.optim.Optimizer``: instead of AdamW
+      over the parameters that require gradients (LIFT's sparse AdamW); the optimizer may expose
+      ``state_bytes()``, the memory its state takes;
+    - ``before_forward(model, micro_batch)``: sees each micro-batch before its forward pass;
+    - ``aux_loss(model) -> Tensor | None``: added to each micro-batch's loss after its forward
+      pass (a router's load-balancing loss);
+    - ``batch_stats(model, source_ids, n_sources) -> dict[str, Tensor]``: counts summed per log
+      window and logged (per-ability expert routing).
     """
 
     params: type[Strict]
     prepare: Callable[[Any, Any, int], Any]
     export: Callable[[Any, Any, Path, dict | None], None]
+    start_stage: Callable | None = None
+    optimizer: Callable | None = None
+    before_forward: Callable | None = None
+    aux_loss: Callable | None = None
+    batch_stats: Callable | None = None
 
 
 TUNERS: Registry[Tuner] = Registry("tuning method")
 
 
-def register(name: str, params: type[Strict], *, prepare: Callable, export: Callable) -> Tuner:
+def register(name: str, params: type[Strict], *, prepare: Callable, export: Callable, **hooks) -> Tuner:
     """Register a method; its citation (if any) is the ``prepare`` docstring."""
-    return TUNERS.add(name, Tuner(params, prepare, export), doc=prepare.__doc__)
+    return TUNERS.add(name, Tuner(params, prepare, export, **hooks), doc=prepare.__doc__)
+
+
+def save_full(model, out_dir: Path, state_dict: dict | None) -> None:
+    """A full Hugging Face checkpoint (every method that changes the model's own weights)."""
+    model.save_pretrained(out_dir, state_dict=state_dict)

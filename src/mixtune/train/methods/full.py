@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from mixtune.core import Strict
-from mixtune.train.methods.base import register
+from mixtune.train.methods.base import register, save_full
 
 
 class FullParams(Strict):
@@ -20,8 +19,4 @@ def prepare(model, p: FullParams, seed: int):
     return model
 
 
-def export(model, p: FullParams, out_dir: Path, state_dict: dict | None) -> None:
-    model.save_pretrained(out_dir, state_dict=state_dict)
-
-
-register("full", FullParams, prepare=prepare, export=export)
+register("full", FullParams, prepare=prepare, export=lambda model, p, out, sd: save_full(model, out, sd))

@@ -1,8 +1,18 @@
-"""``lora``: low-rank adapters through ``peft`` (saved as an ordinary peft adapter)."""
+"""``lora`` and ``peft``: adapters through ``peft``, saved as ordinary peft adapters.
+
+``lora`` takes LoRA's common fields plus ``options``, any other field of peft's ``LoraConfig``
+(``use_dora``, ``use_rslora``, ``init_lora_weights: pissa | olora``, ``rank_pattern`` ...).
+``peft`` takes any peft tuner by its type name and passes ``config`` to that tuner's config
+class. Both check every field name against peft's own config class first, so a typo is an error
+that lists the valid names, never a silently ignored option.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +20,10 @@ from pydantic import Field
 
 from mixtune.core import ConfigError, Strict
 from mixtune.train.methods.base import register
+
+CONVERTED_INITS = ("pissa", "olora")
+"""Initialisations that change the base weights: their adapters are converted on export so they
+apply to the original base (peft's path_initial_model_for_weight_conversion)."""
 
 
 class LoraParams(Strict):
@@ -22,28 +36,97 @@ class LoraParams(Strict):
     """Dropout on the adapter input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head."""
+    options: dict = {}
+    """Other peft LoraConfig fields: use_dora (DoRA), use_rslora (rsLoRA), init_lora_weights (pissa, olora,
+    gaussian), rank_pattern, alpha_pattern, ..."""
     merge: bool = False
     """Also write the base with the adapter merged in, as a full model in ``merged/``."""
 
 
+class PeftParams(Strict):
+    name: Literal["peft"] = "peft"
+    type: str
+    """peft's tuner type: LORA, IA3, LOHA, LOKR, OFT, BOFT, VERA, ADALORA, ... (``peft.PeftType``)."""
+    config: dict = {}
+    """Fields of that tuner's peft config class, e.g. {target_modules: [q_proj, v_proj], r: 8}."""
+    merge: bool = False
+    """Also write the base with the adapter merged in, as a full model in ``merged/`` (tuners that merge)."""
+
+
+def peft_config(kind: str, fields: dict, where: str):
+    """peft's config object of tuner ``kind`` from ``fields``, every name checked against its class."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    types = {str(getattr(t, "value", t)): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    cls = types.get(kind.upper())
+    if cls is None:
+        close = difflib.get_close_matches(kind.upper(), types, n=3)
+        raise ConfigError(f"{where}.type = {kind!r}: not a peft tuner"
+                          f"{f' (did you mean {close[0]}?)' if close else ''}; known: {', '.join(sorted(types))}")
+    valid = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type", "task_type"}
+    for key in fields:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            raise ConfigError(f"{where}: {key!r} is not a field of peft's {cls.__name__}"
+                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; fields: {', '.join(sorted(valid))}")
+    if str(fields.get("init_lora_weights", "")).startswith("corda"):
+        raise ConfigError(f"{where}: init_lora_weights corda needs a calibration pass over data, which mixtune's "
+                          "tuning methods do not run; use pissa or olora, or build the CorDA adapter with peft")
+    try:
+        config = cls(task_type="CAUSAL_LM", **fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: peft's {cls.__name__} refused the config: {e}") from None
+    if getattr(config, "is_prompt_learning", False):
+        raise ConfigError(f"{where}.type = {kind}: prompt-learning tuners add virtual tokens, which mixtune's "
+                          "packed training rows (with position ids) do not support")
+    return config
+
+
+def _attach(model, config, where: str):
+    from peft import get_peft_model
+
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    init = str(getattr(config, "init_lora_weights", ""))
+    if init.startswith(CONVERTED_INITS):  # keep the initial adapter, to convert the trained one on export
+        initial = Path(tempfile.mkdtemp(prefix="mixtune-initial-adapter-"))
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(initial))
+        peft_model.peft_config["default"].init_lora_weights = config.init_lora_weights
+        peft_model.mixtune_initial_adapter = initial
+    return peft_model
+
+
 def prepare(model, p: LoraParams, seed: int):
     """LoRA (Hu et al., 2021, arXiv:2106.09685), Eq. 3: h = W0 x + (alpha / r) B A x, with W0 frozen,
-    A ~ Kaiming-uniform and B = 0 at start (peft's defaults)."""
-    from peft import LoraConfig, get_peft_model
+    A ~ Kaiming-uniform and B = 0 at start (peft's defaults); ``options`` reach peft's variants
+    (DoRA, rsLoRA, PiSSA and OLoRA initialisation)."""
+    fields = {"r": p.r, "lora_alpha": p.alpha, "lora_dropout": p.dropout, "target_modules": p.target_modules}
+    overlap = set(fields) & set(p.options)
+    if overlap:
+        raise ConfigError(f"train.method.options sets {sorted(overlap)}, which lora's own fields set (r, alpha, "
+                          "dropout, target_modules)")
+    return _attach(model, peft_config("LORA", fields | p.options, "train.method"), "train.method")
 
-    config = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
-                        task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise ConfigError(f"train.method.target_modules = {p.target_modules!r}: {e}") from None
+
+def prepare_peft(model, p: PeftParams, seed: int):
+    """Any peft tuner by name (Mangrulkar et al., 2022, peft: https://github.com/huggingface/peft),
+    configured by its own config class; see each tuner's paper in peft's documentation."""
+    return _attach(model, peft_config(p.type, p.config, "train.method.config"), "train.method")
 
 
-def export(model, p: LoraParams, out_dir: Path, state_dict: dict | None) -> None:
-    model.save_pretrained(out_dir, state_dict=state_dict)
+def export(model, p, out_dir: Path, state_dict: dict | None) -> None:
+    initial = getattr(model, "mixtune_initial_adapter", None)
+    if initial is not None:  # PiSSA/OLoRA moved the base: save an adapter that applies to the original base
+        model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(initial))
+    else:
+        model.save_pretrained(out_dir, state_dict=state_dict)
     if p.merge:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(out_dir / "merged")
 
 
 register("lora", LoraParams, prepare=prepare, export=export)
+register("peft", PeftParams, prepare=prepare_peft, export=export)

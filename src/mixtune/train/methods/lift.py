@@ -1,0 +1,145 @@
+"""``lift``: Low-rank Informed sparse Fine-Tuning, only each matrix's principal weights train."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mixtune.core import ConfigError, Strict
+from mixtune.core.names import layer_index
+from mixtune.train.methods.base import register, save_full
+
+
+class LiftParams(Strict):
+    name: Literal["lift"] = "lift"
+    rank: int = Field(default=128, ge=1)
+    """Budget: each m x n matrix trains K = min((m + n) * rank, m n) entries, as many as a LoRA of
+    this rank (official: 128 for 7B models; a tiny model wants ~8)."""
+    filter_rank: int = Field(default=64, ge=1)
+    """Rank of the approximation whose largest entries are the principal weights (official: 64)."""
+    update_interval: int = Field(default=400, ge=1)
+    """Optimizer steps between mask refreshes from the current weights (official: 400 for maths)."""
+    svd: Literal["full", "lowrank"] = "full"
+    """``lowrank``: torch.svd_lowrank with q = 2 * filter_rank (the official 'rand' variant; for big matrices)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-6, gt=0)
+
+
+def principal_mask(weight: torch.Tensor, rank: int, filter_rank: int, svd: str = "full") -> torch.Tensor:
+    """Flat indices (sorted) of the principal weights of ``weight`` (LIFT, Liu et al., 2025,
+    arXiv:2506.00772, Sec. 3): W_r = U_r S_r V_r^T, the rank-``filter_rank`` approximation, and the
+    K = min((m + n) * rank, m n) entries of largest |W_r|."""
+    m, n = weight.shape
+    k = min((m + n) * rank, m * n)
+    w = weight.detach().float()
+    if svd == "lowrank":
+        u, s, v = torch.svd_lowrank(w, q=min(2 * filter_rank, m, n))
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.T
+    r = min(filter_rank, s.numel())
+    approx = (u[:, :r] * s[:r]) @ v[:, :r].T
+    return torch.topk(approx.abs().reshape(-1), k, sorted=False).indices.sort().values
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW on a subset of each matrix's entries, with state only for that subset.
+
+    Each parameter keeps the flat indices of its trainable entries and their two moments, so the
+    state is K x (8 + 4 + 4) bytes per matrix instead of 8 bytes per entry. Every
+    ``update_interval`` steps the subset is chosen again from the current weights; moments of
+    entries that stay are carried over, new entries start at zero (as the official SparseAdamW).
+    Decoupled weight decay applies to the trained entries only.
+    """
+
+    def __init__(self, params, *, select, lr: float, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, update_interval: int = 400) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.select, self.update_interval = select, update_interval
+        for group in self.param_groups:
+            for p in group["params"]:
+                idx = select(p)
+                self.state[p] = {"idx": idx, "exp_avg": torch.zeros(idx.numel(), device=p.device),
+                                 "exp_avg_sq": torch.zeros(idx.numel(), device=p.device), "step": 0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # torch casts every state tensor to the parameter's dtype
+            st["idx"] = st["idx"].long()
+
+    def state_bytes(self) -> int:
+        return sum(s["idx"].numel() * 16 for s in self.state.values())
+
+    @torch.no_grad()
+    def refresh(self, p: torch.Tensor) -> None:
+        """Choose ``p``'s entries again; carry the moments of those that stay."""
+        st = self.state[p]
+        new = self.select(p)
+        where = torch.searchsorted(st["idx"], new).clamp(max=st["idx"].numel() - 1)
+        stays = st["idx"][where] == new
+        for name in ("exp_avg", "exp_avg_sq"):
+            moved = torch.zeros(new.numel(), device=p.device)
+            moved[stays] = st[name][where[stays]]
+            st[name] = moved
+        st["idx"] = new
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                flat, idx = p.view(-1), st["idx"]
+                grad = p.grad.view(-1)[idx].float()
+                st["step"] += 1
+                st["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** st["step"]) / (1 - beta1 ** st["step"])
+                update = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update = update.mul_(step_size).add_(flat[idx].float(), alpha=group["lr"] * group["weight_decay"])
+                    flat.index_add_(0, idx, update.to(flat.dtype), alpha=-1)
+                else:
+                    flat.index_add_(0, idx, update.to(flat.dtype), alpha=-step_size)
+                if st["step"] % self.update_interval == 0:
+                    self.refresh(p)
+        return loss
+
+
+def _targets(model) -> dict[str, torch.nn.Parameter]:
+    """Weights of the linear layers inside the transformer blocks."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and layer_index(name + ".") is not None:
+            out[name + ".weight"] = module.weight
+    return out
+
+
+def prepare(model, p: LiftParams, seed: int):
+    """LIFT (Liu et al., 2025, arXiv:2506.00772, Sec. 3; official SparseAdamW ``lift_sparse``):
+    only the principal weights of each linear layer in the blocks train, the K = min((m + n) r, m n)
+    largest entries of its rank-``filter_rank`` approximation, re-chosen every ``update_interval``
+    steps; embeddings, norms and the head are frozen."""
+    targets = _targets(model)
+    if not targets:
+        raise ConfigError("lift: the model has no linear layers inside numbered blocks (layers.N.)")
+    chosen = {id(t) for t in targets.values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return model
+
+
+def optimizer(model, p: LiftParams, lr: float, weight_decay: float) -> SparseAdamW:
+    params = [t for t in _targets(model).values() if t.requires_grad]
+    return SparseAdamW(params, select=lambda w: principal_mask(w, p.rank, p.filter_rank, p.svd), lr=lr,
+                       betas=p.betas, eps=p.eps, weight_decay=weight_decay, update_interval=p.update_interval)
+
+
+register("lift", LiftParams, prepare=prepare, export=lambda model, p, out, sd: save_full(model, out, sd),
+         optimizer=optimizer)
