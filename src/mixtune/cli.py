@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -255,7 +256,7 @@ def study_cmd(
         for col in ("run", "stages", "method"):
             table.add_column(col)
         for r in runs:
-            table.add_row(r.id, " > ".join(st.name for st in r.stages) or "(the starting model)",
+            table.add_row(escape(r.id), " > ".join(st.name for st in r.stages) or "(the starting model)",
                           (r.method or cfg.train.method.model_dump())["name"] if r.stages else "-")
         console.print(table)
         distinct = {k for r in runs for k in stage_keys(cfg, r)}
@@ -273,7 +274,7 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str]):
     from mixtune.study import Study
 
     t0 = time.perf_counter()
-    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
+    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"))
     study.run()
     minutes = (time.perf_counter() - t0) / 60
     notes = [*notes, f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
@@ -288,7 +289,7 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str]):
     for row in study.results():
         by_run.setdefault(row["run_id"], {})[row["ability"]] = row["value"]
     for run, scores in by_run.items():
-        table.add_row(run.split("|")[0], *(f"{scores.get(a, float('nan')):.2f}" for a in abilities))
+        table.add_row(escape(run.split("|")[0]), *(f"{scores.get(a, float('nan')):.2f}" for a in abilities))
     console.print(table)
     console.print(f"report: {path}   scores: {out / 'scores.csv'}   ({minutes:.1f} min)")
     return study, by_run

@@ -131,3 +131,17 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_dir, tmp_path):
     ckpt = run(tiny_dir, tmp_path / "ckpt", gradient_checkpointing=True)
     wa, wb = weights(plain[-1]), weights(ckpt[-1])
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # recomputation, same maths
+
+
+def test_loss_cases_and_masked_thought_train_end_to_end(tiny_dir, tmp_path):
+    from mixtune.core import ConfigError
+
+    plain = run(tiny_dir, tmp_path / "plain")
+    case3 = run(tiny_dir, tmp_path / "case3", loss="case3", task_weights={"math": 2.0})
+    masked = run(tiny_dir, tmp_path / "mt", masked_thought={"rate": 0.4})
+    w0, w3, wm = weights(plain[-1]), weights(case3[-1]), weights(masked[-1])
+    assert all(torch.isfinite(v).all() for v in [*w3.values(), *wm.values()])
+    assert max((w0[k] - w3[k]).abs().max().item() for k in w0) > 1e-4  # a different loss, different weights
+    assert max((w0[k] - wm[k]).abs().max().item() for k in w0) > 1e-4  # corrupted inputs, different weights
+    with pytest.raises(ConfigError, match="not sources"):
+        run(tiny_dir, tmp_path / "bad", rewards={"maths": 1.0})

@@ -1,8 +1,9 @@
 """Streaming safetensors I/O for merging: read tensor by tensor, write sharded, atomically.
 
 A checkpoint is a Hugging Face model folder holding ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``. Tensors are read one at a time, as stored, from memory-mapped
-files; nothing holds a whole model. The writer holds no tensor either: it writes each shard's
+``model.safetensors.index.json``. Tensors are read one at a time, as stored, with ``pread`` into
+fresh tensors (no memory map: resident memory is only what the merge holds); nothing holds a
+whole model. The writer holds no tensor either: it writes each shard's
 header first (the shapes are known in advance) and appends bytes as they come. Shards and the
 index are named as Hugging Face names them.
 """
@@ -13,11 +14,9 @@ import json
 import math
 import os
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from mixtune.core import CheckpointError
 
@@ -28,8 +27,57 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
 
+class SafetensorsFile:
+    """One safetensors file read with ``pread`` into fresh tensors: no memory map, so a merge's
+    resident memory is what it allocates, not the input pages it has touched.
+
+    Raises:
+        CheckpointError: the header is not valid safetensors or an entry lies outside the file.
+    """
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path, self.label = path, label
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            n = int.from_bytes(os.pread(self.fd, 8, 0), "little") if size >= 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(os.pread(self.fd, n, 8))
+            header.pop("__metadata__", None)
+            self.start = 8 + n
+            self.entries = {}
+            for key, e in header.items():
+                lo, hi = e["data_offsets"]
+                if not 0 <= lo <= hi <= size - self.start:
+                    raise ValueError(f"{key} lies outside the file")
+                self.entries[key] = (e["dtype"], tuple(e["shape"]), lo, hi)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            os.close(self.fd)
+            raise CheckpointError(f"{label}: {path.name} is not a valid safetensors file ({e})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        kind, shape, lo, hi = self.entries[key]
+        dtype = TORCH_DTYPES.get(kind)
+        if dtype is None:
+            raise CheckpointError(f"{self.label}: tensor {key} has dtype {kind}, which merging does not read")
+        out = torch.empty(hi - lo, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        while done < hi - lo:  # pread may return less than asked for large reads
+            got = os.preadv(self.fd, [view[done:]], self.start + lo + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.label}: {self.path.name} ends inside tensor {key}")
+            done += got
+        return out.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class CheckpointReader:
-    """Tensors of one safetensors checkpoint, by name, read lazily.
+    """Tensors of one safetensors checkpoint, by name, read one at a time as stored.
 
     Raises:
         CheckpointError: the folder has no safetensors weights, the index names a missing shard,
@@ -50,25 +98,24 @@ class CheckpointReader:
             weight_map = None
         else:
             raise CheckpointError(f"{self.label}: no {SINGLE} or {INDEX} (merging reads safetensors only)")
-        self._stack = ExitStack()
-        self._files: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         names = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        for name in names:
-            path = self.folder / name
-            if not path.exists():
-                raise CheckpointError(f"{self.label}: {INDEX} names {name}, which is missing")
-            try:
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{self.label}: {name} is not a valid safetensors file ({e})") from None
-            self._files[name] = handle
-            for key in handle.keys():
-                self.where[key] = name
-        if weight_map:
-            for key, name in weight_map.items():
-                if self.where.get(key) != name:
-                    raise CheckpointError(f"{self.label}: {INDEX} places {key} in {name}, but that file lacks it")
+        try:
+            for name in names:
+                path = self.folder / name
+                if not path.exists():
+                    raise CheckpointError(f"{self.label}: {INDEX} names {name}, which is missing")
+                self._files[name] = SafetensorsFile(path, self.label)
+                for key in self._files[name].entries:
+                    self.where[key] = name
+            if weight_map:
+                for key, name in weight_map.items():
+                    if self.where.get(key) != name:
+                        raise CheckpointError(f"{self.label}: {INDEX} places {key} in {name}, but that file lacks it")
+        except CheckpointError:
+            self.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -76,23 +123,21 @@ class CheckpointReader:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def slice(self, key: str):
-        return self._files[self.where[key]].get_slice(key)
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.slice(key).get_shape())
+        return self._files[self.where[key]].entries[key][1]
 
     def dtype(self, key: str) -> str:
-        return self.slice(key).get_dtype()
+        return self._files[self.where[key]].entries[key][0]
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor as stored (a copy out of the memory map)."""
+        """The tensor as stored, read into a new tensor."""
         if key not in self.where:
             raise CheckpointError(f"{self.label}: has no tensor {key}")
-        return self._files[self.where[key]].get_tensor(key)
+        return self._files[self.where[key]].get(key)
 
     def close(self) -> None:
-        self._stack.close()
+        for f in self._files.values():
+            f.close()
 
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",

@@ -9,8 +9,21 @@ from pydantic import Field, model_validator
 
 from mixtune.core import Strict
 from mixtune.strategy import Schedule
+from mixtune.train.losses import LossMode
 from mixtune.train.methods import MethodConfig
 from mixtune.train.methods.full import FullParams
+
+
+class MaskedThought(Strict):
+    """Masked Thought (Chen et al., 2024): corrupt response input tokens, keep the labels."""
+
+    rate: float = Field(default=0.2, gt=0, le=1)
+    """Final corruption rate p (official: 0.4 GSM8K Llama-2, 0.2 MATH/MetaMath)."""
+    warmup: float = Field(default=0.66, gt=0, le=1)
+    """The rate ramps up linearly over this share of each stage's steps (official: 0.66)."""
+    mask_token: str | None = None
+    """Replace with this token (it must be in the vocabulary); default: a uniformly random token, as
+    the official GSM8K script does."""
 
 
 class TrainConfig(Strict):
@@ -40,6 +53,16 @@ class TrainConfig(Strict):
     """``auto``: bf16 on GPUs that have it (else fp16), bf16 on CPUs with native bf16, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    loss: LossMode = "case1"
+    """How token losses make the batch loss (MFTCoder): case1 token mean (default), case2 mean of
+    examples' token means, case3 per-source token mean then mean over the sources present, case4
+    per-source mean of examples' means. See docs/training.md."""
+    task_weights: dict[str, float] = {}
+    """Per-source weights of case3/case4 (default 1 each)."""
+    rewards: dict[str, float] = {}
+    """Per-source weight of every trained token (C-RLFT's class rewards, e.g. {expert: 1, other: 0.1}; default 1)."""
+    masked_thought: MaskedThought | None = None
+    """Masked Thought input corruption, e.g. {rate: 0.2}; off by default."""
     log_every: int = Field(default=10, ge=1)
     """Steps between log lines (loss per source, lr, grad norm, tokens/s)."""
     save_every: int = Field(default=0, ge=0)

@@ -4,10 +4,12 @@ Read top to bottom: :func:`train` prepares the model with the tuning method, the
 builds a fresh AdamW and schedule (each stage is a full SFT run, as in the DMT paper), runs its
 steps, exports the stage's model and writes a resumable checkpoint.
 
-**Loss.** Every micro-batch's summed token loss is divided by the number of trained tokens in
-the *whole global batch* (times the number of processes, which DDP divides back out). The
-gradient of a step is therefore exactly the token-mean loss over the global batch, whatever the
-micro-batch size, gradient accumulation or number of processes.
+**Loss.** Each trained token of the *whole global batch* gets a weight before the forward passes
+(:func:`~mixtune.train.losses.token_weights`: 1 / trained tokens for the default token mean;
+MFTCoder's per-task cases and C-RLFT rewards otherwise), and every micro-batch contributes its
+tokens' weighted losses (times the number of processes, which DDP divides back out). The
+gradient of a step is therefore exactly the global batch's loss, whatever the micro-batch size,
+gradient accumulation or number of processes.
 
 **Data order** is a function of (seed, stage, step) only: a stage's rows are walked through one
 seeded permutation per epoch. Resuming therefore needs just the step counter; model, optimizer,
@@ -32,7 +34,7 @@ from mixtune.core import ConfigError, atomic_dir, atomic_write_text
 from mixtune.data.format import Packed
 from mixtune.strategy import Schedule
 from mixtune.train.config import TrainConfig
-from mixtune.train.losses import per_source, token_losses
+from mixtune.train.losses import mask_thought, masked_thought_rate, per_source, token_losses, token_weights
 from mixtune.train.methods import TUNERS
 
 
@@ -153,6 +155,20 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process)
 
+    by_source = {}
+    for field in ("task_weights", "rewards"):
+        unknown = set(getattr(cfg, field)) - set(source_names)
+        if unknown:
+            raise ConfigError(f"train.{field} names {sorted(unknown)}, not sources ({', '.join(source_names)})")
+        given = getattr(cfg, field)
+        by_source[field] = torch.tensor([given.get(n, 1.0) for n in source_names]) if given else None
+    mask_id = None
+    if cfg.masked_thought is not None and cfg.masked_thought.mask_token is not None:
+        mask_id = tokenizer.convert_tokens_to_ids(cfg.masked_thought.mask_token)
+        if mask_id is None or mask_id == tokenizer.unk_token_id:
+            raise ConfigError(f"train.masked_thought.mask_token {cfg.masked_thought.mask_token!r} is not in the "
+                              "tokenizer's vocabulary")
+
     # 2) resume where a previous run stopped
     at, ckpt = Progress(), latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
@@ -197,17 +213,25 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             # 4) one optimizer step over the global batch
             rows = order.rows(step)
             batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
-            n_trained = int((batch["labels"][:, 1:] != -100).sum())
+            weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], cfg.loss,
+                                    by_source["task_weights"], by_source["rewards"]).float()
+            if cfg.masked_thought is not None:
+                mt = cfg.masked_thought
+                rate = masked_thought_rate(step, stage.steps, mt.rate, mt.warmup)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + s * 10_007 + step)
+                batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"], rate, gen,
+                                                  vocab_size=acc.unwrap_model(model).config.vocab_size, mask_id=mask_id)
             for g in range(accum):
                 first = (g * world + acc.process_index) * cfg.micro_batch_size
                 mb = {k: v[first:first + cfg.micro_batch_size].to(acc.device) for k, v in batch.items()}
+                mb_weights = weights[first:first + cfg.micro_batch_size].to(acc.device)
                 sync = g == accum - 1
                 if tuner.before_forward is not None:
                     tuner.before_forward(acc.unwrap_model(model), mb)
                 with nullcontext() if sync else acc.no_sync(model):
                     logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
                     ce = token_losses(logits, mb["labels"])  # (m, L-1)
-                    loss = ce.sum() / max(n_trained, 1) * world
+                    loss = (ce * mb_weights).sum() * world  # the global batch's loss, in this micro-batch's share
                     if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
                         aux = tuner.aux_loss(acc.unwrap_model(model))
                         if aux is not None:
