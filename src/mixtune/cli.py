@@ -76,13 +76,31 @@ def data_preview(
     _quiet_transformers()
     cfg, base = load_recipe(recipe, parse_overrides(overrides or []))
     with console.status("loading sources, mixing, tokenizing, packing ..."):
-        data = prepare_data(cfg, base)
+        data = prepare_data(cfg, base, select_with=_selection_model(cfg))
+    _print_selection(data)
     for st in data.stages:
         _print_stage(st, f"stage {st.config.name} of {recipe} (seed {cfg.seed})")
         for i in range(min(examples, len(st.examples))):
             ex, (source, _) = st.examples[i], st.mixture.picks[i]
             console.rule(f"example {i} · source {source} · {len(ex.input_ids)} tokens")
             console.print(_render_masked(ex, data.tokenizer))
+
+
+def _selection_model(cfg) -> Path | None:
+    """The starting model, when a source selects data with it (the built-in one in a temporary folder)."""
+    if not any(src.select is not None for src in cfg.sources.values()):
+        return None
+    import tempfile
+
+    from mixtune.pipeline import start_model
+
+    folder = Path(tempfile.mkdtemp(prefix="mixtune-start-")) / "base"
+    return start_model(cfg.model, seed=cfg.seed, folder=folder)
+
+
+def _print_selection(data) -> None:
+    for name, (before, kept) in (data.selected or {}).items():
+        console.print(f"source {name}: selection kept {kept:,} of {before:,} records")
 
 
 def _print_stage(st, title: str, steps: int | None = None) -> None:
@@ -134,7 +152,8 @@ def train_cmd(
     if dry_run:
         console.print(Text(dump_config(cfg)))
         with console.status("preparing data ..."):
-            data = prepare_data(cfg, base)
+            data = prepare_data(cfg, base, select_with=_selection_model(cfg))
+        _print_selection(data)
         for st, plan in zip(data.stages, stage_plan(cfg, data)):
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
         console.print(f"dry run: nothing trained; output would go to {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mixtune.data.sources import load_source
 from mixtune.models import load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
-from mixtune.train.loop import StageData, stage_steps, train
+from mixtune.train.loop import Groups, StageData, stage_steps, train
 
 
 AMOUNT_STREAM = 2**31 - 1  # random stream of the data-amount subsample, apart from stage indices 0, 1, ...
@@ -27,6 +28,8 @@ class PreparedStage:
     mixture: Mixture
     examples: list[Example]
     packed: Packed
+    groups: Groups | None = None
+    """With ``mixing``: the training rows of each source and its held-out validation rows."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class PreparedData:
     source_names: list[str]
     """Every source of the recipe, in order; packed ``source_ids`` index this list."""
     tokenizer: object
+    selected: dict[str, tuple[int, int]] = None  # type: ignore[assignment]
+    """Sources with ``select``: (records before, records kept)."""
 
 
 def tokenizer_for(model: str):
@@ -43,11 +48,12 @@ def tokenizer_for(model: str):
 
 
 def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, amount: float = 1.0,
-                 amount_skip: set[str] = frozenset()) -> PreparedData:  # type: ignore[assignment]
+                 amount_skip: set[str] = frozenset(), select_with: Path | None = None) -> PreparedData:  # type: ignore[assignment]
     """Load every source once; per stage, sample its mixture, tokenize, pack into rows.
 
     A record is tokenized at most once however many stages use it. ``amount`` < 1 keeps a seeded
     floor(amount x |D|) of every source not in ``amount_skip`` (data-scaling studies), before mixing.
+    Sources with ``select`` are filtered first by the model in ``select_with`` (the starting model).
     """
     tokenizer = tokenizer or tokenizer_for(recipe.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -55,6 +61,7 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
         raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     names = list(recipe.sources)
     loaded = {n: load_source(n, cfg, seed=recipe.seed, base_dir=base_dir) for n, cfg in recipe.sources.items()}
+    selected = select_sources(recipe, loaded, tokenizer, select_with)
     if amount != 1.0:
         from mixtune.data.mixture import MixtureConfig, Take
 
@@ -71,11 +78,68 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
         todo = sorted(set(mixture.picks) - cache.keys())
         cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
         examples = [cache[p] for p in mixture.picks]
-        packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
-                      sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
-                      where=[f"source {n!r} record {i}" for n, i in mixture.picks])
-        stages.append(PreparedStage(stage, mixture, examples, packed))
-    return PreparedData(stages, names, tokenizer)
+        if stage.mixing is None:
+            packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
+                          sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
+                          where=[f"source {n!r} record {i}" for n, i in mixture.picks])
+            stages.append(PreparedStage(stage, mixture, examples, packed))
+        else:
+            packed, groups = pack_groups(mixture, examples, names, stage.mixing.validation, recipe, pad_id)
+            stages.append(PreparedStage(stage, mixture, examples, packed, groups))
+    return PreparedData(stages, names, tokenizer, selected)
+
+
+def pack_groups(mixture: Mixture, examples: list[Example], names: list[str], n_val: int, recipe: Recipe,
+                pad_id: int) -> tuple[Packed, Groups]:
+    """Each source of a mixed stage packed on its own (so a row belongs to one source), its first
+    ``n_val`` mixed examples held out as validation rows; training rows concatenated, source by source."""
+    import torch
+
+    order = [n for n in names if any(p[0] == n for p in mixture.picks)]
+    parts, rows, val, start, offset = [], [], [], 0, 0
+    for name in order:
+        mine = [i for i, (n, _) in enumerate(mixture.picks) if n == name]
+        if len(mine) <= n_val:
+            raise ConfigError(f"mixing: source {name!r} has {len(mine)} examples in this stage, not more than "
+                              f"mixing.validation = {n_val} held out for validation")
+        held, train_ = mine[:n_val], mine[n_val:]
+        kw = dict(pad_id=pad_id, long_examples=recipe.format.long_examples)
+        p = pack([examples[i] for i in train_], recipe.format.seq_len, sources=[names.index(name)] * len(train_),
+                 where=[f"source {name!r} record {mixture.picks[i][1]}" for i in train_], **kw)
+        val.append(pack([examples[i] for i in held], recipe.format.seq_len, sources=[names.index(name)] * len(held),
+                        where=[f"source {name!r} record {mixture.picks[i][1]}" for i in held], **kw))
+        n = p.input_ids.shape[0]
+        parts.append(dataclasses.replace(p, example_ids=torch.where(p.example_ids >= 0, p.example_ids + offset, -1)))
+        rows.append(torch.arange(start, start + n))
+        start, offset = start + n, offset + len(train_)
+    cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in ("input_ids", "labels", "position_ids", "source_ids",
+                                                                   "example_ids")}
+    packed = Packed(**cat, dropped=sum(p.dropped for p in parts), truncated=sum(p.truncated for p in parts))
+    return packed, Groups(order, rows, val)
+
+
+def select_sources(recipe: Recipe, loaded: dict[str, list[dict]], tokenizer, model_dir: Path | None) -> dict:
+    """Apply each source's ``select`` in place (scores cached per model under the user cache folder)."""
+    import os
+
+    from mixtune.data.select import model_fingerprint, select
+
+    wanted = {n: c.select for n, c in recipe.sources.items() if c.select is not None}
+    if not wanted:
+        return {}
+    if model_dir is None:
+        raise ConfigError(f"sources {sorted(wanted)} select data with the starting model, which this command does not "
+                          "load; run `mixtune train` or `mixtune study` (or `data preview` with a local model folder)")
+    model, _ = load_model(model_dir)
+    fingerprint = model_fingerprint(model_dir)
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtune" / "select"
+    out = {}
+    for name, cfg in wanted.items():
+        keep = select(loaded[name], cfg, model, tokenizer, cache=cache_root / f"{fingerprint}.json",
+                      fingerprint=fingerprint)
+        out[name] = (len(loaded[name]), len(keep))
+        loaded[name] = [loaded[name][i] for i in keep]
+    return out
 
 
 def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
@@ -84,7 +148,8 @@ def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
     for st in data.stages:
         c = st.config
         steps = stage_steps(st.packed.input_ids.shape[0], recipe.train, steps=c.steps, epochs=c.epochs)
-        out.append(StageData(c.name, st.packed, steps, c.lr or recipe.train.lr, c.schedule or recipe.train.schedule))
+        out.append(StageData(c.name, st.packed, steps, c.lr or recipe.train.lr, c.schedule or recipe.train.schedule,
+                             c.mixing, st.groups))
     return out
 
 
@@ -107,8 +172,9 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
     if acc.is_main_process:
         start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")  # built once, before the others look
     acc.wait_for_everyone()
-    model, tokenizer = load_model(start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base"))
-    data = prepare_data(recipe, base_dir, tokenizer=tokenizer)
+    start = start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")
+    model, tokenizer = load_model(start)
+    data = prepare_data(recipe, base_dir, tokenizer=tokenizer, select_with=start)
     return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
                  seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,
                  progress=progress, on_step=on_step)

@@ -280,7 +280,7 @@ class Study:
         parent = self._start_model(run)
         tokenizer = load_tokenizer(parent)
         recipe = self._recipe(run)
-        data = prepare_data(recipe, self.base_dir, tokenizer=tokenizer,
+        data = prepare_data(recipe, self.base_dir, tokenizer=tokenizer, select_with=parent,
                             amount=run.amount,
                             amount_skip={s for st in self.cfg.prefix for s in st.mixture.sources})
         plans = stage_plan(recipe, data)

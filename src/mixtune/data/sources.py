@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from mixtune.core import DataError, Strict
 from mixtune.data.abilities import ABILITIES
+from mixtune.data.select import SelectConfig
 
 ROLES = ("system", "user", "assistant")
 
@@ -50,6 +51,9 @@ class SourceConfig(Strict):
     """Built-in only: generator seed (default: the recipe's seed)."""
     ability: str | None = None
     """Ability tag for records that carry none (default: the source name)."""
+    select: SelectConfig | None = None
+    """Keep part of the source by the starting model's likelihood of each response: ``{method:
+    grape}`` (best candidate per prompt) or ``{method: perplexity, keep: 0.5}``."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceConfig:

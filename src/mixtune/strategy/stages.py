@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mixtune.core import ConfigError, Registry, Strict
 from mixtune.data.mixture import MixtureConfig, Take
+from mixtune.strategy.online import MixingConfig
 
 Schedule = Literal["cosine", "linear", "constant"]
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -47,6 +48,9 @@ class StageConfig(Strict):
     """Peak learning rate for this stage (default: the training section's)."""
     schedule: Schedule | None = None
     """Learning-rate schedule for this stage (default: the training section's)."""
+    mixing: MixingConfig | None = None
+    """Draw batches by proportions over the stage's sources, fixed or learned online (Aioli);
+    default: the stage's rows shuffled together. See :mod:`mixtune.strategy.online`."""
 
     @field_validator("name")
     @classmethod
@@ -96,12 +100,14 @@ def _all(names: list[str]) -> MixtureConfig:
 
 class MultiTaskParams(Strict):
     name: Literal["multi_task"] = "multi_task"
+    mixing: MixingConfig | None = None
+    """Proportions of the sources in each batch: stratified, static or Aioli (default: all rows shuffled)."""
 
 
 @register("multi_task", MultiTaskParams)
 def multi_task(p: MultiTaskParams, sources: list[str]) -> list[StageConfig]:
     """Multi-task learning (Dong et al., 2024, arXiv:2310.05492): SFT on the union of all sources."""
-    return [StageConfig(name="multi_task", mixture=_all(sources))]
+    return [StageConfig(name="multi_task", mixture=_all(sources), mixing=p.mixing)]
 
 
 class SequentialParams(Strict):

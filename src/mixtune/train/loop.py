@@ -33,9 +33,19 @@ import torch
 from mixtune.core import ConfigError, atomic_dir, atomic_write_text
 from mixtune.data.format import Packed
 from mixtune.strategy import Schedule
+from mixtune.strategy.online import MixingConfig, OnlineMixer, batch_counts
 from mixtune.train.config import TrainConfig
 from mixtune.train.losses import mask_thought, masked_thought_rate, per_source, token_losses, token_weights
 from mixtune.train.methods import TUNERS
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A mixed stage's sources: the rows of each (in ``StageData.packed``) and its validation rows."""
+
+    names: list[str]
+    rows: list[torch.Tensor]
+    val: list[Packed]
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,8 @@ class StageData:
     steps: int
     lr: float
     schedule: Schedule
+    mixing: MixingConfig | None = None
+    groups: Groups | None = None
 
 
 def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: float | None) -> int:
@@ -71,6 +83,55 @@ class BatchOrder:
                 self._perms = {epoch: np.random.default_rng([self.seed, self.stage, epoch]).permutation(self.n_rows)}
             out.append(int(self._perms[epoch][i]))
         return out
+
+
+class MixedBatches:
+    """Global batches of a mixed stage: each step's proportions (from its :class:`OnlineMixer`)
+    become row counts per source, and each source's rows are walked through one seeded
+    permutation per pass over them."""
+
+    def __init__(self, stage: StageData, batch_size: int, seed: int, index: int) -> None:
+        self.groups, self.batch_size, self.seed, self.index = stage.groups, batch_size, seed, index
+        self.mixer = OnlineMixer(stage.mixing, stage.groups.names, seed, index)
+        self.used = [0] * len(stage.groups.names)
+
+    def rows(self, step: int) -> list[int]:
+        out = []
+        for g, count in enumerate(batch_counts(self.mixer.mixture(step), self.batch_size)):
+            pool = self.groups.rows[g]
+            for _ in range(int(count)):
+                epoch, i = divmod(self.used[g], len(pool))
+                perm = np.random.default_rng([self.seed, self.index, g, epoch]).permutation(len(pool))
+                out.append(int(pool[perm[i]]))
+                self.used[g] += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"used": self.used, "mixer": self.mixer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.used = state["used"]
+        self.mixer.load_state_dict(state["mixer"])
+
+
+@torch.no_grad()
+def validation_losses(model, val: list[Packed], acc) -> np.ndarray:
+    """Mean token loss of each group's validation rows (the model is put back in training mode)."""
+    model.eval()
+    out = []
+    for packed in val:
+        total, count = 0.0, 0
+        for lo in range(0, packed.input_ids.shape[0], 16):
+            ids = packed.input_ids[lo:lo + 16].to(acc.device)
+            labels = packed.labels[lo:lo + 16].to(acc.device)
+            logits = model(input_ids=ids, position_ids=packed.position_ids[lo:lo + 16].to(acc.device),
+                           use_cache=False).logits
+            ce = token_losses(logits, labels)
+            total += float(ce.sum())
+            count += int((labels[:, 1:] != -100).sum())
+        out.append(total / max(count, 1))
+    model.train()
+    return np.array(out)
 
 
 def resolve_precision(precision: str) -> str:
@@ -205,12 +266,19 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         if ckpt is not None and s == at.stage:
             acc.load_state(str(ckpt))
             start = at.step
-        order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, s)
+        if stage.mixing is None:
+            order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, s)
+        else:
+            order = MixedBatches(stage, cfg.batch_size, seed, s)
+            if ckpt is not None and s == at.stage and (ckpt / "mixer.json").exists():
+                order.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
         model.train()
         window = Window(len(source_names))
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
         for step in range(start, stage.steps):
-            # 4) one optimizer step over the global batch
+            # 4) one optimizer step over the global batch (a mixed stage may first want validation losses)
+            if stage.mixing is not None and order.mixer.wants_eval(step, after=False):
+                order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=False)
             rows = order.rows(step)
             batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
             weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], cfg.loss,
@@ -248,6 +316,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
+            if stage.mixing is not None and order.mixer.wants_eval(step, after=True):
+                order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=True)
             tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
             bar.advance(tokens)
             window.tokens += tokens
@@ -258,14 +328,22 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                 entry = window.flush(acc, source_names)
                 entry |= {"step": at.global_step, "stage": stage.name, "stage_step": at.step,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                if stage.mixing is not None:  # the proportions in use, and at the end each source's validation loss
+                    entry |= {f"mix/{g}": float(v) for g, v in zip(stage.groups.names, order.mixer.mixture(step))}
+                    if at.step == stage.steps:
+                        val = validation_losses(model, stage.groups.val, acc)
+                        entry |= {f"val_loss/{g}": float(v) for g, v in zip(stage.groups.names, val)}
                 log.write(entry)
                 bar.show_loss(entry["loss"])
             if cfg.save_every and at.global_step % cfg.save_every == 0 and at.step < stage.steps:
-                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
+                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text,
+                                mixer=order.state_dict() if stage.mixing is not None else None)
             if on_step is not None:
                 on_step(at.global_step)
         bar.close()
         # 6) the stage's model, in the form the ecosystem loads, and a checkpoint to resume from
+        if stage.mixing is not None and order.mixer.history:
+            log.write({"stage": stage.name, "mixing_rounds": order.mixer.history, "groups": stage.groups.names})
         exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
         save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
     return exported
@@ -286,7 +364,7 @@ def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: 
     return dest
 
 
-def save_checkpoint(acc, out_dir: Path, at: Progress, keep: int, config_text: str) -> Path:
+def save_checkpoint(acc, out_dir: Path, at: Progress, keep: int, config_text: str, mixer: dict | None = None) -> Path:
     """A resumable checkpoint: accelerate state (model, optimizer, scheduler, RNG), then
     ``trainer_state.json`` last, so a half-written checkpoint is never resumed from."""
     root = out_dir / "checkpoints"
@@ -299,6 +377,8 @@ def save_checkpoint(acc, out_dir: Path, at: Progress, keep: int, config_text: st
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_text(partial / "mixtune.yaml", config_text)
+        if mixer is not None:  # a mixed stage's proportions and data positions
+            atomic_write_text(partial / "mixer.json", json.dumps(mixer))
         partial.rename(final)
         atomic_write_text(final / "trainer_state.json", json.dumps(at.__dict__))
         for old in sorted(root.glob("step-*"))[:-keep]:

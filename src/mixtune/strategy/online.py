@@ -1,0 +1,180 @@
+"""Mixture proportions of a stage's sources, fixed or updated while it trains (Aioli).
+
+A stage with ``mixing`` draws every global batch by proportions p over its sources ("groups"):
+floor(p_j * B) rows of group j, the last group taking the remainder (as the Aioli code). With
+``stratified`` p is uniform, with ``static`` it is given, with ``aioli`` it is learned online
+(Chen et al., 2025, arXiv:2411.05735, Algorithms 1-2; official ``aioli_trainer.py``):
+
+- training is cut into rounds of ``round_steps`` optimizer steps;
+- a round starts with LearnParams: R = ``probe_rounds`` random orders of the m groups; for each
+  group j in turn, ``probe_steps`` real training steps on the smoothed one-hot mixture
+  w_j = (f at j, (1 - f)/(m - 1) elsewhere), then the validation loss of every group; the drop in
+  loss of group i is added to A^[i, j];
+- A^ /= R; the smoothing is undone row by row, A[i, :] = solve(W, A^[i, :]) with W[j, :] = w_j;
+  A is shifted to be non-negative when it has a negative entry and divided by its sum;
+- exponentiated gradient on the column sums: p <- p * exp(eta * colsum(A)) (cumulative), or with
+  ``ema`` gamma, Abar = (1 - gamma) A + gamma Abar and p = exp(eta * colsum(Abar)); p /= sum(p);
+- the rest of the round trains on p.
+
+Validation losses come from held-out examples of each group (``validation`` per group, taken out
+of the stage's training data).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from mixtune.core import ConfigError, Strict
+
+
+class MixingConfig(Strict):
+    """How a stage's sources are mixed into batches while it trains."""
+
+    name: Literal["stratified", "static", "aioli"]
+    weights: dict[str, float] = {}
+    """``static``: each source's proportion (normalised; sources not named get 0)."""
+    round_steps: int = Field(default=250, ge=1)
+    """``aioli``: optimizer steps per round (official ``update_steps``: 250)."""
+    probe_rounds: int = Field(default=4, ge=1)
+    """``aioli``: R, random orders of the groups probed per round (official 4)."""
+    probe_steps: int = Field(default=6, ge=1)
+    """``aioli``: s, training steps per probe (official 6 for 3 groups)."""
+    one_hot: float = Field(default=0.5, gt=0, le=1)
+    """``aioli``: f, the probed group's share in its smoothed one-hot mixture (official 0.5 for 3 groups)."""
+    eta: float = Field(default=0.1, gt=0)
+    """``aioli``: exponentiated-gradient step size (official 0.1 for 3 groups)."""
+    ema: float | None = Field(default=None, ge=0, le=1)
+    """``aioli``: gamma of the moving average of A (None: cumulative updates, the README's first choice)."""
+    validation: int = Field(default=32, ge=1)
+    """Held-out examples per source for validation losses (taken out of the stage's training data)."""
+
+
+def batch_counts(p: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rows of each group in a batch of ``batch_size``: floor(p_j B), the last group the remainder."""
+    counts = np.floor(p * batch_size).astype(int)
+    counts[-1] = batch_size - counts[:-1].sum()
+    return counts
+
+
+def smoothed_one_hot(m: int, j: int, f: float) -> np.ndarray:
+    """w_j: f on group j, (1 - f) / (m - 1) on the others (all 1/m... when m = 1, just 1)."""
+    if m == 1:
+        return np.ones(1)
+    w = np.full(m, (1 - f) / (m - 1))
+    w[j] = f
+    return w
+
+
+def aioli_update(p: np.ndarray, a_hat: np.ndarray, f: float, eta: float, ema: float | None = None,
+                 a_bar: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One Aioli round's proportions from the probed loss drops (Chen et al., 2025,
+    arXiv:2411.05735, Alg. 1 lines 6-9; official ``aioli_trainer.py``).
+
+    Args:
+        p: the current proportions.
+        a_hat: A^ averaged over the probe rounds, A^[i, j] = drop of group i's loss when probing j.
+        f: the one-hot factor of the probes (its smoothing is undone; f = 1 needs none).
+        eta: step size; ema: gamma of the moving average (None: cumulative); a_bar: the previous
+            average (None in the first round).
+
+    Returns:
+        (new p, the A used: the average when ``ema`` is set, else this round's normalised A).
+    """
+    m = len(p)
+    a = a_hat.astype(float)
+    if f < 1 and m > 1:
+        w = np.stack([smoothed_one_hot(m, j, f) for j in range(m)])  # W[j, :] = w_j
+        a = np.stack([np.linalg.solve(w, row) for row in a])
+    if a.min() < 0:
+        a = a - a.min()
+    if a.sum() > 0:
+        a = a / a.sum()
+    if ema is None:
+        new = p * np.exp(eta * a.sum(0))
+        used = a
+    else:
+        used = a if a_bar is None else (1 - ema) * a + ema * a_bar
+        new = np.exp(eta * used.sum(0))
+    return new / new.sum(), used
+
+
+class OnlineMixer:
+    """The proportions of every step of one stage, and when validation losses are needed.
+
+    The trainer asks :meth:`mixture` for each step's proportions, calls :meth:`observe` with the
+    groups' validation losses whenever :meth:`wants_eval` says so (before step 0 of each round and
+    after each probe), and saves :meth:`state_dict` in checkpoints.
+    """
+
+    def __init__(self, cfg: MixingConfig, groups: list[str], seed: int, stage: int) -> None:
+        self.cfg, self.groups, self.m = cfg, groups, len(groups)
+        self.seed, self.stage = seed, stage
+        if cfg.name == "static":
+            unknown = set(cfg.weights) - set(groups)
+            if unknown or not any(cfg.weights.get(g, 0) > 0 for g in groups):
+                raise ConfigError(f"mixing.weights {cfg.weights}: give positive weights for this stage's sources "
+                                  f"({', '.join(groups)})")
+            p = np.array([cfg.weights.get(g, 0.0) for g in groups], dtype=float)
+            self.p = p / p.sum()
+        else:
+            self.p = np.full(self.m, 1 / self.m)
+        self.a_hat = np.zeros((self.m, self.m))
+        self.a_bar: np.ndarray | None = None
+        self.last_loss: np.ndarray | None = None
+        self.history: list[dict] = []  # per round: proportions after it, and the A used
+
+    @property
+    def probe_len(self) -> int:
+        return self.cfg.probe_rounds * self.m * self.cfg.probe_steps if self.cfg.name == "aioli" else 0
+
+    def _order(self, round_index: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.stage, round_index])
+        return [int(j) for _ in range(self.cfg.probe_rounds) for j in rng.permutation(self.m)]
+
+    def mixture(self, step: int) -> np.ndarray:
+        """Proportions for optimizer step ``step`` (0-based in the stage)."""
+        k = step % self.cfg.round_steps
+        if self.cfg.name == "aioli" and k < self.probe_len:
+            j = self._order(step // self.cfg.round_steps)[k // self.cfg.probe_steps]
+            return smoothed_one_hot(self.m, j, self.cfg.one_hot)
+        return self.p
+
+    def wants_eval(self, step: int, after: bool) -> bool:
+        """Whether validation losses are needed before (``after`` False) or after step ``step``."""
+        if self.cfg.name != "aioli":
+            return False
+        k = step % self.cfg.round_steps
+        if not after:
+            return k == 0
+        return k < self.probe_len and k % self.cfg.probe_steps == self.cfg.probe_steps - 1
+
+    def observe(self, step: int, losses: np.ndarray, after: bool) -> None:
+        """Record the groups' validation losses (see :meth:`wants_eval`); closes probes and rounds."""
+        losses = np.asarray(losses, dtype=float)
+        if not after:
+            self.last_loss, self.a_hat = losses, np.zeros((self.m, self.m))
+            return
+        k = step % self.cfg.round_steps
+        j = self._order(step // self.cfg.round_steps)[k // self.cfg.probe_steps]
+        self.a_hat[:, j] += self.last_loss - losses
+        self.last_loss = losses
+        if k == self.probe_len - 1:  # the last probe of the round: update the proportions
+            self.p, used = aioli_update(self.p, self.a_hat / self.cfg.probe_rounds, self.cfg.one_hot, self.cfg.eta,
+                                        self.cfg.ema, self.a_bar)
+            if self.cfg.ema is not None:
+                self.a_bar = used
+            self.history.append({"step": step + 1, "p": self.p.tolist(), "A": used.tolist()})
+
+    def state_dict(self) -> dict:
+        return {"p": self.p.tolist(), "a_hat": self.a_hat.tolist(),
+                "a_bar": None if self.a_bar is None else self.a_bar.tolist(),
+                "last_loss": None if self.last_loss is None else self.last_loss.tolist(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p, self.a_hat = np.array(state["p"]), np.array(state["a_hat"])
+        self.a_bar = None if state["a_bar"] is None else np.array(state["a_bar"])
+        self.last_loss = None if state["last_loss"] is None else np.array(state["last_loss"])
+        self.history = state["history"]
