@@ -126,6 +126,20 @@ def _print_stage(st, title: str, steps: int | None = None) -> None:
         + (f"; truncated {p.truncated}" if p.truncated else "")
         + (f"; {steps:,} optimizer steps" if steps is not None else "")
     )
+    mx = st.config.mixing
+    if mx is not None:
+        m = len(st.groups.names)
+        line = f"mixing {mx.name}: {mx.validation} examples per source held out for validation losses"
+        if mx.name == "static":
+            line += "; proportions " + ", ".join(f"{g} {mx.weights.get(g, 0) / sum(mx.weights.values()):.2f}"
+                                                 for g in st.groups.names)
+        if mx.name == "aioli":
+            probe = mx.probe_rounds * m * mx.probe_steps
+            rounds = -(-steps // mx.round_steps) if steps else None
+            line += (f"; rounds of {mx.round_steps} steps{f' ({rounds} rounds)' if rounds else ''}, each starting with "
+                     f"{mx.probe_rounds} x {m} sources x {mx.probe_steps} probe steps = {probe} steps "
+                     f"({probe / mx.round_steps:.0%} of the round) and {mx.probe_rounds * m + 1} validation passes")
+        console.print(line)
 
 
 @app.command("train")

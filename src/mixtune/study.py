@@ -109,8 +109,7 @@ def expand(study: StudyConfig) -> list[Run]:
         for combo in itertools.product(*listed.values()) if listed else [()]:
             params = spec | dict(zip(listed, combo))
             strategy = _strategy(params)
-            label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
-                             if k != "name" and k in listed)
+            label = ",".join(f"{k}={_compact(v)}" for k, v in params.items() if k != "name" and k in listed)
             name = f"{params['name']}({label})" if label else params["name"]
             variants.append((name, params["name"], {k: v for k, v in params.items() if k != "name"},
                              plan_stages(strategy, sources)))
@@ -128,6 +127,17 @@ def method_label(method: dict) -> str:
     defaults = TUNERS.get(method["name"]).params().model_dump(mode="json") if method["name"] != "peft" else {}
     changed = [f"{k}={v}" for k, v in method.items() if k != "name" and defaults.get(k) != v]
     return f"{method['name']}({','.join(changed)})" if changed else method["name"]
+
+
+def _compact(v) -> str:
+    """A parameter value as a short run label: 0.125, static(math:0.25,general:0.5), aioli(eta:0.1)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        inner = ",".join(f"{k}:{_compact(x)}" if not isinstance(x, dict) else ",".join(
+            f"{kk}:{_compact(xx)}" for kk, xx in x.items()) for k, x in v.items() if k != "name")
+        return f"{v.get('name', '')}({inner})" if inner else str(v.get("name", ""))
+    return str(v)
 
 
 def _strategy(spec: dict):
@@ -193,6 +203,8 @@ CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, name TEXT, strategy TE
 CREATE TABLE IF NOT EXISTS scores (model_key TEXT, ability TEXT, metric TEXT, value REAL, n INTEGER,
     version INTEGER, higher_is_better INTEGER, PRIMARY KEY (model_key, ability, metric));
 CREATE TABLE IF NOT EXISTS losses (stage_key TEXT, step INTEGER, source TEXT, loss REAL);
+CREATE TABLE IF NOT EXISTS mixing (stage_key TEXT, step INTEGER, source TEXT, proportion REAL);
+CREATE TABLE IF NOT EXISTS val_losses (stage_key TEXT, source TEXT, loss REAL, PRIMARY KEY (stage_key, source));
 """
 
 
@@ -313,19 +325,29 @@ class Study:
                             (key, prev, plan.name, plan.steps, seconds, sizes.get("trainable_params"),
                              sizes.get("optimizer_bytes"), peak))
             self.db.commit()
+            shutil.copy2(work / "log.jsonl", dest / "train_log.jsonl")  # the stage's full log stays with its model
             shutil.rmtree(work, ignore_errors=True)
             prev = key
             if on_stage is not None:
                 on_stage(key)
 
     def _store_losses(self, key: str, log_path: Path) -> None:
-        self.db.execute("DELETE FROM losses WHERE stage_key = ?", (key,))
-        rows = []
+        """Training loss per source, and for mixed stages the proportions and validation losses."""
+        for table in ("losses", "mixing", "val_losses"):
+            self.db.execute(f"DELETE FROM {table} WHERE stage_key = ?", (key,))
+        rows, mix, val = [], [], []
         for line in log_path.read_text().splitlines():
             e = json.loads(line)
-            rows += [(key, e["stage_step"], name.removeprefix("loss/"), v) for name, v in e.items()
-                     if name.startswith("loss/")]
+            for name, v in e.items():
+                if name.startswith("loss/"):
+                    rows.append((key, e["stage_step"], name.removeprefix("loss/"), v))
+                elif name.startswith("mix/"):
+                    mix.append((key, e["stage_step"], name.removeprefix("mix/"), v))
+                elif name.startswith("val_loss/"):
+                    val.append((key, name.removeprefix("val_loss/"), v))
         self.db.executemany("INSERT INTO losses VALUES (?,?,?,?)", rows)
+        self.db.executemany("INSERT INTO mixing VALUES (?,?,?,?)", mix)
+        self.db.executemany("INSERT OR REPLACE INTO val_losses VALUES (?,?,?)", val)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -375,6 +397,8 @@ class Study:
         from mixtune.report import build_report
 
         curves: dict[str, list[tuple[int, str, str, float]]] = {}
+        mixing: dict[str, list[tuple[int, str, str, float]]] = {}
+        val_losses: dict[str, dict[str, float]] = {}
         first_seed, full = min(self.cfg.seeds), max(self.cfg.amounts)
         for name, keys in self.db.execute("SELECT name, stage_keys FROM runs WHERE seed = ? AND amount = ?",
                                           (first_seed, full)):
@@ -386,8 +410,14 @@ class Study:
                 stage, steps = row
                 points += [(offset + step, stage, source, loss) for step, source, loss in self.db.execute(
                     "SELECT step, source, loss FROM losses WHERE stage_key = ? ORDER BY step", (key,))]
+                mixed = [(offset + step, stage, source, p) for step, source, p in self.db.execute(
+                    "SELECT step, source, proportion FROM mixing WHERE stage_key = ? ORDER BY step", (key,))]
+                if mixed:
+                    mixing.setdefault(name, []).extend(mixed)
+                    val_losses[name] = dict(self.db.execute(
+                        "SELECT source, loss FROM val_losses WHERE stage_key = ?", (key,)).fetchall())
                 offset += steps
             if points:
                 curves[name] = points
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=list(notes),
-                            sources=list(self.cfg.sources))
+                            sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses)

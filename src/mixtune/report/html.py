@@ -32,7 +32,8 @@ def _signed(v: float | None) -> str:
 
 
 def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
-                 title: str, notes: list[str] = (), sources: list[str] = ()) -> Path:
+                 title: str, notes: list[str] = (), sources: list[str] = (), mixing: dict | None = None,
+                 val_losses: dict[str, dict[str, float]] | None = None) -> Path:
     """Write the report from study results.
 
     Args:
@@ -43,6 +44,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         title: page heading.
         notes: lines shown under the heading (command, machine, time).
         sources: source names, in legend order.
+        mixing: per run with mixed stages, ``(step, stage, source, proportion)`` as ``curves``.
+        val_losses: per such run, each source's validation loss at the end of its last mixed stage.
     """
     means = mean_scores(rows)
     abilities = sorted({r["ability"] for r in rows})
@@ -91,6 +94,20 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "
                      "dashed lines are stage boundaries. A source keeps being measured only while it is in the "
                      "mixture.</p>" + _img(plots.loss_curves(curves, list(sources)), "loss curves"))
+    if mixing:
+        parts.append("<h2>Mixture proportions</h2><p class=muted>Share of each source in the batches over the run "
+                     "(online mixing changes it as it learns).</p>"
+                     + _img(plots.loss_curves(mixing, list(sources), ylabel="proportion"), "mixture proportions"))
+    if val_losses:
+        cols = [s for s in sources if any(s in v for v in val_losses.values())]
+        parts.append("<h2>Validation loss per source</h2><p class=muted>Held-out examples of each source, at the end "
+                     "of the run's last mixed stage; the mean is over sources.</p><table><tr><th>run</th>"
+                     + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "<th>mean</th></tr>")
+        for name, v in val_losses.items():
+            mean = sum(v[c] for c in cols if c in v) / max(1, sum(c in v for c in cols))
+            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(
+                f"<td>{v[c]:.3f}</td>" if c in v else "<td></td>" for c in cols) + f"<td>{mean:.3f}</td></tr>")
+        parts.append("</table>")
     if len(amounts) > 1:
         series = {f"{n} · {a}": {am: means[(n, am)][a][0] for am in amounts if (n, am) in means and a in
                                  means[(n, am)]} for n in runs for a in abilities}

@@ -37,8 +37,10 @@ def ability_bars(runs: list[str], abilities: list[str], means: dict[str, dict[st
     return _png(fig)
 
 
-def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: list[str]) -> bytes:
-    """One panel per run: training loss per source over the run's steps, stage boundaries dashed.
+def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: list[str],
+                ylabel: str = "training loss") -> bytes:
+    """One panel per run: a value per source (training loss, or a mixture proportion) over the
+    run's steps, stage boundaries dashed.
 
     ``curves[run]`` holds ``(step, stage, source, loss)`` with steps counted across the run's stages.
     """
@@ -63,7 +65,7 @@ def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: l
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_ylabel(ylabel)
     legend: dict[str, object] = {}  # every source that appears in any panel, in source order
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
