@@ -245,6 +245,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write scores.json and outputs.jsonl here.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle weights (they can run code).")] = False,
+    condition: Annotated[Optional[str], typer.Option(help="C-RLFT inference condition: the class tag prompts carry.")] = None,
 ) -> None:
     """Score a model on held-out problems of built-in abilities (greedy, batched)."""
     from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
@@ -253,7 +254,8 @@ def eval_cmd(
     names = parse_abilities(abilities)
     mdl, tok = load_for_eval(model, allow_pickle=allow_pickle)
     with console.status(f"generating {n} answers for each of {', '.join(names)} ..."):
-        scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size)
+        scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size,
+                          condition=condition)
     table = Table(title=f"{model} on held-out problems (difficulty {difficulty}, seed {seed})")
     for col in ("ability", "accuracy", "n"):
         table.add_column(col, justify="left" if col == "ability" else "right")

@@ -49,6 +49,8 @@ class EvalConfig(Strict):
     seed: int = 0
     """Which held-out problems (the same for every model)."""
     batch_size: int = Field(default=64, ge=1)
+    condition: str | None = None
+    """C-RLFT inference condition: the class tag every prompt carries (e.g. the expert source's)."""
 
 
 class StudyConfig(Strict):
@@ -364,7 +366,7 @@ class Study:
         model_dir = self.model_path(key) if (self.model_path(key) / "config.json").exists() else self._start_model(run)
         model, tokenizer = load_model(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
-                          batch_size=e.batch_size)
+                          batch_size=e.batch_size, condition=e.condition)
         write_results(scores, self.out / "evals" / key, {"model": str(model_dir), "run": run.id})
         self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?)", [
             (key, a, "accuracy", s.score, s.n, s.version, int(s.higher_is_better)) for a, s in scores.items()])

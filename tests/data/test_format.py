@@ -137,3 +137,18 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_dir, tokenizer):
             worst_naive = max(worst_naive, (naive[r, cols] - alone).abs().max().item())
     assert worst_packed < 1e-4  # same logits as running the example alone
     assert worst_naive > 1e-2  # while plain concatenation would leak (so the check can fail)
+
+
+def test_c_rlft_condition_opens_every_turn_and_is_never_trained(tokenizer):
+    from mixtune.data.format import prompt_text, render_with_spans, tokenize_records
+
+    messages = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "Answer: 5"}]
+    text, spans = render_with_spans(messages, tokenizer, "GPT4")
+    assert "<|user|>\nGPT4 What is 2+3?" in text and "<|assistant|>\nGPT4 Answer: 5" in text
+    assert text[spans[0][0]:spans[0][1]].startswith("Answer: 5")  # the tag is context, not target
+    (ex,) = tokenize_records([{"messages": messages, "condition": "GPT4"}], tokenizer)
+    trained = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+    assert "GPT4" not in trained and "5" in trained
+    assert prompt_text(messages, tokenizer, "GPT4").endswith("<|assistant|>\nGPT4 ")  # the inference condition
+    assert prompt_text(messages, tokenizer) == prompt_text(messages, tokenizer, None)
+    assert "GPT4" not in prompt_text(messages, tokenizer)

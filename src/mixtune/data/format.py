@@ -66,8 +66,20 @@ def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
     )
 
 
-def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the ``[start, end)`` character spans of its assistant turns."""
+def conditioned(messages: list[dict], condition: str | None) -> list[dict]:
+    """The messages with a C-RLFT class tag before every turn's content (Wang et al., 2024,
+    arXiv:2309.11235, Sec. 3.2: the condition is prefixed to each role marker; here it opens each
+    turn, which works with any chat template). No tag: the messages unchanged."""
+    if not condition:
+        return messages
+    return [m | {"content": f"{condition} {m['content']}"} for m in messages]
+
+
+def render_with_spans(messages: list[dict], tokenizer, condition: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the ``[start, end)`` character spans of its assistant turns
+    (after the class tag when there is a ``condition``: the tag is context, never trained)."""
+    skip = len(condition) + 1 if condition else 0
+    messages = conditioned(messages, condition)
     text = _render(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
@@ -82,15 +94,17 @@ def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[
                 "start of the full conversation, so assistant turns cannot be located for label masking "
                 f"(turn {i}). Use a template without history rewriting, or set tokenizer.chat_template."
             )
-        spans.append((len(before), len(through)))
+        spans.append((len(before) + skip, len(through)))
     return text, spans
 
 
-def prompt_text(messages: list[dict], tokenizer) -> str:
+def prompt_text(messages: list[dict], tokenizer, condition: str | None = None) -> str:
     """What a model is given to generate the final assistant turn: every earlier turn plus the
-    generation prompt, rendered exactly as in training."""
+    generation prompt, rendered exactly as in training; with a ``condition`` (C-RLFT's inference
+    condition) every turn carries the tag and the reply starts with it."""
     end = len(messages) - 1 if messages and messages[-1]["role"] == "assistant" else len(messages)
-    return _render(tokenizer, messages[:end], generation_prompt=True)
+    text = _render(tokenizer, conditioned(messages[:end], condition), generation_prompt=True)
+    return text + f"{condition} " if condition else text
 
 
 def tokenize_records(records: Sequence[dict], tokenizer) -> list[Example]:
@@ -101,7 +115,7 @@ def tokenize_records(records: Sequence[dict], tokenizer) -> list[Example]:
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("label masking needs a fast (Rust) tokenizer with offset mapping; this one is slow")
-    rendered = [render_with_spans(r["messages"], tokenizer) for r in records]
+    rendered = [render_with_spans(r["messages"], tokenizer, r.get("condition")) for r in records]
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     out = []
     for (_, spans), enc in zip(rendered, encodings):

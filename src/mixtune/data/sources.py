@@ -51,6 +51,9 @@ class SourceConfig(Strict):
     """Built-in only: generator seed (default: the recipe's seed)."""
     ability: str | None = None
     """Ability tag for records that carry none (default: the source name)."""
+    condition: str | None = None
+    """C-RLFT class tag of this source (e.g. ``GPT4`` for expert data): it opens every turn of its
+    records in training; evaluate with the same tag (``eval.condition``) to ask for that class."""
     select: SelectConfig | None = None
     """Keep part of the source by the starting model's likelihood of each response: ``{method:
     grape}`` (best candidate per prompt) or ``{method: perplexity, keep: 0.5}``."""
@@ -72,6 +75,11 @@ def load_source(name: str, cfg: SourceConfig, *, seed: int = 0, base_dir: str | 
     Raises:
         DataError: the file is missing, unreadable, empty, or a record does not fit.
     """
+    records = _load(name, cfg, seed=seed, base_dir=base_dir)
+    return [r | {"condition": cfg.condition} for r in records] if cfg.condition else records
+
+
+def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> list[dict]:
     ability = cfg.ability or name
     if cfg.builtin is not None:
         gen = ABILITIES.get(cfg.builtin)

@@ -35,17 +35,18 @@ def max_tokens_for(records: list[dict], tokenizer, slack: float = 1.5) -> int:
 
 
 def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int = 0, difficulty: int = 1,
-             batch_size: int = 64, progress=None) -> dict[str, AbilityScore]:
+             batch_size: int = 64, progress=None, condition: str | None = None) -> dict[str, AbilityScore]:
     """Score ``model`` on ``n`` held-out (test split) problems of each ability, greedy decoding.
 
     The problems depend only on (ability, n, seed, difficulty), so every model evaluated with the
     same arguments answers the same questions. Unknown abilities raise with close matches.
+    ``condition``: C-RLFT's inference condition, the class tag the prompts carry.
     """
     out = {}
     for name in abilities:
         ability = ABILITIES.get(name)
         records = ability.generate(n, seed=seed, split="test", difficulty=difficulty)
-        prompts = [prompt_text(r["messages"], tokenizer) for r in records]
+        prompts = [prompt_text(r["messages"], tokenizer, condition) for r in records]
         outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
                            max_new_tokens=max_tokens_for(records, tokenizer), progress=progress)
         scores = [ability.score(o, r) for o, r in zip(outputs, records)]
