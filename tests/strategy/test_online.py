@@ -105,3 +105,42 @@ def test_a_mixed_stage_trains_logs_proportions_and_resumes_exactly(tiny_dir, tmp
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     last = [e for e in log if "mix/math" in e][-1]
     assert last["mix/math"] == 1.0 and "loss/code" not in last and static
+
+
+def test_doremi_update_by_hand_and_end_to_end(tiny_dir, tmp_path):
+    from mixtune.strategy.online import doremi_update
+
+    # alpha (1/2, 1/2), excess (2, -1) -> clipped (2, 0); mu 0.5: logits log(.5) + (1, 0) -> softmax (e/(e+1), 1/(e+1));
+    # eps 0.1: 0.9 alpha + 0.05
+    a = doremi_update(np.array([0.5, 0.5]), np.array([2.0, -1.0]), step_size=0.5, smoothing=0.1)
+    e = math.e
+    assert np.allclose(a, [0.9 * e / (e + 1) + 0.05, 0.9 / (e + 1) + 0.05])
+    mixer = OnlineMixer(MixingConfig(name="doremi", reference="ref", step_size=1.0, smoothing=0.0), ["a", "b"], 0, 0)
+    mixer.observe_excess(0, np.array([2.0, np.nan]), np.array([1.0, 1.0]))  # b absent: its previous excess (0)
+    assert np.allclose(mixer.alpha, [e / (e + 1), 1 / (e + 1)]) and np.array_equal(mixer.mixture(0), [0.5, 0.5])
+    assert np.allclose(mixer.average_alpha(), mixer.alpha)
+    with pytest.raises(Exception, match="needs `reference`"):
+        OnlineMixer(MixingConfig(name="doremi"), ["a", "b"], 0, 0)
+
+    from mixtune.core import validate
+    from mixtune.pipeline import run_training
+    from mixtune.recipe import Recipe
+
+    def recipe(mixing, steps):
+        return validate(Recipe, {
+            "model": str(tiny_dir), "format": {"seq_len": 96},
+            "sources": {n: {"builtin": n, "n": 40} for n in ("math", "general")},
+            "strategy": {"name": "multi_task", "mixing": mixing},
+            "train": {"lr": 3e-3, "steps": steps, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32",
+                      "log_every": 1}})
+
+    # a reference trained a little (lower loss than the proxy, which starts from the base): positive excess
+    (ref,) = run_training(recipe({"name": "stratified", "validation": 4}, 12), tiny_dir, tmp_path / "ref",
+                          progress=False)
+    run_training(recipe({"name": "doremi", "reference": str(ref), "step_size": 1.0, "validation": 4}, 4), tiny_dir,
+                 tmp_path / "proxy", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "proxy" / "log.jsonl").read_text().splitlines()]
+    alphas = [(x["mix/math"], x["mix/general"]) for x in log if "mix/math" in x]
+    assert len(alphas) == 4 and alphas[-1] != (0.5, 0.5) and all(abs(sum(p) - 1) < 1e-9 for p in alphas)
+    average = next(x for x in log if "doremi_average" in x)["doremi_average"]
+    assert np.allclose(average, np.mean(alphas, axis=0))

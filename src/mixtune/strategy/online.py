@@ -16,6 +16,13 @@ floor(p_j * B) rows of group j, the last group taking the remainder (as the Aiol
   ``ema`` gamma, Abar = (1 - gamma) A + gamma Abar and p = exp(eta * colsum(Abar)); p /= sum(p);
 - the rest of the round trains on p.
 
+With ``doremi`` (Xie et al., 2023, arXiv:2305.10429, Alg. 1, as the Aioli repository runs it)
+batches are stratified and the proportions alpha weight the loss instead: each step the
+per-group mean loss of the batch under the model and under a fixed ``reference`` model give the
+excess e_i = max(L_i - L_i^ref, 0); log alpha <- log alpha + mu e, alpha = softmax,
+alpha <- (1 - eps) alpha + eps/m; the loss is sum_i alpha_i L_i. DoReMi's result is the time
+average of alpha, for a later run with ``static`` proportions.
+
 Validation losses come from held-out examples of each group (``validation`` per group, taken out
 of the stage's training data).
 """
@@ -33,7 +40,7 @@ from mixtune.core import ConfigError, Strict
 class MixingConfig(Strict):
     """How a stage's sources are mixed into batches while it trains."""
 
-    name: Literal["stratified", "static", "aioli"]
+    name: Literal["stratified", "static", "aioli", "doremi"]
     weights: dict[str, float] = {}
     """``static``: each source's proportion (normalised; sources not named get 0)."""
     round_steps: int = Field(default=250, ge=1)
@@ -48,6 +55,12 @@ class MixingConfig(Strict):
     """``aioli``: exponentiated-gradient step size (official 0.1 for 3 groups)."""
     ema: float | None = Field(default=None, ge=0, le=1)
     """``aioli``: gamma of the moving average of A (None: cumulative updates, the README's first choice)."""
+    reference: str | None = None
+    """``doremi``: the reference model's folder (e.g. a stratified run's stage model)."""
+    step_size: float = Field(default=0.01, gt=0)
+    """``doremi``: mu, the step size of the log-weights (0.01 in every Aioli DoReMi script)."""
+    smoothing: float = Field(default=1e-3, ge=0, lt=1)
+    """``doremi``: eps, the uniform share mixed into alpha."""
     validation: int = Field(default=32, ge=1)
     """Held-out examples per source for validation losses (taken out of the stage's training data)."""
 
@@ -101,6 +114,15 @@ def aioli_update(p: np.ndarray, a_hat: np.ndarray, f: float, eta: float, ema: fl
     return new / new.sum(), used
 
 
+def doremi_update(alpha: np.ndarray, excess: np.ndarray, step_size: float, smoothing: float) -> np.ndarray:
+    """One DoReMi step (Xie et al., 2023, arXiv:2305.10429, Alg. 1 lines 8-9): excess losses
+    clipped at 0, log alpha + mu * excess, softmax, then (1 - eps) alpha + eps / m."""
+    logits = np.log(alpha) + step_size * np.maximum(excess, 0.0)
+    a = np.exp(logits - logits.max())
+    a /= a.sum()
+    return (1 - smoothing) * a + smoothing / len(a)
+
+
 class OnlineMixer:
     """The proportions of every step of one stage, and when validation losses are needed.
 
@@ -121,6 +143,11 @@ class OnlineMixer:
             self.p = p / p.sum()
         else:
             self.p = np.full(self.m, 1 / self.m)
+        if cfg.name == "doremi" and not cfg.reference:
+            raise ConfigError("mixing doremi needs `reference`: the folder of the reference model (e.g. a "
+                              "stratified run's stage model)")
+        self.alpha = np.full(self.m, 1 / self.m)  # doremi's loss weights
+        self.alpha_sum, self.alpha_steps, self.last_excess = np.zeros(self.m), 0, np.zeros(self.m)
         self.a_hat = np.zeros((self.m, self.m))
         self.a_bar: np.ndarray | None = None
         self.last_loss: np.ndarray | None = None
@@ -168,12 +195,35 @@ class OnlineMixer:
                 self.a_bar = used
             self.history.append({"step": step + 1, "p": self.p.tolist(), "A": used.tolist()})
 
+    def loss_weights(self) -> np.ndarray | None:
+        """Per-group loss weights (DoReMi's alpha), or None when the loss is not reweighted."""
+        return self.alpha if self.cfg.name == "doremi" else None
+
+    def observe_excess(self, step: int, model_loss: np.ndarray, reference_loss: np.ndarray) -> None:
+        """DoReMi: the batch's per-group mean losses under the model and the reference (NaN where a
+        group had no tokens: its previous excess stands in, as the Aioli code keeps the previous score)."""
+        excess = np.asarray(model_loss, dtype=float) - np.asarray(reference_loss, dtype=float)
+        missing = np.isnan(excess)
+        excess[missing] = self.last_excess[missing]
+        self.last_excess = excess
+        self.alpha = doremi_update(self.alpha, excess, self.cfg.step_size, self.cfg.smoothing)
+        self.alpha_sum += self.alpha
+        self.alpha_steps += 1
+
+    def average_alpha(self) -> np.ndarray:
+        """DoReMi's output: alpha averaged over the steps so far."""
+        return self.alpha_sum / max(1, self.alpha_steps)
+
     def state_dict(self) -> dict:
-        return {"p": self.p.tolist(), "a_hat": self.a_hat.tolist(),
+        return {"alpha": self.alpha.tolist(), "alpha_sum": self.alpha_sum.tolist(), "alpha_steps": self.alpha_steps,
+                "last_excess": self.last_excess.tolist(),
+                "p": self.p.tolist(), "a_hat": self.a_hat.tolist(),
                 "a_bar": None if self.a_bar is None else self.a_bar.tolist(),
                 "last_loss": None if self.last_loss is None else self.last_loss.tolist(), "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
+        self.alpha, self.alpha_sum = np.array(state["alpha"]), np.array(state["alpha_sum"])
+        self.alpha_steps, self.last_excess = state["alpha_steps"], np.array(state["last_excess"])
         self.p, self.a_hat = np.array(state["p"]), np.array(state["a_hat"])
         self.a_bar = None if state["a_bar"] is None else np.array(state["a_bar"])
         self.last_loss = None if state["last_loss"] is None else np.array(state["last_loss"])

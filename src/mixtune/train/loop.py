@@ -115,6 +115,21 @@ class MixedBatches:
 
 
 @torch.no_grad()
+def batch_losses(model, batch: dict, micro: int, n_sources: int, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-source token-loss sums and counts of a global batch under ``model`` (no gradients)."""
+    sums = torch.zeros(n_sources, dtype=torch.float64)
+    counts = torch.zeros(n_sources, dtype=torch.float64)
+    for lo in range(0, batch["input_ids"].shape[0], micro):
+        part = {k: v[lo:lo + micro].to(acc.device) for k, v in batch.items()}
+        logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=False).logits
+        s, c = per_source(token_losses(logits, part["labels"]).cpu(), part["labels"].cpu(), part["source_ids"].cpu(),
+                          n_sources)
+        sums += s
+        counts += c
+    return sums, counts
+
+
+@torch.no_grad()
 def validation_losses(model, val: list[Packed], acc) -> np.ndarray:
     """Mean token loss of each group's validation rows (the model is put back in training mode)."""
     model.eval()
@@ -266,12 +281,18 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         if ckpt is not None and s == at.stage:
             acc.load_state(str(ckpt))
             start = at.step
+        reference = None
         if stage.mixing is None:
             order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, s)
         else:
             order = MixedBatches(stage, cfg.batch_size, seed, s)
             if ckpt is not None and s == at.stage and (ckpt / "mixer.json").exists():
                 order.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
+            group_ids = torch.tensor([source_names.index(g) for g in stage.groups.names])
+            if stage.mixing.name == "doremi":  # the fixed reference model DoReMi measures excess loss against
+                from mixtune.models import load_model
+
+                reference = load_model(stage.mixing.reference)[0].to(acc.device).eval()
         model.train()
         window = Window(len(source_names))
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
@@ -281,8 +302,15 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                 order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=False)
             rows = order.rows(step)
             batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
-            weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], cfg.loss,
-                                    by_source["task_weights"], by_source["rewards"]).float()
+            loss_mode, task_w = cfg.loss, by_source["task_weights"]
+            alpha = order.mixer.loss_weights() if stage.mixing is not None else None
+            if alpha is not None:  # DoReMi: sum_i alpha_i x (group i's mean token loss)
+                loss_mode, task_w = "case3", torch.zeros(len(source_names), dtype=torch.float64)
+                task_w[group_ids] = torch.from_numpy(alpha)
+            weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], loss_mode,
+                                    task_w, by_source["rewards"]).float()
+            step_sums = torch.zeros(len(source_names), dtype=torch.float64)
+            step_counts = torch.zeros(len(source_names), dtype=torch.float64)
             if cfg.masked_thought is not None:
                 mt = cfg.masked_thought
                 rate = masked_thought_rate(step, stage.steps, mt.rate, mt.warmup)
@@ -306,8 +334,11 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                             loss = loss + aux / accum
                             window.aux += float(aux.detach()) / accum
                     acc.backward(loss)
-                window.add(*per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(),
-                                       len(source_names)))
+                sums, counts = per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(),
+                                          len(source_names))
+                window.add(sums, counts)
+                step_sums += sums
+                step_counts += counts
                 if tuner.batch_stats is not None:
                     window.add_stats(tuner.batch_stats(acc.unwrap_model(model), mb["source_ids"].cpu(),
                                                        len(source_names)))
@@ -316,6 +347,10 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
+            if reference is not None:
+                ref_sums, ref_counts = batch_losses(reference, batch, cfg.micro_batch_size, len(source_names), acc)
+                order.mixer.observe_excess(step, (step_sums / step_counts)[group_ids].numpy(),
+                                           (ref_sums / ref_counts)[group_ids].numpy())
             if stage.mixing is not None and order.mixer.wants_eval(step, after=True):
                 order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=True)
             tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
@@ -329,7 +364,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                 entry |= {"step": at.global_step, "stage": stage.name, "stage_step": at.step,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None}
                 if stage.mixing is not None:  # the proportions in use, and at the end each source's validation loss
-                    entry |= {f"mix/{g}": float(v) for g, v in zip(stage.groups.names, order.mixer.mixture(step))}
+                    shares = order.mixer.loss_weights()
+                    shares = order.mixer.mixture(step) if shares is None else shares  # DoReMi: the loss weights
+                    entry |= {f"mix/{g}": float(v) for g, v in zip(stage.groups.names, shares)}
                     if at.step == stage.steps:
                         val = validation_losses(model, stage.groups.val, acc)
                         entry |= {f"val_loss/{g}": float(v) for g, v in zip(stage.groups.names, val)}
@@ -344,6 +381,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         # 6) the stage's model, in the form the ecosystem loads, and a checkpoint to resume from
         if stage.mixing is not None and order.mixer.history:
             log.write({"stage": stage.name, "mixing_rounds": order.mixer.history, "groups": stage.groups.names})
+        if reference is not None:  # DoReMi's answer: the time-averaged weights, for a static run
+            log.write({"stage": stage.name, "doremi_average": order.mixer.average_alpha().tolist(),
+                       "groups": stage.groups.names})
         exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
         save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
     return exported
