@@ -23,6 +23,10 @@ excess e_i = max(L_i - L_i^ref, 0); log alpha <- log alpha + mu e, alpha = softm
 alpha <- (1 - eps) alpha + eps/m; the loss is sum_i alpha_i L_i. DoReMi's result is the time
 average of alpha, for a later run with ``static`` proportions.
 
+With ``coba`` (Gong et al., 2024, arXiv:2410.06741) batches keep the stage's natural proportions
+and the loss is MFTCoder's case3 with CoBa's convergence-balanced task weights, from every step's
+validation losses (see :func:`coba_weights`).
+
 Validation losses come from held-out examples of each group (``validation`` per group, taken out
 of the stage's training data).
 """
@@ -40,7 +44,7 @@ from mixtune.core import ConfigError, Strict
 class MixingConfig(Strict):
     """How a stage's sources are mixed into batches while it trains."""
 
-    name: Literal["stratified", "static", "aioli", "doremi"]
+    name: Literal["stratified", "static", "aioli", "doremi", "coba"]
     weights: dict[str, float] = {}
     """``static``: each source's proportion (normalised; sources not named get 0)."""
     round_steps: int = Field(default=250, ge=1)
@@ -61,6 +65,12 @@ class MixingConfig(Strict):
     """``doremi``: mu, the step size of the log-weights (0.01 in every Aioli DoReMi script)."""
     smoothing: float = Field(default=1e-3, ge=0, lt=1)
     """``doremi``: eps, the uniform share mixed into alpha."""
+    warmup: int = Field(default=100, ge=2)
+    """``coba``: steps with equal task weights before convergence balancing starts (official 100)."""
+    history: int = Field(default=200, ge=2)
+    """``coba``: validation-loss points the slopes are fitted on (official 200)."""
+    tau: float = Field(default=5.0, gt=0)
+    """``coba``: temperature of the divergence factor (official 5)."""
     validation: int = Field(default=32, ge=1)
     """Held-out examples per source for validation losses (taken out of the stage's training data)."""
 
@@ -123,6 +133,51 @@ def doremi_update(alpha: np.ndarray, excess: np.ndarray, step_size: float, smoot
     return (1 - smoothing) * a + smoothing / len(a)
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y on x (0 with fewer than two points); zero losses are left out, as
+    CoBa's ``fit_window_slope``."""
+    keep = y != 0
+    x, y = x[: keep.sum()], y[keep]
+    if len(y) < 2:
+        return 0.0
+    a = np.stack([x, np.ones_like(x)], 1).astype(float)
+    return float(np.linalg.solve(a.T @ a, a.T @ y)[0])
+
+
+def coba_weights(task_slopes: np.ndarray, total_slopes: np.ndarray, start: int, tau: float) -> np.ndarray:
+    """CoBa's task weights (Gong et al., 2024, arXiv:2410.06741, Sec. 3; official
+    ``compute_per_task_weight``) from every step's fitted slopes since warm-up.
+
+    Args:
+        task_slopes: ``(K, S)``, each task's validation-loss slope at each step since warm-up.
+        total_slopes: ``(S,)``, the slope of the largest task loss at each step.
+        start: first column of the slope history the absolute score looks at.
+
+    RCS = softmax(K s / sum|s|) (s: the latest slopes); ACS = softmax of the latest column of
+    -H s_hist / sum_hist |s_hist| (H columns, per task); DF = T softmax(-T tau t / sum|t|)[last]
+    over the T total slopes t; w = softmax(K (DF RCS + (1 - DF) ACS)); if a weight falls below
+    1/(10K), w = (1 - K/(10K)) w + 1/(10K).
+    """
+    k = task_slopes.shape[0]
+    current = task_slopes[:, -1]
+    rcs = _softmax(k * current / max(np.abs(current).sum(), 1e-300))
+    hist = task_slopes[:, start:]
+    reverse = -hist.shape[1] * hist / np.maximum(np.abs(hist).sum(1, keepdims=True), 1e-300)
+    acs = _softmax(reverse[:, -1])
+    t = len(total_slopes)
+    df = _softmax(-t * total_slopes / max(np.abs(total_slopes).sum(), 1e-300) * tau)[-1] * t
+    w = _softmax(k * (df * rcs + (1 - df) * acs))
+    floor = 1 / (10 * k)
+    if (w < floor).any():
+        w = w * (1 - floor * k) + floor
+    return w
+
+
 class OnlineMixer:
     """The proportions of every step of one stage, and when validation losses are needed.
 
@@ -131,7 +186,8 @@ class OnlineMixer:
     after each probe), and saves :meth:`state_dict` in checkpoints.
     """
 
-    def __init__(self, cfg: MixingConfig, groups: list[str], seed: int, stage: int) -> None:
+    def __init__(self, cfg: MixingConfig, groups: list[str], seed: int, stage: int,
+                 natural: list[int] | None = None) -> None:
         self.cfg, self.groups, self.m = cfg, groups, len(groups)
         self.seed, self.stage = seed, stage
         if cfg.name == "static":
@@ -143,11 +199,19 @@ class OnlineMixer:
             self.p = p / p.sum()
         else:
             self.p = np.full(self.m, 1 / self.m)
+        natural = natural or [1] * len(groups)
         if cfg.name == "doremi" and not cfg.reference:
             raise ConfigError("mixing doremi needs `reference`: the folder of the reference model (e.g. a "
                               "stratified run's stage model)")
         self.alpha = np.full(self.m, 1 / self.m)  # doremi's loss weights
         self.alpha_sum, self.alpha_steps, self.last_excess = np.zeros(self.m), 0, np.zeros(self.m)
+        self.coba_w = np.full(self.m, 1 / self.m)  # coba's loss weights
+        self.coba_init: np.ndarray | None = None
+        self.coba_losses: list[list[float]] = []
+        self.coba_slopes: list[list[float]] = []
+        self.coba_total: list[float] = []
+        if cfg.name == "coba":  # sampling keeps the natural proportions; the loss is rebalanced
+            self.p = np.array(natural, dtype=float) / sum(natural)
         self.a_hat = np.zeros((self.m, self.m))
         self.a_bar: np.ndarray | None = None
         self.last_loss: np.ndarray | None = None
@@ -171,6 +235,8 @@ class OnlineMixer:
 
     def wants_eval(self, step: int, after: bool) -> bool:
         """Whether validation losses are needed before (``after`` False) or after step ``step``."""
+        if self.cfg.name == "coba":  # the initial losses, then every step
+            return after or step == 0
         if self.cfg.name != "aioli":
             return False
         k = step % self.cfg.round_steps
@@ -181,6 +247,9 @@ class OnlineMixer:
     def observe(self, step: int, losses: np.ndarray, after: bool) -> None:
         """Record the groups' validation losses (see :meth:`wants_eval`); closes probes and rounds."""
         losses = np.asarray(losses, dtype=float)
+        if self.cfg.name == "coba":
+            self._coba(step, losses, after)
+            return
         if not after:
             self.last_loss, self.a_hat = losses, np.zeros((self.m, self.m))
             return
@@ -195,9 +264,29 @@ class OnlineMixer:
                 self.a_bar = used
             self.history.append({"step": step + 1, "p": self.p.tolist(), "A": used.tolist()})
 
+    def _coba(self, step: int, losses: np.ndarray, after: bool) -> None:
+        """CoBa: validation losses relative to the stage's first, slopes over the recent history,
+        task weights from the warm-up on (official ``CoBaStatus``, one update per step)."""
+        if not after:
+            if step == 0 and self.coba_init is None:
+                self.coba_init = np.where(losses > 0, losses, 1.0)
+            return
+        self.coba_losses.append((losses / self.coba_init).tolist())
+        done = step + 1
+        if done < self.cfg.warmup:
+            return
+        start = max(0, done - self.cfg.history)
+        x = np.arange(start, done, dtype=float)
+        hist = np.array(self.coba_losses[-len(x):])  # (points, K)
+        self.coba_slopes.append([slope(x, hist[:, i]) for i in range(self.m)])
+        self.coba_total.append(slope(x, hist.max(1)))
+        self.coba_w = coba_weights(np.array(self.coba_slopes).T, np.array(self.coba_total), start, self.cfg.tau)
+
     def loss_weights(self) -> np.ndarray | None:
-        """Per-group loss weights (DoReMi's alpha), or None when the loss is not reweighted."""
-        return self.alpha if self.cfg.name == "doremi" else None
+        """Per-group loss weights (DoReMi's alpha, CoBa's w), or None when the loss is not reweighted."""
+        if self.cfg.name == "doremi":
+            return self.alpha
+        return self.coba_w if self.cfg.name == "coba" else None
 
     def observe_excess(self, step: int, model_loss: np.ndarray, reference_loss: np.ndarray) -> None:
         """DoReMi: the batch's per-group mean losses under the model and the reference (NaN where a
@@ -217,6 +306,8 @@ class OnlineMixer:
     def state_dict(self) -> dict:
         return {"alpha": self.alpha.tolist(), "alpha_sum": self.alpha_sum.tolist(), "alpha_steps": self.alpha_steps,
                 "last_excess": self.last_excess.tolist(),
+                "coba": {"w": self.coba_w.tolist(), "init": None if self.coba_init is None else self.coba_init.tolist(),
+                         "losses": self.coba_losses, "slopes": self.coba_slopes, "total": self.coba_total},
                 "p": self.p.tolist(), "a_hat": self.a_hat.tolist(),
                 "a_bar": None if self.a_bar is None else self.a_bar.tolist(),
                 "last_loss": None if self.last_loss is None else self.last_loss.tolist(), "history": self.history}
@@ -224,6 +315,10 @@ class OnlineMixer:
     def load_state_dict(self, state: dict) -> None:
         self.alpha, self.alpha_sum = np.array(state["alpha"]), np.array(state["alpha_sum"])
         self.alpha_steps, self.last_excess = state["alpha_steps"], np.array(state["last_excess"])
+        c = state["coba"]
+        self.coba_w, self.coba_losses, self.coba_slopes, self.coba_total = (np.array(c["w"]), c["losses"], c["slopes"],
+                                                                              c["total"])
+        self.coba_init = None if c["init"] is None else np.array(c["init"])
         self.p, self.a_hat = np.array(state["p"]), np.array(state["a_hat"])
         self.a_bar = None if state["a_bar"] is None else np.array(state["a_bar"])
         self.last_loss = None if state["last_loss"] is None else np.array(state["last_loss"])

@@ -92,7 +92,8 @@ class MixedBatches:
 
     def __init__(self, stage: StageData, batch_size: int, seed: int, index: int) -> None:
         self.groups, self.batch_size, self.seed, self.index = stage.groups, batch_size, seed, index
-        self.mixer = OnlineMixer(stage.mixing, stage.groups.names, seed, index)
+        self.mixer = OnlineMixer(stage.mixing, stage.groups.names, seed, index,
+                                 natural=[len(r) for r in stage.groups.rows])
         self.used = [0] * len(stage.groups.names)
 
     def rows(self, step: int) -> list[int]:
@@ -304,7 +305,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
             loss_mode, task_w = cfg.loss, by_source["task_weights"]
             alpha = order.mixer.loss_weights() if stage.mixing is not None else None
-            if alpha is not None:  # DoReMi: sum_i alpha_i x (group i's mean token loss)
+            if alpha is not None:  # DoReMi / CoBa: sum_i w_i x (group i's mean token loss)
                 loss_mode, task_w = "case3", torch.zeros(len(source_names), dtype=torch.float64)
                 task_w[group_ids] = torch.from_numpy(alpha)
             weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], loss_mode,
