@@ -349,6 +349,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             optimizer.zero_grad(set_to_none=True)
             at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
             if reference is not None:
+                if world > 1:  # this process saw only its micro-batches
+                    step_sums = acc.reduce(step_sums.to(acc.device), reduction="sum").cpu()
+                    step_counts = acc.reduce(step_counts.to(acc.device), reduction="sum").cpu()
                 ref_sums, ref_counts = batch_losses(reference, batch, cfg.micro_batch_size, len(source_names), acc)
                 order.mixer.observe_excess(step, (step_sums / step_counts)[group_ids].numpy(),
                                            (ref_sums / ref_counts)[group_ids].numpy())
