@@ -134,6 +134,7 @@ def test_lift_changes_only_principal_entries_of_block_linears(tiny_dir, tmp_path
     k_total = sum(min((base[k].shape[0] + base[k].shape[1]) * 4, base[k].numel()) for k in base
                   if ".layers." in k and k.endswith("proj.weight"))
     assert sizes["optimizer_bytes"] == 16 * k_total  # proportional to K, not to the layers
+    assert sizes["trainable_params"] == k_total  # the entries that train, not the matrices they sit in
 
 
 # -- peft by name ---------------------------------------------------------------------------------

@@ -267,7 +267,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             optimizer = tuner.optimizer(bare, params, stage.lr, cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
-        n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in bare.parameters())
+        n_all = sum(p.numel() for p in bare.parameters())
+        n_train = (optimizer.trainable_entries() if hasattr(optimizer, "trainable_entries")  # sparse: entries, not tensors
+                   else sum(p.numel() for p in trainable))
         state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 8 * n_train  # AdamW: 2 fp32 moments
         log.note(f"stage {stage.name}: method {params.name}, {n_train:,} of {n_all:,} parameters train "
                  f"({n_train / n_all:.2%}); optimizer state {state / 2**20:.2f} MiB; precision {acc.mixed_precision}; "

@@ -70,6 +70,10 @@ class SparseAdamW(torch.optim.Optimizer):
         for st in self.state.values():  # torch casts every state tensor to the parameter's dtype
             st["idx"] = st["idx"].long()
 
+    def trainable_entries(self) -> int:
+        """Entries that train (K summed over the matrices), what the method really tunes."""
+        return sum(s["idx"].numel() for s in self.state.values())
+
     def state_bytes(self) -> int:
         return sum(s["idx"].numel() * 16 for s in self.state.values())
 
