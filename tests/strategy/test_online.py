@@ -10,9 +10,21 @@ import pytest
 from mixtune.strategy.online import MixingConfig, OnlineMixer, aioli_update, batch_counts, smoothed_one_hot
 
 
-def test_batch_counts_floor_with_the_remainder_to_the_last_group():
-    assert batch_counts(np.array([0.5, 0.3, 0.2]), 8).tolist() == [4, 2, 2]  # floor 4, 2, 1; the last takes 8 - 6
-    assert batch_counts(np.array([1.0, 0.0]), 5).tolist() == [5, 0]
+def test_batch_counts_carry_fractions_so_shares_hold_over_steps():
+    # owed 4, 2.4, 1.6 -> floors 4, 2, 1; the row left goes to the largest remainder (.6): 4, 2, 2;
+    # carried: 0, .4, -.4
+    counts, carry = batch_counts(np.array([0.5, 0.3, 0.2]), 8)
+    assert counts.tolist() == [4, 2, 2] and np.allclose(carry, [0, 0.4, -0.4])
+    # next batch: owed 4, 2.8, 1.2 -> 4, 2, 1 + the left row to the group owed .8: 4, 3, 1
+    counts, carry = batch_counts(np.array([0.5, 0.3, 0.2]), 8, carry)
+    assert counts.tolist() == [4, 3, 1] and np.allclose(carry, [0, -0.2, 0.2])
+    # uniform over 3 groups at batch 8: 3, 3, 2 then 3, 2, 3 then 2, 3, 3 (the floor rule would give 2, 2, 4 each time)
+    carry, seen = None, []
+    for _ in range(3):
+        counts, carry = batch_counts(np.full(3, 1 / 3), 8, carry)
+        seen.append(counts.tolist())
+    assert seen == [[3, 3, 2], [3, 2, 3], [2, 3, 3]]
+    assert batch_counts(np.array([1.0, 0.0]), 5)[0].tolist() == [5, 0]
 
 
 def test_aioli_update_by_hand():

@@ -1,7 +1,7 @@
 """Mixture proportions of a stage's sources, fixed or updated while it trains (Aioli).
 
-A stage with ``mixing`` draws every global batch by proportions p over its sources ("groups"):
-floor(p_j * B) rows of group j, the last group taking the remainder (as the Aioli code). With
+A stage with ``mixing`` draws every global batch by proportions p over its sources ("groups"),
+p_j B rows of group j with the fractions carried from batch to batch (:func:`batch_counts`). With
 ``stratified`` p is uniform, with ``static`` it is given, with ``aioli`` it is learned online
 (Chen et al., 2025, arXiv:2411.05735, Algorithms 1-2; official ``aioli_trainer.py``):
 
@@ -75,11 +75,25 @@ class MixingConfig(Strict):
     """Held-out examples per source for validation losses (taken out of the stage's training data)."""
 
 
-def batch_counts(p: np.ndarray, batch_size: int) -> np.ndarray:
-    """Rows of each group in a batch of ``batch_size``: floor(p_j B), the last group the remainder."""
-    counts = np.floor(p * batch_size).astype(int)
-    counts[-1] = batch_size - counts[:-1].sum()
-    return counts
+def batch_counts(p: np.ndarray, batch_size: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of each group in a batch of ``batch_size``, and the fractions carried to the next batch.
+
+    Each group is owed carry_j + p_j B rows; it gets the floor of that, the rows left go to the
+    largest remainders (ties to the earlier group), and what is still owed carries over. Over many
+    steps every group gets its share of rows to within one. (The Aioli code gives floor(p_j B) and
+    the last group the remainder, which at B = 8 and 3 groups turns uniform proportions into
+    2, 2, 4 rows every step.)
+    """
+    owed = p * batch_size + (0 if carry is None else carry)
+    counts = np.floor(owed + 1e-9).astype(int)
+    short = batch_size - counts.sum()
+    if short > 0:
+        for j in np.argsort(-(owed - counts), kind="stable")[:short]:
+            counts[j] += 1
+    elif short < 0:  # carried debts can sum past the batch: take back from the most over-served
+        for j in np.argsort(owed - counts, kind="stable")[:-short]:
+            counts[j] -= 1
+    return counts, owed - counts
 
 
 def smoothed_one_hot(m: int, j: int, f: float) -> np.ndarray:

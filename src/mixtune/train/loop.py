@@ -95,10 +95,12 @@ class MixedBatches:
         self.mixer = OnlineMixer(stage.mixing, stage.groups.names, seed, index,
                                  natural=[len(r) for r in stage.groups.rows])
         self.used = [0] * len(stage.groups.names)
+        self.carry = np.zeros(len(stage.groups.names))
 
     def rows(self, step: int) -> list[int]:
         out = []
-        for g, count in enumerate(batch_counts(self.mixer.mixture(step), self.batch_size)):
+        counts, self.carry = batch_counts(self.mixer.mixture(step), self.batch_size, self.carry)
+        for g, count in enumerate(counts):
             pool = self.groups.rows[g]
             for _ in range(int(count)):
                 epoch, i = divmod(self.used[g], len(pool))
@@ -108,10 +110,10 @@ class MixedBatches:
         return out
 
     def state_dict(self) -> dict:
-        return {"used": self.used, "mixer": self.mixer.state_dict()}
+        return {"used": self.used, "carry": self.carry.tolist(), "mixer": self.mixer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.used = state["used"]
+        self.used, self.carry = state["used"], np.array(state["carry"])
         self.mixer.load_state_dict(state["mixer"])
 
 
