@@ -238,3 +238,12 @@ def test_moe_lora_trains_only_experts_logs_routing_per_source_and_reloads(tiny_d
         a, b = model(ids).logits, load_model(again[-1])[0](ids).logits
         base = load_model(tiny_dir)[0](ids).logits
     assert torch.equal(a, b) and not torch.allclose(a, base, atol=1e-4)  # seeded; and it learned something
+
+
+def test_peft_fields_are_checked_when_the_recipe_is_read(tiny_dir):
+    from mixtune.core import MixtuneError
+
+    with pytest.raises(MixtuneError, match="did you mean 'use_dora'"):
+        recipe(tiny_dir, {"name": "lora", "options": {"use_dorra": True}})
+    with pytest.raises(MixtuneError, match="not a peft tuner"):
+        recipe(tiny_dir, {"name": "peft", "type": "LORRA"})

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mixtune.core import ConfigError, Strict
 from mixtune.train.methods.base import register
@@ -42,6 +42,19 @@ class LoraParams(Strict):
     merge: bool = False
     """Also write the base with the adapter merged in, as a full model in ``merged/``."""
 
+    @model_validator(mode="after")
+    def _peft_accepts(self) -> LoraParams:  # checked when the recipe is read, not when training starts
+        if self.options:
+            _check(lambda: lora_config(self))
+        return self
+
+
+def _check(build) -> None:
+    try:
+        build()
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
 
 class PeftParams(Strict):
     name: Literal["peft"] = "peft"
@@ -51,6 +64,11 @@ class PeftParams(Strict):
     """Fields of that tuner's peft config class, e.g. {target_modules: [q_proj, v_proj], r: 8}."""
     merge: bool = False
     """Also write the base with the adapter merged in, as a full model in ``merged/`` (tuners that merge)."""
+
+    @model_validator(mode="after")
+    def _peft_accepts(self) -> PeftParams:
+        _check(lambda: peft_config(self.type, self.config, "train.method.config"))
+        return self
 
 
 def peft_config(kind: str, fields: dict, where: str):
@@ -99,16 +117,21 @@ def _attach(model, config, where: str):
     return peft_model
 
 
-def prepare(model, p: LoraParams, seed: int):
-    """LoRA (Hu et al., 2021, arXiv:2106.09685), Eq. 3: h = W0 x + (alpha / r) B A x, with W0 frozen,
-    A ~ Kaiming-uniform and B = 0 at start (peft's defaults); ``options`` reach peft's variants
-    (DoRA, rsLoRA, PiSSA and OLoRA initialisation)."""
+def lora_config(p: LoraParams):
+    """peft's LoraConfig for ``p`` (its own fields, then ``options``)."""
     fields = {"r": p.r, "lora_alpha": p.alpha, "lora_dropout": p.dropout, "target_modules": p.target_modules}
     overlap = set(fields) & set(p.options)
     if overlap:
         raise ConfigError(f"train.method.options sets {sorted(overlap)}, which lora's own fields set (r, alpha, "
                           "dropout, target_modules)")
-    return _attach(model, peft_config("LORA", fields | p.options, "train.method"), "train.method")
+    return peft_config("LORA", fields | p.options, "train.method.options")
+
+
+def prepare(model, p: LoraParams, seed: int):
+    """LoRA (Hu et al., 2021, arXiv:2106.09685), Eq. 3: h = W0 x + (alpha / r) B A x, with W0 frozen,
+    A ~ Kaiming-uniform and B = 0 at start (peft's defaults); ``options`` reach peft's variants
+    (DoRA, rsLoRA, PiSSA and OLoRA initialisation)."""
+    return _attach(model, lora_config(p), "train.method")
 
 
 def prepare_peft(model, p: PeftParams, seed: int):
