@@ -320,9 +320,7 @@ class Study:
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             exported.rename(dest)
-            self._store_losses(key, work / "log.jsonl")
-            sizes = next((e for e in map(json.loads, (work / "log.jsonl").read_text().splitlines())
-                          if "trainable_params" in e), {})
+            sizes = self._store_log(key, work / "log.jsonl")
             self.db.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
                             (key, prev, plan.name, plan.steps, seconds, sizes.get("trainable_params"),
                              sizes.get("optimizer_bytes"), peak))
@@ -333,13 +331,16 @@ class Study:
             if on_stage is not None:
                 on_stage(key)
 
-    def _store_losses(self, key: str, log_path: Path) -> None:
-        """Training loss per source, and for mixed stages the proportions and validation losses."""
+    def _store_log(self, key: str, log_path: Path) -> dict:
+        """Store a stage's training loss per source, and for mixed stages the proportions and
+        validation losses; returns its size entry (trainable parameters, optimizer bytes)."""
         for table in ("losses", "mixing", "val_losses"):
             self.db.execute(f"DELETE FROM {table} WHERE stage_key = ?", (key,))
-        rows, mix, val = [], [], []
+        rows, mix, val, sizes = [], [], [], {}
         for line in log_path.read_text().splitlines():
             e = json.loads(line)
+            if "trainable_params" in e and not sizes:
+                sizes = e
             for name, v in e.items():
                 if name.startswith("loss/"):
                     rows.append((key, e["stage_step"], name.removeprefix("loss/"), v))
@@ -350,6 +351,7 @@ class Study:
         self.db.executemany("INSERT INTO losses VALUES (?,?,?,?)", rows)
         self.db.executemany("INSERT INTO mixing VALUES (?,?,?,?)", mix)
         self.db.executemany("INSERT OR REPLACE INTO val_losses VALUES (?,?,?)", val)
+        return sizes
 
     # -- evaluation -------------------------------------------------------------------------
 

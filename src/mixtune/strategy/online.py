@@ -97,7 +97,7 @@ def batch_counts(p: np.ndarray, batch_size: int, carry: np.ndarray | None = None
 
 
 def smoothed_one_hot(m: int, j: int, f: float) -> np.ndarray:
-    """w_j: f on group j, (1 - f) / (m - 1) on the others (all 1/m... when m = 1, just 1)."""
+    """w_j: f on group j, (1 - f) / (m - 1) on each other group (a single group: just 1)."""
     if m == 1:
         return np.ones(1)
     w = np.full(m, (1 - f) / (m - 1))
@@ -138,18 +138,16 @@ def aioli_update(p: np.ndarray, a_hat: np.ndarray, f: float, eta: float, ema: fl
     return new / new.sum(), used
 
 
-def doremi_update(alpha: np.ndarray, excess: np.ndarray, step_size: float, smoothing: float) -> np.ndarray:
-    """One DoReMi step (Xie et al., 2023, arXiv:2305.10429, Alg. 1 lines 8-9): excess losses
-    clipped at 0, log alpha + mu * excess, softmax, then (1 - eps) alpha + eps / m."""
-    logits = np.log(alpha) + step_size * np.maximum(excess, 0.0)
-    a = np.exp(logits - logits.max())
-    a /= a.sum()
-    return (1 - smoothing) * a + smoothing / len(a)
-
-
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
+
+
+def doremi_update(alpha: np.ndarray, excess: np.ndarray, step_size: float, smoothing: float) -> np.ndarray:
+    """One DoReMi step (Xie et al., 2023, arXiv:2305.10429, Alg. 1 lines 8-9): excess losses
+    clipped at 0, log alpha + mu * excess, softmax, then (1 - eps) alpha + eps / m."""
+    a = _softmax(np.log(alpha) + step_size * np.maximum(excess, 0.0))
+    return (1 - smoothing) * a + smoothing / len(a)
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> float:

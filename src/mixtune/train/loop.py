@@ -138,16 +138,9 @@ def validation_losses(model, val: list[Packed], acc) -> np.ndarray:
     model.eval()
     out = []
     for packed in val:
-        total, count = 0.0, 0
-        for lo in range(0, packed.input_ids.shape[0], 16):
-            ids = packed.input_ids[lo:lo + 16].to(acc.device)
-            labels = packed.labels[lo:lo + 16].to(acc.device)
-            logits = model(input_ids=ids, position_ids=packed.position_ids[lo:lo + 16].to(acc.device),
-                           use_cache=False).logits
-            ce = token_losses(logits, labels)
-            total += float(ce.sum())
-            count += int((labels[:, 1:] != -100).sum())
-        out.append(total / max(count, 1))
+        rows = {k: getattr(packed, k) for k in ("input_ids", "labels", "position_ids", "source_ids")}
+        sums, counts = batch_losses(model, rows, 16, int(packed.source_ids.max()) + 1, acc)
+        out.append(float(sums.sum() / counts.sum().clamp(min=1)))
     model.train()
     return np.array(out)
 
