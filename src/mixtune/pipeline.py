@@ -10,7 +10,7 @@ from mixtune.builtin import builtin_tokenizer, init_builtin
 from mixtune.core import ConfigError, DataError, dump_config
 from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
-from mixtune.data.sources import load_source
+from mixtune.data.sources import load_source_located
 from mixtune.models import load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
@@ -60,7 +60,7 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     names = list(recipe.sources)
-    loaded = {n: load_source(n, cfg, seed=recipe.seed, base_dir=base_dir) for n, cfg in recipe.sources.items()}
+    loaded, origin = load_sources(recipe, base_dir)
     selected = select_sources(recipe, loaded, tokenizer, select_with)
     if amount != 1.0:
         from mixtune.data.mixture import MixtureConfig, Take
@@ -78,24 +78,45 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
         todo = sorted(set(mixture.picks) - cache.keys())
         cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
         examples = [cache[p] for p in mixture.picks]
+        where = [origin[id(loaded[n][i])] for n, i in mixture.picks]
         if stage.mixing is None:
             packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
                           sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
-                          where=[f"source {n!r} record {i}" for n, i in mixture.picks])
+                          where=where)
             stages.append(PreparedStage(stage, mixture, examples, packed))
         else:
-            packed, groups = pack_groups(mixture, examples, names, stage.mixing.validation, recipe, pad_id)
+            packed, groups = pack_groups(mixture, examples, names, stage.mixing.validation, recipe, pad_id, where)
             stages.append(PreparedStage(stage, mixture, examples, packed, groups))
     return PreparedData(stages, names, tokenizer, selected)
 
 
+def load_sources(recipe: Recipe, base_dir: str | Path) -> tuple[dict[str, list[dict]], dict[int, str]]:
+    """Every source's records, and where each came from (``file:line`` ...) by the record's ``id``:
+    subsetting and selection keep the record objects. The problems of all sources are reported
+    together, in one error."""
+    loaded, origin, problems = {}, {}, []
+    for name, cfg in recipe.sources.items():
+        try:
+            loaded[name], where = load_source_located(name, cfg, seed=recipe.seed, base_dir=base_dir)
+            origin.update((id(r), at) for r, at in zip(loaded[name], where))
+        except DataError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} sources cannot be used:\n" + "\n".join(f"  {p}" for p in problems))
+    return loaded, origin
+
+
 def pack_groups(mixture: Mixture, examples: list[Example], names: list[str], n_val: int, recipe: Recipe,
-                pad_id: int) -> tuple[Packed, Groups]:
+                pad_id: int, where: list[str] | None = None) -> tuple[Packed, Groups]:
     """Each source of a mixed stage packed on its own (so a row belongs to one source), its first
-    ``n_val`` mixed examples held out as validation rows; training rows concatenated, source by source."""
+    ``n_val`` mixed examples held out as validation rows; training rows concatenated, source by source.
+    ``where`` names each example in errors (default: its source and 1-based record number)."""
     import torch
 
     order = [n for n in names if any(p[0] == n for p in mixture.picks)]
+    where = where or [f"source {n!r} record {i + 1}" for n, i in mixture.picks]
     parts, rows, val, start, offset = [], [], [], 0, 0
     for name in order:
         mine = [i for i, (n, _) in enumerate(mixture.picks) if n == name]
@@ -105,9 +126,9 @@ def pack_groups(mixture: Mixture, examples: list[Example], names: list[str], n_v
         held, train_ = mine[:n_val], mine[n_val:]
         kw = dict(pad_id=pad_id, long_examples=recipe.format.long_examples)
         p = pack([examples[i] for i in train_], recipe.format.seq_len, sources=[names.index(name)] * len(train_),
-                 where=[f"source {name!r} record {mixture.picks[i][1]}" for i in train_], **kw)
+                 where=[where[i] for i in train_], **kw)
         val.append(pack([examples[i] for i in held], recipe.format.seq_len, sources=[names.index(name)] * len(held),
-                        where=[f"source {name!r} record {mixture.picks[i][1]}" for i in held], **kw))
+                        where=[where[i] for i in held], **kw))
         n = p.input_ids.shape[0]
         parts.append(dataclasses.replace(p, example_ids=torch.where(p.example_ids >= 0, p.example_ids + offset, -1)))
         rows.append(torch.arange(start, start + n))
@@ -169,12 +190,60 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
     from mixtune.train.loop import make_accelerator
 
     acc = accelerator or make_accelerator(recipe.train.precision)
+    # every data problem is found before anything is written (selection needs the model: it comes after)
+    selecting = any(src.select is not None for src in recipe.sources.values())
+    data = None if selecting else prepare_data(recipe, base_dir)
     if acc.is_main_process:
         start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")  # built once, before the others look
     acc.wait_for_everyone()
     start = start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")
     model, tokenizer = load_model(start)
-    data = prepare_data(recipe, base_dir, tokenizer=tokenizer, select_with=start)
+    data = data or prepare_data(recipe, base_dir, tokenizer=tokenizer, select_with=start)
     return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
                  seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,
                  progress=progress, on_step=on_step)
+
+
+class _Timed(Exception):
+    """Raised from the loop's step callback once enough steps are timed (nothing is exported)."""
+
+
+def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData], *, steps: int = 4,
+                     cpu_limit_bytes: int = 2 * 2**30) -> float | str:
+    """Seconds the recipe's training steps will take here, on one process: the median of a few real
+    optimizer steps of the first stage (after one warm-up step), through the one loop, times the steps
+    of every stage. Validation passes of mixed stages and exports are not counted. Returns a sentence
+    instead when the model is too large to time on this CPU quickly.
+    """
+    import shutil
+    import statistics
+    import tempfile
+    import time
+
+    import torch
+
+    if not recipe.model.startswith("builtin:") and not torch.cuda.is_available():
+        size = sum(f.stat().st_size for f in Path(recipe.model).glob("*.safetensors"))
+        if size > cpu_limit_bytes:
+            return (f"not estimated ({size / 2**30:.1f} GiB of weights on a CPU); time it with "
+                    f"`mixtune train RECIPE train.steps={steps}`")
+    work = Path(tempfile.mkdtemp(prefix="mixtune-estimate-"))
+    try:
+        model, tokenizer = load_model(start_model(recipe.model, seed=recipe.seed, folder=work / "base"))
+        stamps: list[float] = []
+
+        def on_step(_step: int) -> None:
+            stamps.append(time.perf_counter())
+            if len(stamps) > steps:
+                raise _Timed
+
+        first = dataclasses.replace(plans[0], steps=steps + 2)
+        try:
+            train(model, tokenizer, [first], recipe.train, work / "run", source_names=data.source_names,
+                  seed=recipe.seed, resume=False, progress=False, on_step=on_step)
+        except _Timed:
+            pass
+        per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return per_step * sum(p.steps for p in plans)

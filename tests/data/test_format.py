@@ -108,6 +108,8 @@ def test_long_examples_error_drop_or_truncate():
     exs = [Example(list(range(10, 20)), list(range(10, 20))), Example([5, 6, 7], [5, 6, 7])]
     with pytest.raises(DataError, match="math #0 has 10 tokens, longer than seq_len = 8"):
         pack(exs, 8, pad_id=0, where=["math #0", "math #1"])
+    with pytest.raises(DataError, match="^example 1 has 10 tokens"):  # counted from 1, as lines are
+        pack(exs, 8, pad_id=0)
     dropped = pack(exs, 8, pad_id=0, long_examples="drop")
     assert dropped.dropped == 1 and dropped.n_tokens == 3
     cut = pack(exs, 8, pad_id=0, long_examples="truncate")

@@ -67,7 +67,7 @@ def test_builtin_source_uses_recipe_seed_unless_given():
 
 
 @pytest.mark.parametrize("line, expected", [
-    ('{"messages": [}', r"d.jsonl:2: not valid JSON \(Expecting value at column 15\)"),
+    ('{"messages": [}', r"d.jsonl:2: not valid JSON at column 15: expecting value$"),
     ('[1, 2]', r"d.jsonl:2: expected an object with a conversation, found list"),
     ('{"question": "q", "answer": "a"}',
      r'd.jsonl:2: no conversation found; keys present: question, answer. Expected "messages"'),
@@ -123,3 +123,123 @@ def test_source_config_rules():
         src(builtin="math", split="dev")
     with pytest.raises(ConfigError, match="unknown ability 'maths'. Did you mean: math"):
         load_source("m", src(builtin="maths"))
+
+
+def test_json_error_names_the_column_where_the_line_broke(tmp_path):
+    rec = json.dumps({"messages": [{"role": "user", "content": "q" * 100}, {"role": "assistant", "content": "a" * 150}]})
+    opened = rec.index('"aaa') + 1  # 1-based column of the quote that opens the assistant text
+    assert opened < 221 < rec.index('a"')  # column 222 falls inside that string
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, rec[:221], rec[221:]])  # the record broken by a raw newline
+    with pytest.raises(DataError) as e:
+        load_source("s", src(path=p))
+    assert str(e.value) == (f"{p}:2: not valid JSON at column 222: the line ends inside a string opened at column "
+                            f"{opened}; one record per line, with line breaks inside strings written as \\n")
+    tab = '{"prompt": "a\tb", "completion": "c"}'
+    with pytest.raises(DataError, match=r"d.jsonl:1: not valid JSON at column 14: raw control character '\\t'"):
+        load_source("s", src(path=write_jsonl(tmp_path / "d.jsonl", [tab])))
+    with pytest.raises(DataError, match=r"d.jsonl:1: not valid JSON at column 36: more text after the record's end"):
+        load_source("s", src(path=write_jsonl(tmp_path / "d.jsonl", ['{"prompt": "p", "completion": "c"} {}'])))
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+    p = tmp_path / "d.jsonl"
+    # line 2: "é" is valid UTF-8 (2 bytes, 1 column); \xe9 alone (Latin-1 "é") is not, at column 17
+    p.write_bytes(json.dumps(CHAT).encode() + b'\n{"prompt": "\xc3\xa9caf\xe9", "completion": "c"}\n')
+    with pytest.raises(DataError) as e:
+        load_source("s", src(path=p))
+    assert str(e.value) == (f"{p}:2: not UTF-8: byte 0xe9 at column 17 cannot be decoded; JSONL is read as UTF-8, "
+                            f"so re-encode the file (e.g. iconv -f latin1 -t utf-8)")
+
+
+def test_utf8_byte_order_mark_and_crlf_are_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\r\n" + json.dumps(CHAT).encode() + b"\r\n")
+    assert load_source("s", src(path=p)) == [CHAT | {"ability": "s"}] * 2
+
+
+EMPTY = {"prompt": "p", "completion": " \n"}
+
+
+def test_empty_assistant_turn_is_an_error_naming_its_line(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, CHAT, EMPTY])
+    with pytest.raises(DataError) as e:
+        load_source("mine", src(path=p))
+    assert str(e.value) == (f"{p}:3: messages[1] is an empty assistant turn (content ' \\n'), nothing to train on; "
+                            f"fill or remove the record, or set sources.mine.empty_turns: drop to drop such records")
+    multi = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}
+    with pytest.raises(DataError, match=r"d.jsonl:1: messages\[1\] is an empty assistant turn \(content ''\)"):
+        load_source("mine", src(path=write_jsonl(tmp_path / "d.jsonl", [multi])))
+
+
+def test_empty_turns_drop_drops_and_reports_how_many(tmp_path, caplog):
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, EMPTY, CHAT, EMPTY])
+    with caplog.at_level("WARNING", logger="mixtune.data.sources"):
+        recs = load_source("mine", src(path=p, empty_turns="drop"))
+    assert recs == [CHAT | {"ability": "mine"}] * 2
+    assert caplog.messages == [f"source 'mine': dropped 2 of 4 records with an empty assistant turn "
+                               f"(empty_turns: drop), the first at {p}:2"]
+    with pytest.raises(DataError, match=r"every record \(1\) has an empty assistant turn, so empty_turns: drop"):
+        load_source("mine", src(path=write_jsonl(tmp_path / "e.jsonl", [EMPTY]), empty_turns="drop"))
+    with pytest.raises(ConfigError, match="empty_turns"):
+        src(path=p, empty_turns="skip")
+
+
+def test_over_long_record_is_refused_when_read_naming_its_line(tmp_path):
+    ok = json.dumps({"prompt": "p", "completion": "c" * 67})  # 100 bytes
+    assert len(ok) == 100
+    p = tmp_path / "d.jsonl"
+    p.write_bytes((ok + "\r\n" + ok + "\n\n" + ok[:-1] + ' }\n').encode())  # lines 1, 2 fit; line 4 has 101 bytes
+    with pytest.raises(DataError) as e:
+        load_source("mine", src(path=p, max_record_bytes=100))
+    assert str(e.value) == (f"{p}:4: record longer than max_record_bytes = 100 bytes (not read further); shorten or "
+                            f"remove it, or raise sources.mine.max_record_bytes")
+    assert len(load_source("mine", src(path=p, max_record_bytes=101))) == 3
+
+
+def test_a_huge_line_is_refused_without_being_read_whole(tmp_path):
+    import tracemalloc
+
+    from mixtune.data.sources import MAX_RECORD_BYTES
+
+    p = tmp_path / "d.jsonl"
+    with p.open("wb") as f:  # line 2: one 16 MiB record
+        f.write(json.dumps(CHAT).encode() + b'\n{"prompt": "p", "completion": "' + b"x" * 2**24 + b'"}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=rf"d.jsonl:2: record longer than max_record_bytes = 65,536 bytes"):
+            load_source("s", src(path=p, max_record_bytes=2**16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # at most the limit (64 KiB) was held, not the 16 MiB line
+    assert MAX_RECORD_BYTES == 4 * 2**20 == src(path=p).max_record_bytes
+    with pytest.raises(DataError, match=r"d.jsonl:2: record longer than max_record_bytes = 4,194,304 bytes"):
+        load_source("s", src(path=p))  # the default
+
+
+def test_over_long_parquet_row_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": "é" * 60}]),
+                   tmp_path / "d.parquet")
+    with pytest.raises(DataError) as e:
+        load_source("mine", src(path=tmp_path / "d.parquet", max_record_bytes=100))
+    assert str(e.value) == (f"{tmp_path / 'd.parquet'} row 1: record of 121 bytes, longer than max_record_bytes = "
+                            f"100; shorten or remove it, or raise sources.mine.max_record_bytes")
+
+
+def test_pack_error_names_the_file_line_of_the_long_record(tmp_path):
+    from mixtune.pipeline import prepare_data
+    from mixtune.recipe import Recipe
+
+    write_jsonl(tmp_path / "d.jsonl", [CHAT, "", CHAT | {"messages": [{"role": "user", "content": "hi"},
+                                                                    {"role": "assistant", "content": "word " * 200}]}])
+    recipe = validate(Recipe, {"model": "builtin:tiny", "format": {"seq_len": 64},
+                               "sources": {"mine": {"path": "d.jsonl"}, "math": {"builtin": "math", "n": 3}}})
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'd.jsonl'}:3 has \d+ tokens, longer than seq_len = 64"):
+        prepare_data(recipe, tmp_path)
+    mixing = {"name": "multi_task", "mixing": {"name": "stratified", "validation": 1}}
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'd.jsonl'}:3 has \d+ tokens, longer than seq_len = 64"):
+        prepare_data(validate(Recipe, recipe.model_dump() | {"strategy": mixing}), tmp_path)

@@ -164,7 +164,8 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
         pad_id: token id for the unfilled tail of rows.
         sources: per example, the index of its source (default 0).
         long_examples: ``error`` | ``drop`` | ``truncate`` for examples longer than ``seq_len``.
-        where: per example, a name for error messages (e.g. ``"math #12"``).
+        where: per example, a name for error messages (e.g. ``"data/math.jsonl:12"``); default
+            ``example N``, counted from 1.
 
     Raises:
         DataError: an example is longer than ``seq_len`` and ``long_examples`` is ``error``.
@@ -175,7 +176,7 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
         n = len(ex.input_ids)
         if n > seq_len:
             if long_examples == "error":
-                name = where[i] if where else f"example {i}"
+                name = where[i] if where else f"example {i + 1}"
                 raise DataError(
                     f"{name} has {n} tokens, longer than seq_len = {seq_len}. Raise format.seq_len, or set "
                     f"format.long_examples to 'drop' or 'truncate'"

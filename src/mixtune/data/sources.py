@@ -20,17 +20,23 @@ A record that fits none of these is an error naming the file and line or row.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from mixtune.core import DataError, Strict
+from mixtune.core import DataError, Strict, UnknownNameError
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.select import SelectConfig
 
 ROLES = ("system", "user", "assistant")
+MAX_RECORD_BYTES = 4 * 2**20
+"""Default ``max_record_bytes``: 4 MiB. Tokenizing one record that long takes about 14 s and 2 GB
+with the built-in tokenizer, so the limit bounds what one bad record can cost."""
+
+log = logging.getLogger(__name__)
 
 
 class SourceConfig(Strict):
@@ -57,6 +63,31 @@ class SourceConfig(Strict):
     select: SelectConfig | None = None
     """Keep part of the source by the starting model's likelihood of each response: ``{method:
     grape}`` (best candidate per prompt) or ``{method: perplexity, keep: 0.5}``."""
+    empty_turns: Literal["error", "drop"] = "error"
+    """A record with an empty (or whitespace-only) assistant turn: stop with an error naming its
+    line or row, or drop the record (the count is reported)."""
+    max_record_bytes: int = Field(default=MAX_RECORD_BYTES, ge=1)
+    """Longest record accepted, in UTF-8 bytes (a JSONL line, or a row's turn texts together);
+    a longer one is an error when read, before it is held whole or tokenized. Default 4 MiB,
+    about a million tokens, past any model's context."""
+
+    @field_validator("builtin")
+    @classmethod
+    def _known_ability(cls, v: str | None) -> str | None:
+        if v is not None and v not in ABILITIES:
+            try:
+                ABILITIES.get(v)
+            except UnknownNameError as e:  # reported at its line, with the close matches
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")  # given when a recipe file is read
+        if v is not None and base is not None and not (v if v.is_absolute() else Path(base) / v).exists():
+            raise ValueError(f"no such file or folder: {str(v if v.is_absolute() else Path(base) / v)!r}")
+        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceConfig:
@@ -75,11 +106,19 @@ def load_source(name: str, cfg: SourceConfig, *, seed: int = 0, base_dir: str | 
     Raises:
         DataError: the file is missing, unreadable, empty, or a record does not fit.
     """
-    records = _load(name, cfg, seed=seed, base_dir=base_dir)
-    return [r | {"condition": cfg.condition} for r in records] if cfg.condition else records
+    return load_source_located(name, cfg, seed=seed, base_dir=base_dir)[0]
 
 
-def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> list[dict]:
+def load_source_located(name: str, cfg: SourceConfig, *, seed: int = 0,
+                        base_dir: str | os.PathLike = ".") -> tuple[list[dict], list[str]]:
+    """:func:`load_source` and, per record, where it came from: ``file:line`` (1-based) for JSONL,
+    ``file row i`` for Parquet and ``datasets`` folders, ``source 'name' record i`` (1-based) for
+    a built-in source."""
+    records, where = _load(name, cfg, seed=seed, base_dir=base_dir)
+    return ([r | {"condition": cfg.condition} for r in records] if cfg.condition else records), where
+
+
+def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[dict], list[str]]:
     ability = cfg.ability or name
     if cfg.builtin is not None:
         gen = ABILITIES.get(cfg.builtin)
@@ -87,16 +126,17 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> list[dict]:
                                split=cfg.split, difficulty=cfg.difficulty)  # type: ignore[arg-type]
         if cfg.ability:
             records = [r | {"ability": cfg.ability} for r in records]
-        return records
+        return records, [f"source {name!r} record {i}" for i in range(1, len(records) + 1)]
     path = Path(cfg.path)  # type: ignore[arg-type]
     if not path.is_absolute():
         path = Path(base_dir) / path
     if not path.exists():
         raise DataError(f"source {name!r}: {path}: no such file or folder")
+    jsonl = path.suffix == ".jsonl" and not path.is_dir()  # a JSONL line is measured as it is read
     if path.is_dir():
         rows = _read_saved_dataset(path, cfg.split)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
+    elif jsonl:
+        rows = _read_jsonl(path, name, cfg.max_record_bytes)
     elif path.suffix == ".parquet":
         rows = _read_parquet(path)
     else:
@@ -104,23 +144,89 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> list[dict]:
             f"source {name!r}: {path}: unsupported file type {path.suffix!r}; expected .jsonl, "
             f".parquet or a folder saved with datasets' save_to_disk"
         )
-    records = [normalise_record(obj, where, default_ability=ability) for where, obj in rows]
+    records, where, empty = [], [], []
+    for at, obj in rows:
+        record = normalise_record(obj, at, default_ability=ability)
+        if not jsonl:
+            _check_size(record["messages"], at, name, cfg.max_record_bytes)
+        turn = next((i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"
+                     and not m["content"].strip()), None)
+        if turn is None:
+            records.append(record)
+            where.append(at)
+        elif cfg.empty_turns == "error":
+            raise DataError(
+                f"{at}: messages[{turn}] is an empty assistant turn (content "
+                f"{record['messages'][turn]['content']!r}), nothing to train on; fill or remove the "
+                f"record, or set sources.{name}.empty_turns: drop to drop such records"
+            )
+        else:
+            empty.append(at)
+    if empty:
+        if not records:
+            raise DataError(f"source {name!r}: {path}: every record ({len(empty):,}) has an empty assistant "
+                            f"turn, so empty_turns: drop leaves nothing to train on")
+        log.warning(f"source {name!r}: dropped {len(empty):,} of {len(rows):,} records with an empty assistant "
+                    f"turn (empty_turns: drop), the first at {empty[0]}")
     if not records:
         raise DataError(f"source {name!r}: {path}: contains no records")
-    return records
+    return records, where
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+def _check_size(messages: list[dict], where: str, name: str, limit: int) -> None:
+    chars = sum(len(m["content"]) for m in messages)
+    if 4 * chars > limit:  # a character is at most 4 bytes of UTF-8: encode only when it can matter
+        size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+        if size > limit:
+            raise DataError(f"{where}: record of {size:,} bytes, longer than max_record_bytes = {limit:,}; shorten "
+                            f"or remove it, or raise sources.{name}.max_record_bytes")
+
+
+def _read_jsonl(path: Path, name: str, limit: int) -> list[tuple[str, Any]]:
+    """``(file:line, object)`` per non-blank line. Lines are read as bytes, at most ``limit`` + 2
+    at a time, so an over-long line is refused without being held whole; only ``\\n`` ends a line
+    (a stray ``\\r`` inside a record stays in it, where JSON reports it)."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        lineno = 0
+        while raw := f.readline(limit + 2):  # + 2: room for the line's own "\r\n"
+            lineno += 1
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            if len(raw) > limit:
+                raise DataError(f"{path}:{lineno}: record longer than max_record_bytes = {limit:,} bytes (not read "
+                                f"further); shorten or remove it, or raise sources.{name}.max_record_bytes")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[: e.start].decode("utf-8")) + 1
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at column {column} cannot be decoded; "
+                    f"JSONL is read as UTF-8, so re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not line.strip():
                 continue
             try:
                 rows.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{lineno}: {_json_problem(e, line)}") from None
     return rows
+
+
+def _json_problem(e: json.JSONDecodeError, line: str) -> str:
+    """What is wrong with one JSONL line, at the column where reading it failed (1-based)."""
+    if e.msg.startswith("Unterminated string"):  # json names where the string opened, not where it broke
+        return (f"not valid JSON at column {len(line) + 1}: the line ends inside a string opened at column "
+                f"{e.colno}; one record per line, with line breaks inside strings written as \\n")
+    if e.msg.startswith("Invalid control character"):
+        return (f"not valid JSON at column {e.colno}: raw control character {line[e.pos]!r} inside a string; "
+                f"write it escaped (\\n, \\t, \\r or \\u00XX)")
+    if e.msg == "Extra data":
+        return f"not valid JSON at column {e.colno}: more text after the record's end (one record per line)"
+    what = e.msg.removesuffix(" at")
+    return f"not valid JSON at column {e.colno}: {what[:1].lower()}{what[1:]}"
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
@@ -192,4 +298,4 @@ def _check_messages(messages: Any, where: str) -> None:
                         f"{', '.join(m['role'] for m in messages)})")
 
 
-__all__ = ["ROLES", "SourceConfig", "load_source", "normalise_record"]
+__all__ = ["MAX_RECORD_BYTES", "ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record"]

@@ -20,9 +20,14 @@ def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 
 def _check_dir(path: Path) -> None:
     if not path.exists():
+        import difflib
+
+        parent = next((p for p in path.parents if p.is_dir()), Path("."))
+        near = difflib.get_close_matches(str(path), [str(p) for p in parent.iterdir() if p.is_dir()], n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
         raise CheckpointError(
-            f"{path}: no such folder. mixtune loads local Hugging Face folders only and never "
-            f"downloads; build the built-in one with `mixtune model init --size tiny {path}`"
+            f"{path}: no such folder{hint} (mixtune loads local Hugging Face folders, config.json + "
+            f"*.safetensors, and never downloads)"
         )
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a model folder (config.json + *.safetensors), found a file")
@@ -51,7 +56,8 @@ def load_model(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: st
 
     Raises:
         CheckpointError: the folder is missing, has no config, holds only pickle weights
-            (without ``allow_pickle``), or cannot be loaded.
+            (without ``allow_pickle``), cannot be loaded, or its tokenizer has ids past the
+            model's embedding rows.
     """
     import torch
     from safetensors import SafetensorError
@@ -81,4 +87,26 @@ def load_model(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: st
         from mixtune.models.moe_lora import load_into
 
         model = load_into(model, path)
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    check_vocabulary(model, tokenizer, str(path))
+    return model, tokenizer
+
+
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """Every id the tokenizer can produce (``len(tokenizer)`` and the largest special-token id) must
+    have a row in the model's input embedding; otherwise ``torch.embedding`` fails mid-run with an
+    ``IndexError``. ``where`` names the model (and tokenizer) in the error.
+
+    Raises:
+        CheckpointError: the tokenizer has more ids than the model has embedding rows.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    special = max(tokenizer.all_special_ids, default=-1)
+    n = max(len(tokenizer), special + 1)
+    if n > rows:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {n:,} token ids (len(tokenizer) = {len(tokenizer):,}, largest special-token "
+            f"id {special:,}) but the model's input embedding has {rows:,} rows, so ids {rows:,}-{n - 1:,} cannot be "
+            f"embedded; use the tokenizer saved with this model, or call model.resize_token_embeddings({n}) and "
+            f"save the model with the tokenizer"
+        )
