@@ -252,3 +252,52 @@ def test_cli_soup_scores_with_the_built_in_abilities(tiny_dir, tmp_path):
     # the same model twice: the average is that model, so its score is not strictly higher
     assert soup["ingredients"] == [str(tiny_dir)] and soup["steps"][0]["added"] is False
     assert soup["steps"][0]["score"] == soup["score"]
+
+
+def rewrite_header(path, key, **fields):
+    """Rewrite one entry of a safetensors header (e.g. a shape that lies), leaving the data as it is."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header[key].update(fields)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_a_header_shape_that_disagrees_with_its_bytes_stops_dry_run_and_merge(tmp_path):
+    # the header says 10 rows, the bytes hold 8: `vocab: pad` accepts the 10 rows, so only a size
+    # check at open time catches it (before: --dry-run passed and the merge died in reshape)
+    base_t = {"model.embed_tokens.weight": torch.randn(8, 6), "norm.weight": torch.ones(6)}
+    base = write_model(tmp_path / "base", base_t)
+    liar = write_model(tmp_path / "liar", {k: v + 0.1 for k, v in base_t.items()})
+    rewrite_header(liar / "model.safetensors", "model.embed_tokens.weight", shape=[10, 6])
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text("method: task_arithmetic\nbase_model: base\nmodels:\n  - model: liar\nvocab: pad\n")
+    want = (r"model \S+liar: model.safetensors: tensor model.embed_tokens.weight: the header says shape "
+            r"\[10, 6\] F32 \(240 bytes\), but its data_offsets \[0, 192\] hold 192 bytes")
+    dry = CliRunner().invoke(app, ["merge", str(recipe), "--dry-run"])
+    assert isinstance(dry.exception, CheckpointError), dry.output
+    assert re_search(want, str(dry.exception)) and "\n" not in str(dry.exception)
+    cfg = MergeConfig(method="task_arithmetic", base_model=base, models=[{"model": liar}], vocab="pad")
+    with pytest.raises(CheckpointError, match=want):
+        merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_offsets_outside_the_file_name_the_tensor_and_the_sizes(tmp_path):
+    folder = write_model(tmp_path / "m", {"a": torch.zeros(4), "b": torch.zeros(2)})
+    rewrite_header(folder / "model.safetensors", "b", data_offsets=[16, 4096])
+    with pytest.raises(CheckpointError, match=r"m: model.safetensors: tensor b: data_offsets \[16, 4096\] lie "
+                                              r"outside the file's 24-byte data section"):
+        CheckpointReader(folder, label=str(folder))
+    rewrite_header(folder / "model.safetensors", "b", data_offsets=[16, 24], shape=[-2])
+    with pytest.raises(CheckpointError, match=r"tensor b: the header says shape \[-2\], expected a list of "
+                                              r"non-negative integers"):
+        CheckpointReader(folder)
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text) is not None

@@ -32,7 +32,8 @@ class SafetensorsFile:
     resident memory is what it allocates, not the input pages it has touched.
 
     Raises:
-        CheckpointError: the header is not valid safetensors or an entry lies outside the file.
+        CheckpointError: the header is not valid safetensors, an entry lies outside the file, or an
+            entry's shape x dtype size differs from its byte range (each names the file and tensor).
     """
 
     def __init__(self, path: Path, label: str) -> None:
@@ -48,13 +49,32 @@ class SafetensorsFile:
             self.start = 8 + n
             self.entries = {}
             for key, e in header.items():
-                lo, hi = e["data_offsets"]
-                if not 0 <= lo <= hi <= size - self.start:
-                    raise ValueError(f"{key} lies outside the file")
-                self.entries[key] = (e["dtype"], tuple(e["shape"]), lo, hi)
+                self.entries[key] = self._check(key, e, size - self.start)
+        except CheckpointError:
+            os.close(self.fd)
+            raise
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             os.close(self.fd)
             raise CheckpointError(f"{label}: {path.name} is not a valid safetensors file ({e})") from None
+
+    def _check(self, key: str, e: dict, data_bytes: int) -> tuple[str, tuple[int, ...], int, int]:
+        """One header entry, checked by arithmetic alone: its byte range lies inside the file and
+        holds exactly shape x dtype bytes (a header that lies would otherwise pass every check of
+        shapes, e.g. under ``vocab: pad``, and fail only when the tensor is read)."""
+        where = f"{self.label}: {self.path.name}: tensor {key}"
+        kind, shape, (lo, hi) = e["dtype"], e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: the header says shape {shape!r}, expected a list of non-negative "
+                                  "integers (the file is damaged or was written wrongly)")
+        if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi <= data_bytes):
+            raise CheckpointError(f"{where}: data_offsets [{lo}, {hi}] lie outside the file's {data_bytes}-byte "
+                                  "data section, or run backwards (the file is truncated or damaged)")
+        bits = DTYPE_BITS.get(kind)
+        if bits is not None and math.prod(shape) * bits != 8 * (hi - lo):
+            raise CheckpointError(f"{where}: the header says shape {shape} {kind} "
+                                  f"({math.prod(shape) * bits / 8:g} bytes), but its data_offsets [{lo}, {hi}] hold "
+                                  f"{hi - lo} bytes (the file is damaged or was written wrongly; save the model again)")
+        return kind, tuple(shape), lo, hi
 
     def get(self, key: str) -> torch.Tensor:
         kind, shape, lo, hi = self.entries[key]
@@ -140,6 +160,10 @@ class CheckpointReader:
             f.close()
 
 
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+              "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+"""Bits per entry of every safetensors dtype (the format's spec); a dtype not listed is not size-checked."""
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}

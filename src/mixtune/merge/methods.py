@@ -211,6 +211,7 @@ class TiesParams(Strict):
     density: float = Field(default=0.2, gt=0, le=1)
     """Kept fraction of each task vector (paper: 20%)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the merged task vector tau_m added to the base (paper: 1)."""
     scope: Scope = "global"
     """Where the top-k is taken (paper: the whole model)."""
 
@@ -235,6 +236,7 @@ class DareParams(Strict):
     merge: Literal["average", "task_arithmetic"] = "average"
     """What runs on the dropped task vectors: their mean (official default) or lambda * sum."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the summed task vectors with merge: task_arithmetic (unused by average)."""
 
 
 @_register("dare_paper", DareParams)
@@ -251,10 +253,13 @@ def dare_paper(base, models, weights, p: DareParams, ctx: Context):
 
 class DareTiesParams(Strict):
     drop: float = Field(default=0.1, ge=0, lt=1)
+    """Drop rate p of the DARE step; survivors are rescaled by 1/(1 - p) (official default 0.1)."""
     density: float = Field(default=0.2, gt=0, le=1)
     """TIES trim applied after the drop (official: keep 20%)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the merged task vector added to the base (TIES' lambda; official: 1)."""
     scope: Scope = "global"
+    """Where the TIES top-k is taken (official: the whole model)."""
 
 
 @_register("dare_ties_paper", DareTiesParams)
@@ -275,6 +280,7 @@ class BreadcrumbsParams(Strict):
     lambda_: float = Field(default=0.2, alias="lambda")
     """alpha: scale of the summed breadcrumbs (code initial point 0.2)."""
     scope: Scope = "per_row"
+    """Where the outliers and the kept fraction are ranked (official code: each row)."""
 
 
 @_register("breadcrumbs_paper", BreadcrumbsParams)
@@ -298,7 +304,9 @@ class PcbParams(Strict):
     clip: float = Field(default=0.0001, ge=0, lt=0.5)
     """Magnitudes are clipped to their [clip, 1 - clip] quantiles first (NLP code: 0.01)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the merged task vector added to the base (the paper tunes it on validation data)."""
     scope: Scope = "global"
+    """Where the quantiles and the top-r are taken (official: the whole model)."""
 
 
 @_register("pcb", PcbParams)
@@ -330,11 +338,14 @@ def pcb(base, models, weights, p: PcbParams, ctx: Context):
 class LinesParams(Strict):
     alpha: float | Literal["auto"] = 0.1
     """Scale of the first block and of every non-block parameter (embeddings, final norm, head).
-    ``auto`` is the multi-task rule for summed task vectors, (||sum tau||_1 / ||sum tau||_1) / T = 1/T."""
+    ``auto`` is the paper's multi-task rule alpha = (||sum_t tau_t||_1 / ||tau_MTL||_1) / T, with
+    tau_MTL the merged multi-task vector and T the number of models; here tau_MTL = sum_t tau_t, so
+    auto gives 1/T."""
     beta: float | None = None
     """Added scale at the last block; default 1 - alpha (the single-task rule: the last block keeps
     its whole update)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the whole depth-scaled task vector, after s(l) (official: 1)."""
 
 
 @_register("lines", LinesParams)
@@ -361,7 +372,9 @@ class CompeftParams(Strict):
     """Kept entries become alpha * std(tau) * sign(tau) (``replace_factor``); null keeps their
     values (pruning only, the code's replace_factor -1)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the summed compressed task vectors added to the base (1 is the official theta_0 + tau^)."""
     scope: Scope = "global"
+    """Where the top-k and the standard deviation are taken (official: the whole model)."""
 
 
 @_register("compeft", CompeftParams)
@@ -390,6 +403,7 @@ def compeft(base, models, weights, p: CompeftParams, ctx: Context):
 
 class TransferParams(Strict):
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the transferred update theta'_s - theta_s (official: 1)."""
 
 
 @_register("transfer", TransferParams, files_from=1)
@@ -420,6 +434,7 @@ class MergekitParams(Strict):
     rescale: bool | None = None
     """After sparsifying, match the delta's L1 norm; default per method (true for dare_*)."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the merged delta added to the base (mergekit's lambda, default 1)."""
     int8_mask: bool = False
     """Accepted for compatibility; it changes mergekit's memory use, not its results."""
 

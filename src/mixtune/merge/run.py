@@ -41,6 +41,7 @@ from mixtune.merge.io import (
     parse_size,
 )
 from mixtune.merge.methods import MERGE_METHODS
+from mixtune.merge.partials import claim, reap_stale_partials, release
 
 VOCAB = re.compile(r"embed|lm_head|wte|word_embeddings|(^|\.)output\.weight$")
 """Names of the tensors whose first dimension is the vocabulary."""
@@ -205,12 +206,18 @@ def merge_tensors(method, params, per_model: list, weights: list[float], keys: l
 
 
 def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."), overwrite: bool = False,
-          progress: Callable[[str], None] | None = None, on_pass: Callable[[str], None] | None = None) -> Path:
+          progress: Callable[[str], None] | None = None, on_pass: Callable[[str], None] | None = None,
+          notice: Callable[[str], None] | None = None) -> Path:
     """Merge as ``cfg`` says into the folder ``out`` (written whole or not at all).
+
+    Partial folders of ``out`` left by interrupted merges are removed first
+    (:func:`~mixtune.merge.partials.reap_stale_partials`); those of a merge still running are kept.
 
     Args:
         progress: optional callable given each tensor name after it is merged (in every pass).
         on_pass: optional callable given a description as each pass over the tensors begins.
+        notice: optional callable given a line for each stale partial folder removed or kept
+            (default: a warning on the ``mixtune.merge`` logger).
     """
     method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
     if Path(out).exists() and not overwrite:
@@ -241,7 +248,9 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                                sizes={k: math.prod(shapes[k]) for k in floating}, has_base=base_path is not None,
                                seed=cfg.seed, progress=progress, on_pass=on_pass, dtypes=dtype_of)
         plan = [(k, shapes[k], dtype_of[k]) for k in reference.keys()]
+        reap_stale_partials(out, notice)
         with atomic_dir(out, overwrite=overwrite) as tmp:
+            claim(tmp, Path(out))  # so that a later merge can tell this partial from a killed one's
             writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))
             for key in reference.keys():
                 if dtype_of[key].is_floating_point:
@@ -258,6 +267,7 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                 files_from = model_paths[method.files_from - 1]
             _copy_files(reference.folder, files_from, tmp, shapes)
             atomic_write_text(tmp / "merge.yaml", dump_config(cfg))
+            release(tmp)
     finally:
         for r in inputs:
             r.close()
