@@ -217,11 +217,14 @@ def test_moe_lora_routes_top_k_and_mixes_by_renormalised_probabilities():
 def test_moe_lora_trains_only_experts_logs_routing_per_source_and_reloads(tiny_dir, tmp_path):
     from mixtune.models import load_model
 
-    method = {"name": "moe_lora", "experts": 4, "top_k": 2, "r": 4, "attention": ["q_proj"]}
+    from mixtune.eval import load_for_eval
+
+    method = {"name": "moe_lora", "experts": 4, "top_k": 2, "r": 4, "attention": ["q_proj"], "merge": True}
     out = run_training(recipe(tiny_dir, method), tiny_dir, tmp_path / "a", progress=False)
     folder = out[-1]
-    assert not changed(weights(tiny_dir), weights(folder))  # the base's own weights never move
+    assert not changed(weights(tiny_dir), weights(folder / "merged"))  # the base's own weights never move
     assert (folder / "moe_lora.safetensors").exists() and (folder / "moe_lora.json").exists()
+    assert not (folder / "model.safetensors").exists()  # the stage itself is the experts alone, not the base again
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "routing" in e]
     routing = torch.tensor(steps[0]["routing"])  # sources x blocks x experts
@@ -229,15 +232,17 @@ def test_moe_lora_trains_only_experts_logs_routing_per_source_and_reloads(tiny_d
     assert routing.shape == (2, n_blocks, 4) and "aux_loss" in steps[0]
     per_block = routing.sum(-1)  # every real token goes to exactly top_k = 2 experts in every block
     assert torch.equal(per_block, per_block[:, :1].expand_as(per_block)) and (per_block[:, 0] % 2 == 0).all()
-    model, tok = load_model(folder)
+    model, tok = load_for_eval(folder)  # the base its moe_lora.json names, with the experts rebuilt on it
     trained = sum(p.numel() for n, p in model.named_parameters() if "router" in n or "_A" in n or "_B" in n)
     assert trained > 0
     again = run_training(recipe(tiny_dir, method), tiny_dir, tmp_path / "b", progress=False)
     ids = tok("Question: what is 2+3?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        a, b = model(ids).logits, load_model(again[-1])[0](ids).logits
+        a, b = model(ids).logits, load_for_eval(again[-1])[0](ids).logits
+        merged = load_model(folder / "merged")[0](ids).logits  # the self-contained folder load_model reads alone
         base = load_model(tiny_dir)[0](ids).logits
-    assert torch.equal(a, b) and not torch.allclose(a, base, atol=1e-4)  # seeded; and it learned something
+    assert torch.equal(a, b) and torch.equal(a, merged)  # seeded; both forms are the same model
+    assert not torch.allclose(a, base, atol=1e-4)  # and it learned something
 
 
 def test_peft_fields_are_checked_when_the_recipe_is_read(tiny_dir):

@@ -41,7 +41,13 @@ def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int 
     The problems depend only on (ability, n, seed, difficulty), so every model evaluated with the
     same arguments answers the same questions. Unknown abilities raise with close matches.
     ``condition``: C-RLFT's inference condition, the class tag the prompts carry.
+
+    Raises:
+        ConfigError: ``n`` or ``batch_size`` is below 1, or an ability is unknown.
     """
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"evaluation needs n >= 1 problems per ability and batch_size >= 1; got n = {n}, "
+                          f"batch_size = {batch_size}")
     out = {}
     for name in abilities:
         ability = ABILITIES.get(name)
@@ -59,25 +65,40 @@ def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int 
 
 
 def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):
-    """``(model, tokenizer)`` from a full model folder or a peft adapter folder.
+    """``(model, tokenizer)`` from a full model folder or an adapter folder.
 
-    An adapter folder (``adapter_config.json``) is applied to the base model its config names,
-    which must be a local folder.
+    An adapter folder (a peft ``adapter_config.json``, or moe_lora's experts alone in
+    ``moe_lora.json``) is applied to the base model its config names, which must be a local
+    folder and may itself be an adapter folder (a study's stages chain this way). A relative base
+    is looked up beside the adapter folder first, then from the working folder.
     """
     from mixtune.models import load_model, load_tokenizer
+    from mixtune.models.load import check_vocabulary
 
     path = Path(path)
-    if not (path / "adapter_config.json").exists():
+    experts = (path / "moe_lora.json").exists() and not (path / "config.json").exists()
+    if not (path / "adapter_config.json").exists() and not experts:
         return load_model(path, allow_pickle=allow_pickle)
     from peft import PeftModel
 
-    base_dir = Path(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    spec = path / ("moe_lora.json" if experts else "adapter_config.json")
+    base_dir = Path(json.loads(spec.read_text()).get("base_model_name_or_path") or "")
+    if not base_dir.is_absolute() and (path / base_dir).is_dir():  # a study's stages name their base relative
+        base_dir = path / base_dir                                  # to themselves, so the study can move
     if not base_dir.is_dir():
-        raise CheckpointError(f"{path}: a peft adapter whose base model {str(base_dir)!r} is not a local folder; "
-                              f"set base_model_name_or_path in adapter_config.json to the base model's folder")
-    base, _ = load_model(base_dir, allow_pickle=allow_pickle)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer_config.json").exists() else load_tokenizer(base_dir)
-    return PeftModel.from_pretrained(base, path).merge_and_unload(), tokenizer
+        raise CheckpointError(f"{path}: an adapter whose base model {str(base_dir)!r} is not a local folder; "
+                              f"set base_model_name_or_path in {spec.name} to the base model's folder")
+    base, _ = load_for_eval(base_dir, allow_pickle=allow_pickle)
+    tok_dir = path if (path / "tokenizer_config.json").exists() else base_dir
+    tokenizer = load_tokenizer(tok_dir)
+    if experts:
+        from mixtune.models.moe_lora import load_into
+
+        model = load_into(base, path)
+    else:
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    check_vocabulary(model, tokenizer, f"{path} (adapter on base model {base_dir}, tokenizer from {tok_dir})")
+    return model, tokenizer
 
 
 def write_results(scores: dict[str, AbilityScore], out_dir: Path, meta: dict) -> None:

@@ -3,9 +3,10 @@
 Each block's gated FFN becomes E experts that share its frozen gate, up and down projections and
 each add their own LoRA to all three; a linear router (no bias) picks the top-k experts per token
 and their outputs are mixed by the renormalised router probabilities. Attention projections can
-take a plain LoRA as well. On disk: the base's Hugging Face folder (its weights unchanged) plus
-``moe_lora.safetensors`` and ``moe_lora.json``; :func:`mixtune.models.load_model` rebuilds the
-mixture from them. Training (the router's loss, routing counts) is ``train.methods.moe_lora``.
+take a plain LoRA as well. On disk: ``moe_lora.safetensors`` and ``moe_lora.json`` (which names the
+base folder, as a peft adapter's config does), beside the base's files or alone in a stage folder;
+:func:`mixtune.models.load_model` (base folder with experts) and :func:`mixtune.eval.load_for_eval`
+(experts alone) rebuild the mixture. Training (the router's loss, routing counts) is ``train.methods.moe_lora``.
 """
 
 from __future__ import annotations

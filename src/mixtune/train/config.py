@@ -66,9 +66,9 @@ class TrainConfig(Strict):
     log_every: int = Field(default=10, ge=1)
     """Steps between log lines (loss per source, lr, grad norm, tokens/s)."""
     save_every: int = Field(default=0, ge=0)
-    """Steps between resumable checkpoints (0: only at stage ends)."""
+    """Steps between resumable checkpoints (0: none; a killed run resumes after its last exported stage)."""
     keep_checkpoints: int = Field(default=1, ge=1)
-    """Resumable checkpoints kept on disk (the newest)."""
+    """Most checkpoints on disk (the newest); a stage's are deleted once its model is exported."""
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:

@@ -2,7 +2,7 @@
 
 Read top to bottom: :func:`train` prepares the model with the tuning method, then for each stage
 builds a fresh AdamW and schedule (each stage is a full SFT run, as in the DMT paper), runs its
-steps, exports the stage's model and writes a resumable checkpoint.
+steps (writing a resumable checkpoint every ``save_every``) and exports the stage's model.
 
 **Loss.** Each trained token of the *whole global batch* gets a weight before the forward passes
 (:func:`~mixtune.train.losses.token_weights`: 1 / trained tokens for the default token mean;
@@ -12,15 +12,16 @@ gradient of a step is therefore exactly the global batch's loss, whatever the mi
 gradient accumulation or number of processes.
 
 **Data order** is a function of (seed, stage, step) only: a stage's rows are walked through one
-seeded permutation per epoch. Resuming therefore needs just the step counter; model, optimizer,
-scheduler and RNG state come back through ``accelerator.load_state``.
+seeded permutation per epoch, and the RNG is reseeded at every stage start. A run resumes after
+its last exported stage, or from a newer checkpoint inside the next one; there the step counter
+says where the data is, and trained weights, optimizer, scheduler and RNG state come back through
+``accelerator.load_state`` (:mod:`mixtune.train.checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,13 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtune.core import ConfigError, atomic_dir, atomic_write_text
+from mixtune.core import ConfigError, atomic_write_text
 from mixtune.data.format import Packed
 from mixtune.strategy import Schedule
 from mixtune.strategy.online import MixingConfig, OnlineMixer, batch_counts
+from mixtune.train.checkpoint import (Progress, check_checkpoint, drop_checkpoints, export_stage, resume_point,
+                                      save_checkpoint, start_over)
 from mixtune.train.config import TrainConfig
 from mixtune.train.losses import mask_thought, masked_thought_rate, per_source, token_losses, token_weights
 from mixtune.train.methods import TUNERS
+from mixtune.train.methods.base import load_full
 
 
 @dataclass(frozen=True)
@@ -172,21 +176,6 @@ def make_accelerator(precision: str):
                        step_scheduler_with_optimizer=False)
 
 
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint as ``trainer_state.json``."""
-
-    stage: int = 0
-    step: int = 0  # optimizer steps done in ``stage``
-    global_step: int = 0
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose ``trainer_state.json`` was written)."""
-    done = sorted((out_dir / "checkpoints").glob("step-*/trainer_state.json"))
-    return done[-1].parent if done else None
-
-
 def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
           seed: int = 0, accelerator=None, config_text: str = "", resume: bool = True, progress: bool = True,
           on_step: Callable[[int], None] | None = None, first_stage: int = 0) -> list[Path]:
@@ -197,12 +186,13 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         tokenizer: saved beside every exported model.
         stages: stages in order.
         cfg: the training section of the recipe.
-        out_dir: ``log.jsonl``, ``stages/<name>/`` (exported models) and ``checkpoints/``.
+        out_dir: ``log.jsonl``, ``stages/<name>/`` (exported models) and ``checkpoints/`` (with ``save_every``).
         source_names: names of the source ids in the packed rows, for per-source loss.
         seed: seeds data order, dropout and method randomness.
         accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
         config_text: the resolved recipe, written beside every checkpoint and export.
-        resume: continue from the newest checkpoint in ``out_dir`` if there is one.
+        resume: continue after the last stage exported in ``out_dir``, or from a newer checkpoint;
+            otherwise the stages and checkpoints there are deleted first.
         progress: show a progress bar (on the main process).
         on_step: called with the global step after every optimizer step.
         first_stage: the position of ``stages[0]`` in the whole run, when a run is trained one
@@ -225,7 +215,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     model = tuner.prepare(model, params, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process)
+    log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
 
     by_source = {}
     for field in ("task_weights", "rewards"):
@@ -241,12 +231,15 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             raise ConfigError(f"train.masked_thought.mask_token {cfg.masked_thought.mask_token!r} is not in the "
                               "tokenizer's vocabulary")
 
-    # 2) resume where a previous run stopped
-    at, ckpt = Progress(), latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        at = Progress(**json.loads((ckpt / "trainer_state.json").read_text()))
-        log.truncate_after(at.global_step)
-        log.note(f"resuming from {ckpt} (stage {at.stage}, step {at.step})")
+    # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
+    names, lengths = [st.name for st in stages], [st.steps for st in stages]
+    if resume:
+        at, ckpt = resume_point(acc, out_dir, names, lengths, cfg.keep_checkpoints, log, config_text)
+    else:
+        start_over(acc, out_dir, names, log)
+        at, ckpt = Progress(), None
+    if 0 < at.stage < len(stages):  # the last export holds what trained so far (a checkpoint adds the stage's part)
+        (tuner.load_export or load_full)(model, params, out_dir / "stages" / stages[at.stage - 1].name)
 
     exported = []
     for s, stage in enumerate(stages):
@@ -275,9 +268,11 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                                   num_training_steps=stage.steps)
         acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
         model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
+        set_seed((seed * 1_000_003 + first_stage + s) % 2**32)  # so a stage resumed from an export runs as it did
         start = 0
         if ckpt is not None and s == at.stage:
-            acc.load_state(str(ckpt))
+            check_checkpoint(ckpt, model)
+            acc.load_state(str(ckpt), strict=False)  # it holds only the weights that train (and the RNG state)
             start = at.step
         reference = None
         if stage.mixing is None:
@@ -379,53 +374,15 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             if on_step is not None:
                 on_step(at.global_step)
         bar.close()
-        # 6) the stage's model, in the form the ecosystem loads, and a checkpoint to resume from
+        # 6) the stage's model, in the form the ecosystem loads; it supersedes the stage's checkpoints
         if stage.mixing is not None and order.mixer.history:
             log.write({"stage": stage.name, "mixing_rounds": order.mixer.history, "groups": stage.groups.names})
         if reference is not None:  # DoReMi's answer: the time-averaged weights, for a static run
             log.write({"stage": stage.name, "doremi_average": order.mixer.average_alpha().tolist(),
                        "groups": stage.groups.names})
         exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
-        save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text)
+        drop_checkpoints(acc, out_dir, at.global_step, cfg.keep_checkpoints)
     return exported
-
-
-def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: str) -> Path:
-    """Write the stage model atomically (main process), with tokenizer and resolved config."""
-    state_dict = acc.get_state_dict(model)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        with atomic_dir(dest, overwrite=True) as tmp:
-            tuner.export(acc.unwrap_model(model), params, tmp, state_dict)
-            tokenizer.save_pretrained(tmp)
-            if (tmp / "merged").is_dir():  # an adapter's merged model is a full model folder too
-                tokenizer.save_pretrained(tmp / "merged")
-            atomic_write_text(tmp / "mixtune.yaml", config_text)
-    acc.wait_for_everyone()
-    return dest
-
-
-def save_checkpoint(acc, out_dir: Path, at: Progress, keep: int, config_text: str, mixer: dict | None = None) -> Path:
-    """A resumable checkpoint: accelerate state (model, optimizer, scheduler, RNG), then
-    ``trainer_state.json`` last, so a half-written checkpoint is never resumed from."""
-    root = out_dir / "checkpoints"
-    final, partial = root / f"step-{at.global_step:07d}", root / f".step-{at.global_step:07d}.partial"
-    if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(partial))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        atomic_write_text(partial / "mixtune.yaml", config_text)
-        if mixer is not None:  # a mixed stage's proportions and data positions
-            atomic_write_text(partial / "mixer.json", json.dumps(mixer))
-        partial.rename(final)
-        atomic_write_text(final / "trainer_state.json", json.dumps(at.__dict__))
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
 
 
 class Window:
@@ -470,8 +427,8 @@ class Window:
 class TrainLog:
     """``log.jsonl``: one JSON object per log step (and ``{"note": ...}`` lines)."""
 
-    def __init__(self, path: Path, *, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, *, enabled: bool, echo: bool = True) -> None:
+        self.path, self.enabled, self.echo = path, enabled, echo
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -482,10 +439,10 @@ class TrainLog:
 
     def note(self, text: str) -> None:
         self.write({"note": text})
-        if self.enabled:
+        if self.enabled and self.echo:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[dim]{text}[/]")
+            Console(stderr=True, soft_wrap=True).print(f"[dim]{text}[/]")  # one greppable line
 
     def truncate_after(self, global_step: int) -> None:
         """Drop entries logged after ``global_step`` (they are recomputed after resuming)."""

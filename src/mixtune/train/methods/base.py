@@ -1,5 +1,6 @@
-"""What a tuning method is: typed params, a ``prepare`` that readies the model, an ``export``,
-and optional hooks for methods that re-select what trains, bring their own optimizer or add a loss."""
+"""What a tuning method is: typed params, a ``prepare`` that readies the model, an ``export`` and
+its inverse ``load_export``, and optional hooks for methods that re-select what trains, bring
+their own optimizer or add a loss."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtune.core import Registry, Strict
+from mixtune.core import CheckpointError, Registry, Strict
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,9 @@ class Tuner:
 
     ``prepare(model, params, seed) -> model`` marks what trains (or injects adapters) before
     training; ``export(model, params, out_dir, state_dict)`` writes the trained model in the
-    form the ecosystem loads (a Hugging Face folder, or a peft adapter). Optional hooks:
+    form the ecosystem loads (a Hugging Face folder, or the adapter alone for adapter methods);
+    ``load_export(model, params, folder)`` puts an export's trained weights back into a model
+    ``prepare`` made (a run resuming at a stage boundary; default :func:`load_full`). Optional hooks:
 
     - ``start_stage(model, params, seed, stage)``: before each stage's optimizer is built (HFT
       draws its half here);
@@ -34,6 +37,7 @@ class Tuner:
     params: type[Strict]
     prepare: Callable[[Any, Any, int], Any]
     export: Callable[[Any, Any, Path, dict | None], None]
+    load_export: Callable[[Any, Any, Path], None] | None = None
     start_stage: Callable | None = None
     optimizer: Callable | None = None
     before_forward: Callable | None = None
@@ -52,3 +56,20 @@ def register(name: str, params: type[Strict], *, prepare: Callable, export: Call
 def save_full(model, out_dir: Path, state_dict: dict | None) -> None:
     """A full Hugging Face checkpoint (every method that changes the model's own weights)."""
     model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def load_full(model, params, folder: Path) -> None:
+    """Load a Hugging Face folder saved by :func:`save_full` into ``model`` (every tensor it has but
+    the tied ones must be there)."""
+    from safetensors.torch import load_file
+
+    saved: dict = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        saved |= load_file(str(f))
+    own = model.state_dict()
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    loaded = {own[k].data_ptr() for k in saved if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in loaded]  # a tied head shares the embedding's tensor
+    if untied or unexpected:
+        raise CheckpointError(f"{folder}: does not fit the model (missing {untied[:3]}, unexpected {unexpected[:3]}); "
+                              "it was written by another method or recipe. Pass --fresh to train it again")

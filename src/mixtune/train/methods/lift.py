@@ -25,7 +25,9 @@ class LiftParams(Strict):
     svd: Literal["full", "lowrank"] = "full"
     """``lowrank``: torch.svd_lowrank with q = 2 * filter_rank (the official 'rand' variant; for big matrices)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates (beta1, beta2) of the sparse optimizer."""
     eps: float = Field(default=1e-6, gt=0)
+    """Adam's epsilon of the sparse optimizer."""
 
 
 def principal_mask(weight: torch.Tensor, rank: int, filter_rank: int, svd: str = "full") -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mixtune.core import ConfigError, Strict
+from mixtune.core import CheckpointError, ConfigError, Strict
 from mixtune.train.methods.base import register
 
 CONVERTED_INITS = ("pissa", "olora")
@@ -40,7 +40,7 @@ class LoraParams(Strict):
     """Other peft LoraConfig fields: use_dora (DoRA), use_rslora (rsLoRA), init_lora_weights (pissa, olora,
     gaussian), rank_pattern, alpha_pattern, ..."""
     merge: bool = False
-    """Also write the base with the adapter merged in, as a full model in ``merged/``."""
+    """Also write the base with the adapter merged in, as a full model in ``merged/`` (off: the adapter alone)."""
 
     @model_validator(mode="after")
     def _peft_accepts(self) -> LoraParams:  # checked when the recipe is read, not when training starts
@@ -141,6 +141,8 @@ def prepare_peft(model, p: PeftParams, seed: int):
 
 
 def export(model, p, out_dir: Path, state_dict: dict | None) -> None:
+    """The adapter alone (peft's save_pretrained, in its training dtype); with ``merge`` also the
+    merged full model in ``merged/``, merged on a copy so that training goes on unchanged."""
     initial = getattr(model, "mixtune_initial_adapter", None)
     if initial is not None:  # PiSSA/OLoRA moved the base: save an adapter that applies to the original base
         model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(initial))
@@ -151,5 +153,23 @@ def export(model, p, out_dir: Path, state_dict: dict | None) -> None:
         merged.save_pretrained(out_dir / "merged")
 
 
-register("lora", LoraParams, prepare=prepare, export=export)
-register("peft", PeftParams, prepare=prepare_peft, export=export)
+def load_export(model, p, folder: Path) -> None:
+    """Put an exported adapter back into the peft model ``prepare`` made. A PiSSA/OLoRA export was
+    converted to [A | A0], [B | -B0] (peft's subtract_mutated_init) and the model's base is still
+    the residual one, so its trained A and B are the leading rows / columns."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    own = get_peft_model_state_dict(model)
+    if getattr(model, "mixtune_initial_adapter", None) is not None:
+        saved = {k: v[tuple(slice(0, n) for n in own[k].shape)] if k in own else v for k, v in saved.items()}
+    lacking = sorted(set(own) - set(saved))
+    unexpected = set_peft_model_state_dict(model, saved).unexpected_keys
+    if lacking or unexpected:
+        raise CheckpointError(f"{folder}: the adapter does not fit this method (missing {lacking[:3]}, unexpected "
+                              f"{list(unexpected)[:3]}); it was written by another recipe. Pass --fresh to retrain")
+
+
+register("lora", LoraParams, prepare=prepare, export=export, load_export=load_export)
+register("peft", PeftParams, prepare=prepare_peft, export=export, load_export=load_export)

@@ -1,26 +1,33 @@
 """``moe_lora``: train a mixture of LoRA experts in every feed-forward block (MixLoRA): the
 experts, routers and attention LoRAs train, the base stays frozen; the router's load-balancing
-loss joins the LM loss and per-ability routing counts are logged. The modules and the saved form
-are :mod:`mixtune.models.moe_lora`."""
+loss joins the LM loss and per-ability routing counts are logged. The modules are
+:mod:`mixtune.models.moe_lora`; a stage is saved as the experts alone (``moe_lora.safetensors``
+and ``moe_lora.json``, which names the base), or with ``merge`` also as the base's folder with
+the experts beside it in ``merged/``, which :func:`mixtune.models.load_model` reads alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
+import json
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from safetensors.torch import load_file, save_file
 
-from mixtune.core import Strict
-from mixtune.models.moe_lora import attach, moe_modules, save
+from mixtune.core import CheckpointError, Strict
+from mixtune.models.moe_lora import CONFIG, WEIGHTS, attach, is_added, moe_modules, save
 from mixtune.train.methods.base import register
 
 
 class MoeLoraParams(Strict):
     name: Literal["moe_lora"] = "moe_lora"
     experts: int = Field(default=8, ge=1)
+    """LoRA experts per feed-forward block (MixLoRA: 8)."""
     top_k: int = Field(default=2, ge=1)
+    """Experts the router sends each token to (MixLoRA: 2)."""
     r: int = Field(default=8, ge=1)
     """Rank of every expert's LoRA (and of the attention LoRA)."""
     alpha: float = Field(default=16, gt=0)
@@ -31,6 +38,8 @@ class MoeLoraParams(Strict):
     """Standard deviation of the router's initial weights."""
     attention: list[str] = []
     """Attention projections that get a plain LoRA too, e.g. [q_proj, v_proj] (MixLoRA's example)."""
+    merge: bool = False
+    """Also write a self-contained folder in ``merged/``: the base's weights with the experts beside it."""
 
 
 def prepare(model, p: MoeLoraParams, seed: int):
@@ -76,8 +85,25 @@ def batch_stats(model, source_ids: torch.Tensor, n_sources: int) -> dict[str, to
 
 
 def export(model, p: MoeLoraParams, out_dir: Path, state_dict: dict | None) -> None:
-    save(model, p.model_dump(mode="json"), out_dir, state_dict)
+    """The experts, routers and attention LoRAs alone, in their training dtype; ``moe_lora.json``
+    names the base they apply to (``base_model_name_or_path``, as a peft adapter does)."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    spec = p.model_dump(mode="json") | {"base_model_name_or_path": getattr(model, "name_or_path", None) or None}
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items() if is_added(k)}, str(Path(out_dir) / WEIGHTS))
+    (Path(out_dir) / CONFIG).write_text(json.dumps(spec, indent=2))
+    if p.merge:
+        save(model, spec, Path(out_dir) / "merged", state_dict)
 
 
-register("moe_lora", MoeLoraParams, prepare=prepare, export=export, aux_loss=aux_loss, batch_stats=batch_stats,
-         before_forward=before_forward)
+def load_export(model, p: MoeLoraParams, folder: Path) -> None:
+    """Put exported experts back into the mixture ``prepare`` attached."""
+    weights = load_file(str(Path(folder) / WEIGHTS))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    absent = [k for k in missing if is_added(k)]
+    if absent or unexpected:
+        raise CheckpointError(f"{folder}: {WEIGHTS} does not fit this mixture (missing {absent[:3]}, unexpected "
+                              f"{list(unexpected)[:3]}); it was written by another recipe. Pass --fresh to retrain")
+
+
+register("moe_lora", MoeLoraParams, prepare=prepare, export=export, load_export=load_export, aux_loss=aux_loss,
+         batch_stats=batch_stats, before_forward=before_forward)
