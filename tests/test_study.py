@@ -1,6 +1,9 @@
 import csv
+import json
+import shutil
 
 import pytest
+import torch
 
 from mixtune.core import validate
 from mixtune.study import Study, StudyConfig, expand, stage_keys
@@ -87,7 +90,7 @@ def test_data_amounts_add_scaling_curves(tiny_dir, tmp_path):
     assert "<h2>Data amount</h2>" in study.report().read_text()
 
 
-def test_methods_axis_repeats_runs_per_method_and_trains_adapters_through_merged_models(tiny_dir, tmp_path):
+def test_methods_axis_repeats_runs_per_method_and_trains_adapters_as_adapters(tiny_dir, tmp_path):
     cfg = config(tiny_dir, strategies=[{"name": "sequential", "order": ["math", "general"]}], specialists=["math"],
                  methods=[{"name": "full"}, {"name": "lora", "r": 2}, {"name": "hft"}], method_lr={"lora": 5e-3})
     runs = {r.name: r for r in expand(cfg)}
@@ -105,7 +108,19 @@ def test_methods_axis_repeats_runs_per_method_and_trains_adapters_through_merged
     assert len(trained) == 1 + 3 * 2
     lora_final = keys["sequential [lora(r=2)]"][-1]
     assert (study.model_dir(lora_final) / "adapter_config.json").exists()
-    assert study.model_path(lora_final).name == "merged"  # the full model the next stage and eval use
+    # saved as an adapter only (no merged full model unless the method says merge: true); its base is the
+    # previous stage, named relative to the adapter so the study folder can be moved whole
+    assert not (study.model_dir(lora_final) / "merged").exists()
+    assert study.model_path(lora_final) == study.model_dir(lora_final)
+    base = json.loads((study.model_dir(lora_final) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == f"../{keys['sequential [lora(r=2)]'][-2]}"
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved, symlinks=True)
+    from mixtune.eval import load_for_eval
+
+    a, _ = load_for_eval(study.model_dir(lora_final))
+    b, _ = load_for_eval(moved / "models" / lora_final)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     rows = study.db.execute("SELECT key, trainable, optimizer_bytes, peak_rss_mb FROM stages").fetchall()
     by_key = {k: (t, b, m) for k, t, b, m in rows}
     full_n, lora_n = by_key[keys["sequential [full]"][1]][0], by_key[keys["sequential [lora(r=2)]"][1]][0]

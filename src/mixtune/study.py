@@ -9,9 +9,14 @@ a specialist and sequential training share their first stage) train it once.
 
 Layout of ``DIR``::
 
-    results.sqlite   stages, runs, scores (one row per model x ability x metric), losses
-    scores.csv       one row per run x ability x metric, with the run's parameters and seed
+    results.sqlite   stages, runs, scores (one row per model x ability x metric), losses, and meta:
+                     the first invocation's title, notes, machine and start time, and the minutes of
+                     every invocation summed (a rerun or ``mixtune report`` keeps them)
+    scores.csv       one row per run x ability x metric, with the run's parameters, seed and model
+                     folder (``model_dir``, relative to ``DIR``) and readable link (``link``)
     models/<key>/    the model after each trained stage
+    runs/<name>      a relative link to the model each run ends with, ``runs/dmt-k0.125 ->
+                     ../models/<key>``; see :func:`link_names` for the names
     work/<key>/      a stage being trained (checkpoints; resumed if interrupted)
 """
 
@@ -21,11 +26,15 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import platform
+import re
 import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, TypeAdapter
 
@@ -46,9 +55,11 @@ class EvalConfig(Strict):
     n: int = Field(default=200, ge=1)
     """Problems per ability."""
     difficulty: int = Field(default=1, ge=1, le=3)
+    """Difficulty level 1-3 of the held-out problems."""
     seed: int = 0
     """Which held-out problems (the same for every model)."""
     batch_size: int = Field(default=64, ge=1)
+    """Prompts per generation batch."""
     condition: str | None = None
     """C-RLFT inference condition: the class tag every prompt carries (e.g. the expert source's)."""
 
@@ -56,11 +67,16 @@ class EvalConfig(Strict):
 class StudyConfig(Strict):
     """A study recipe."""
 
+    DOCS: ClassVar[str] = "docs/recipes.md"
+
     model: str = "builtin:tiny"
     """Starting model, as in a training recipe."""
     sources: dict[str, SourceConfig] = Field(min_length=1)
+    """Named data sources, as in a training recipe."""
     format: FormatConfig = FormatConfig()
+    """Rendering and packing, as in a training recipe."""
     train: TrainConfig = TrainConfig()
+    """How every stage is trained, as in a training recipe."""
     prefix: list[StageConfig] = []
     """Stages every run starts with (e.g. format pretraining); the model after them is the base."""
     specialists: list[str] = []
@@ -70,14 +86,17 @@ class StudyConfig(Strict):
     methods: list[MethodConfig] = []
     """Tuning methods to compare: every run but the base is repeated once per method (its stages
     after the prefix train with it; the prefix trains with ``train.method``). Empty: ``train.method``
-    only. Adapter methods export their merged model too, which the next stage starts from."""
+    only. Adapter stages are saved as adapters (``merge: true`` adds a full model in ``merged/``);
+    the next stage and the evaluation apply them in memory to the model they adapt."""
     method_lr: dict[str, float] = {}
     """Peak learning rate per method name in ``methods`` (default ``train.lr``): adapters and sparse
     methods usually want a larger one than full fine-tuning."""
     seeds: list[int] = [0]
+    """Seeds; every run is repeated once per seed."""
     amounts: list[float] = [1.0]
     """Share of every non-prefix source to use (data-scaling curves when several)."""
     eval: EvalConfig = EvalConfig()
+    """What every model is scored on."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +226,78 @@ CREATE TABLE IF NOT EXISTS scores (model_key TEXT, ability TEXT, metric TEXT, va
 CREATE TABLE IF NOT EXISTS losses (stage_key TEXT, step INTEGER, source TEXT, loss REAL);
 CREATE TABLE IF NOT EXISTS mixing (stage_key TEXT, step INTEGER, source TEXT, proportion REAL);
 CREATE TABLE IF NOT EXISTS val_losses (stage_key TEXT, source TEXT, loss REAL, PRIMARY KEY (stage_key, source));
+CREATE TABLE IF NOT EXISTS planned (key TEXT PRIMARY KEY, steps INTEGER);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+
+
+def link_names(runs: list[tuple[str, int, float]]) -> list[str]:
+    """A safe, unique, readable file name per ``(run name, seed, amount)``, for ``runs/<name>``.
+
+    The run name with ``=`` dropped and every other run of characters but letters, digits, ``.``
+    and ``_`` made one ``-`` (``dmt(k=0.125)`` -> ``dmt-k0.125``, ``specialist:math`` ->
+    ``specialist-math``, ``sequential [lora(r=2)]`` -> ``sequential-lora-r2``); then ``-seed<S>``
+    when the runs have several seeds and ``-amount<A>`` when several amounts. A name over 80
+    characters is cut and ends with a hash of the run; a name taken by an earlier run gets ``-2``,
+    ``-3``, ...
+    """
+    several_seeds, several_amounts = len({s for _, s, _ in runs}) > 1, len({a for *_, a in runs}) > 1
+    out: list[str] = []
+    for name, seed, amount in runs:
+        safe = re.sub(r"[^A-Za-z0-9._]+", "-", name.replace("=", "")).strip("-.") or "run"
+        safe += (f"-seed{seed}" if several_seeds else "") + (f"-amount{amount:g}" if several_amounts else "")
+        if len(safe) > 80:
+            safe = safe[:71] + "-" + hashlib.sha256(f"{name}|{seed}|{amount}".encode()).hexdigest()[:8]
+        unique, i = safe, 1
+        while unique in out:
+            i += 1
+            unique = f"{safe}-{i}"
+        out.append(unique)
+    return out
+
+
+class StudyProgress:
+    """Overall progress over a study's stages to train: a line at each stage start, ``stage 3/11 ·
+    812/2950 steps (28%) · ETA 4.1 min``, the ETA from the steps trained so far in this invocation."""
+
+    def __init__(self, steps: dict[str, int], log) -> None:
+        self.steps, self.log = steps, log
+        self.total = sum(steps.values())
+        self.finished: list[str] = []
+        self.current, self.current_done, self.executed = None, 0, 0
+        self.t0 = time.perf_counter()
+
+    @property
+    def done(self) -> int:
+        return sum(self.steps[k] for k in self.finished) + self.current_done
+
+    def eta_minutes(self) -> float | None:
+        """Minutes left at this invocation's pace (wall time per trained step), None before a step."""
+        if not self.executed:
+            return None
+        return (time.perf_counter() - self.t0) / self.executed * (self.total - self.done) / 60
+
+    def line(self) -> str:
+        eta = self.eta_minutes()
+        return (f"study: stage {min(len(self.finished) + 1, len(self.steps))}/{len(self.steps)} · "
+                f"{self.done}/{self.total} steps ({self.done / max(self.total, 1):.0%}) · "
+                + (f"ETA {eta:.1f} min" if eta is not None else "ETA after the first steps"))
+
+    def start(self, key: str) -> None:
+        self.current, self.current_done = key, 0
+        self.log(self.line())
+
+    def on_step(self, step: int) -> None:
+        """The loop's ``on_step`` hook: ``step`` is the stage's step count (it trains one stage)."""
+        self.current_done, self.executed = step, self.executed + 1
+
+    def finish(self, key: str) -> None:
+        if key in self.steps and key not in self.finished:
+            self.finished.append(key)
+        self.current, self.current_done = None, 0
+        if len(self.finished) == len(self.steps):
+            self.log(f"study: trained {len(self.finished)} stages, {self.total} steps, "
+                     f"in {(time.perf_counter() - self.t0) / 60:.1f} min")
 
 
 class Study:
@@ -216,6 +306,7 @@ class Study:
     def __init__(self, cfg: StudyConfig, out_dir: Path, *, base_dir: Path = Path("."), progress: bool = True,
                  log=print) -> None:
         self.cfg, self.out, self.base_dir, self.progress, self.log = cfg, Path(out_dir), base_dir, progress, log
+        self.tracker: StudyProgress | None = None
         self.out.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.out / "results.sqlite")
         self.db.executescript(SCHEMA)
@@ -226,7 +317,20 @@ class Study:
         atomic_write_text(self.out / "study.yaml", dump_config(cfg))
 
     def run(self, on_stage=None) -> None:
-        """Train what is missing, evaluate what is unscored, export ``scores.csv``."""
+        """Train what is missing, evaluate what is unscored, export ``scores.csv``, link ``runs/``.
+
+        The minutes this takes are added to the study's ``meta`` (also when interrupted)."""
+        t0 = time.perf_counter()
+        self._meta_default(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+                           started=time.strftime("%Y-%m-%d %H:%M %Z"))
+        try:
+            self._run(on_stage)
+        finally:
+            meta = self.meta()
+            self._set_meta(minutes=meta.get("minutes", 0.0) + (time.perf_counter() - t0) / 60,
+                           invocations=meta.get("invocations", 0) + 1)
+
+    def _run(self, on_stage) -> None:
         runs = expand(self.cfg)
         for r in runs:
             keys = stage_keys(self.cfg, r)
@@ -234,14 +338,37 @@ class Study:
                             (r.id, r.name, r.strategy, json.dumps(r.params), r.seed, r.amount, json.dumps(keys),
                              self._final_key(r)))
         self.db.commit()
-        distinct = {k for r in runs for k in stage_keys(self.cfg, r)}
-        todo = sum(1 for k in distinct if not self._trained(k))
-        self.log(f"study: {len(runs)} runs, {len(distinct)} distinct stages ({todo} to train)")
+        distinct = list(dict.fromkeys(k for r in runs for k in stage_keys(self.cfg, r)))  # in training order
+        todo = [k for k in distinct if not self._trained(k)]
+        steps = self._planned_steps(runs, todo)
+        self.log(f"study: {len(runs)} runs, {len(distinct)} distinct stages ({len(todo)} to train"
+                 + (f", {sum(steps.values())} steps" if todo else "") + ")")
+        self.tracker = StudyProgress(steps, self.log)
         for r in runs:
             self._train_run(r, on_stage)
         for r in runs:
             self._evaluate(self._final_key(r), r)
         self.export_csv()
+        self.link_runs()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        """The study's metadata: ``title``, ``notes``, ``machine``, ``started`` (kept from the first
+        invocation), ``minutes`` and ``invocations`` (summed over invocations), ``verdict``."""
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def _set_meta(self, **values) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in values.items()])
+        self.db.commit()
+
+    def _meta_default(self, **values) -> None:
+        have = self.meta()
+        self._set_meta(**{k: v for k, v in values.items() if k not in have})
+
+    def describe(self, *, title: str, notes: list[str] = ()) -> None:
+        """Name the study for its report: kept from the first invocation (a rerun keeps the original)."""
+        self._meta_default(title=title, notes=list(notes))
 
     # -- training ---------------------------------------------------------------------------
 
@@ -255,18 +382,18 @@ class Study:
         return (self.model_dir(key) / "mixtune.yaml").exists()
 
     def model_path(self, key: str) -> Path:
-        """The full model after stage ``key``: the stage folder, or its ``merged/`` for adapter methods."""
+        """The model after stage ``key``: its ``merged/`` full model when the method wrote one, else the
+        stage folder (a full model, or an adapter on the previous stage's model, which
+        :func:`mixtune.eval.load_for_eval` applies)."""
         merged = self.model_dir(key) / "merged"
         return merged if (merged / "config.json").exists() else self.model_dir(key)
 
     def _train_config(self, run: Run, stage: int) -> TrainConfig:
-        """The study's training settings, with the run's method after the prefix (adapters also merged)."""
+        """The study's training settings, with the run's method after the prefix."""
         own = run_method(self.cfg, run)
         if own is None or stage < len(self.cfg.prefix):
             return self.cfg.train
         method = TypeAdapter(MethodConfig).validate_python(own["method"])
-        if "merge" in type(method).model_fields:
-            method = method.model_copy(update={"merge": True})  # the next stage and the evaluation need a full model
         return self.cfg.train.model_copy(update={"method": method, "lr": own["lr"]})
 
     def _start_model(self, run: Run) -> Path:
@@ -283,29 +410,55 @@ class Study:
         return Recipe(seed=run.seed, model=self.cfg.model, sources=self.cfg.sources, format=self.cfg.format,
                       stages=run.stages or None, train=self.cfg.train)
 
-    def _train_run(self, run: Run, on_stage) -> None:
-        from mixtune.models import load_model, load_tokenizer
+    def _prepare(self, run: Run):
+        """The run's starting model, recipe, prepared data and stage plans."""
+        from mixtune.models import load_tokenizer
         from mixtune.pipeline import prepare_data, stage_plan
+
+        parent = self._start_model(run)
+        recipe = self._recipe(run)
+        data = prepare_data(recipe, self.base_dir, tokenizer=load_tokenizer(parent), select_with=parent,
+                            amount=run.amount,
+                            amount_skip={s for st in self.cfg.prefix for s in st.mixture.sources})
+        return parent, recipe, data, stage_plan(recipe, data)
+
+    def _planned_steps(self, runs: list[Run], todo: list[str]) -> dict[str, int]:
+        """Steps of each stage in ``todo`` (for the overall progress): from the ``planned`` table, or
+        by preparing the data of a run that has a stage not planned yet (its data only, no training)."""
+        known = dict(self.db.execute("SELECT key, steps FROM planned"))
+        for r in runs:
+            keys = stage_keys(self.cfg, r)
+            if any(k in todo and k not in known for k in keys):
+                *_, plans = self._prepare(r)
+                known |= {k: plan.steps for k, plan in zip(keys, plans)}
+                self.db.executemany("INSERT OR REPLACE INTO planned VALUES (?,?)",
+                                    [(k, plan.steps) for k, plan in zip(keys, plans)])
+        self.db.commit()
+        return {k: known[k] for k in todo}
+
+    def _train_run(self, run: Run, on_stage) -> None:
+        from mixtune.eval import load_for_eval
         from mixtune.train.loop import train
 
         keys = stage_keys(self.cfg, run)
         if all(self._trained(k) for k in keys):
             return
-        parent = self._start_model(run)
-        tokenizer = load_tokenizer(parent)
-        recipe = self._recipe(run)
-        data = prepare_data(recipe, self.base_dir, tokenizer=tokenizer, select_with=parent,
-                            amount=run.amount,
-                            amount_skip={s for st in self.cfg.prefix for s in st.mixture.sources})
-        plans = stage_plan(recipe, data)
+        parent, recipe, data, plans = self._prepare(run)
+        tracker = self.tracker or StudyProgress({k: p.steps for k, p in zip(keys, plans)}, self.log)
         prev = None
         for i, (key, plan) in enumerate(zip(keys, plans)):
             if self._trained(key):
                 prev = key
                 continue
+            tracker.start(key)
             self.log(f"{run.id}: training stage {i + 1}/{len(keys)} {plan.name} ({plan.steps} steps) -> {key}")
             src = self.model_path(prev) if prev else parent
-            model, tokenizer = load_model(src)
+            model, tokenizer = load_for_eval(src)  # an adapter stage: its base with the adapter merged in memory
+            # the base this stage's adapter records (peft, moe_lora): relative to the stage's own folder when
+            # it lies in the study, so that a study folder can be moved or copied whole
+            inside = Path(src).resolve().is_relative_to(self.out.resolve())
+            model.name_or_path = (os.path.relpath(Path(src).resolve(), self.model_dir(key).resolve()) if inside
+                                  else str(Path(src).resolve()))
             t0 = time.perf_counter()
             work = self.out / "work" / key
             reset_peak_rss()
@@ -314,7 +467,7 @@ class Study:
                 plan = dataclasses.replace(plan, lr=train_cfg.lr)
             (exported,) = train(model, tokenizer, [plan], train_cfg, work,
                                 source_names=data.source_names, seed=run.seed, config_text=dump_config(recipe),
-                                progress=self.progress, first_stage=i)
+                                progress=self.progress, first_stage=i, on_step=tracker.on_step)
             seconds, peak = time.perf_counter() - t0, peak_rss_mb()
             dest = self.model_dir(key)
             shutil.rmtree(dest, ignore_errors=True)
@@ -328,6 +481,7 @@ class Study:
             shutil.copy2(work / "log.jsonl", dest / "train_log.jsonl")  # the stage's full log stays with its model
             shutil.rmtree(work, ignore_errors=True)
             prev = key
+            tracker.finish(key)
             if on_stage is not None:
                 on_stage(key)
 
@@ -356,8 +510,7 @@ class Study:
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, key: str, run: Run) -> None:
-        from mixtune.eval import evaluate, write_results
-        from mixtune.models import load_model
+        from mixtune.eval import evaluate, load_for_eval, write_results
 
         e = self.cfg.eval
         have = {a for (a,) in self.db.execute("SELECT ability FROM scores WHERE model_key = ?", (key,))}
@@ -365,8 +518,8 @@ class Study:
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
-        model_dir = self.model_path(key) if (self.model_path(key) / "config.json").exists() else self._start_model(run)
-        model, tokenizer = load_model(model_dir)
+        model_dir = self.model_path(key) if self._trained(key) else self._start_model(run)
+        model, tokenizer = load_for_eval(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
                           batch_size=e.batch_size, condition=e.condition)
         write_results(scores, self.out / "evals" / key, {"model": str(model_dir), "run": run.id})
@@ -377,13 +530,68 @@ class Study:
     # -- results ----------------------------------------------------------------------------
 
     def results(self) -> list[dict]:
-        """One row per run x ability x metric, with the run's parameters and seed."""
+        """One row per run x ability x metric, with the run's parameters and seed, its model folder
+        (``model_dir``, relative to the study folder) and its readable link (``link``, ``runs/<name>``)."""
         cur = self.db.execute(
             "SELECT r.run_id, r.name, r.strategy, r.params, r.seed, r.amount, s.ability, s.metric, s.value, s.n, "
-            "s.version, s.higher_is_better FROM runs r JOIN scores s ON s.model_key = r.final_key "
+            "s.version, s.higher_is_better, r.final_key FROM runs r JOIN scores s ON s.model_key = r.final_key "
             "ORDER BY r.rowid, s.ability")
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row)) for row in cur]
+        links = self.links()
+        rows = []
+        for row in cur:
+            r = dict(zip(cols, row))
+            key = r.pop("final_key")
+            rows.append(r | {"model_dir": self._shown(self.run_folder(key)), "link": f"runs/{links[r['run_id']][0]}"})
+        return rows
+
+    def run_folder(self, key: str) -> Path:
+        """The folder of the model a run ends with, for its final key ``key``: ``models/<key>``, or the
+        starting model itself for a run without stages (the base) that starts from a local folder."""
+        if key.startswith("start-") and not self.cfg.model.startswith("builtin:"):
+            return Path(self.cfg.model).resolve()
+        return self.model_dir(key)
+
+    def _shown(self, folder: Path) -> str:
+        """``folder`` relative to the study folder when inside it, else absolute."""
+        try:
+            return folder.relative_to(self.out).as_posix()
+        except ValueError:
+            return str(folder.resolve())
+
+    def links(self) -> dict[str, tuple[str, str]]:
+        """Per run id in the database: its link name under ``runs/`` (:func:`link_names`) and final model key."""
+        runs = self.db.execute("SELECT run_id, name, seed, amount, final_key FROM runs ORDER BY rowid").fetchall()
+        names = link_names([(name, seed, amount) for _, name, seed, amount, _ in runs])
+        return {run_id: (link, key) for (run_id, *_, key), link in zip(runs, names)}
+
+    def link_runs(self) -> None:
+        """Point ``runs/<name>`` at each run's model folder (a relative link, ``../models/<key>``),
+        replacing links that point elsewhere and removing links of names no longer in use."""
+        folder = self.out / "runs"
+        folder.mkdir(exist_ok=True)
+        wanted = {}
+        for name, key in self.links().values():
+            shown = Path(self._shown(self.run_folder(key)))
+            wanted[name] = shown if shown.is_absolute() else Path("..") / shown
+        for entry in folder.iterdir():
+            if entry.is_symlink() and entry.name not in wanted:
+                entry.unlink()
+        for name, target in wanted.items():
+            link = folder / name
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                continue
+            if link.exists() and not link.is_symlink():  # not ours: leave it
+                self.log(f"study: {link} exists and is not a link; not linking run {name} there")
+                continue
+            tmp = folder / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                tmp.symlink_to(target, target_is_directory=True)
+            except OSError as e:  # a file system without symbolic links: scores.csv still names the folder
+                self.log(f"study: no run links in {folder} ({e})")
+                return
+            os.replace(tmp, link)
 
     def export_csv(self) -> Path:
         import csv
@@ -396,9 +604,27 @@ class Study:
         writer.writerows(rows)
         return atomic_write_text(self.out / "scores.csv", buf.getvalue())
 
-    def report(self, *, notes: list[str] = (), title: str = "mixtune study") -> Path:
-        """Write ``report.html`` from the database (loss curves from each run's first seed, full amount)."""
+    def report(self, *, notes: list[str] | None = None, title: str | None = None,
+               verdict: list[str] | None = None) -> Path:
+        """Write ``report.html`` from the database (loss curves from each run's first seed, full amount).
+
+        ``title`` and ``notes`` default to the study's (:meth:`describe`, from its first invocation);
+        the machine, start time and minutes summed over invocations come from its ``meta``.
+        ``verdict`` lines are stored, and a later report without them shows the stored ones.
+        """
         from mixtune.report import build_report
+
+        meta = self.meta()
+        if verdict is not None:
+            self._set_meta(verdict=list(verdict))
+        else:
+            verdict = meta.get("verdict", [])
+        title = title or meta.get("title") or "mixtune study"
+        notes = list(meta.get("notes", []) if notes is None else notes)
+        if "machine" in meta:
+            runs = meta.get("invocations", 1)
+            notes.append(f"{meta['machine']}; started {meta['started']}; {meta.get('minutes', 0.0):.1f} min in all "
+                         f"({runs} invocation{'s' if runs != 1 else ''})")
 
         curves: dict[str, list[tuple[int, str, str, float]]] = {}
         mixing: dict[str, list[tuple[int, str, str, float]]] = {}
@@ -423,5 +649,6 @@ class Study:
                 offset += steps
             if points:
                 curves[name] = points
-        return build_report(self.results(), curves, self.out / "report.html", title=title, notes=list(notes),
-                            sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses)
+        return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
+                            sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
+                            abilities=list(self.cfg.eval.abilities), verdict=verdict)

@@ -9,6 +9,7 @@ from pathlib import Path
 from mixtune.core import atomic_write_text
 from mixtune.report import plots
 from mixtune.report.forgetting import deltas, mean_scores
+from mixtune.report.verdict import binomial_se
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -31,14 +32,22 @@ def _signed(v: float | None) -> str:
     return f"<td class='{cls}'>{v:+.3f}</td>"
 
 
+def error_bars(means: dict[str, dict[str, float]], problems: dict[tuple[str, str], int]) -> dict[str, dict[str, float]]:
+    """Per run and ability, the binomial standard error sqrt(p(1-p)/n) of an accuracy ``p`` measured
+    on ``problems[(run, ability)]`` = n problems (0 where n is unknown)."""
+    return {run: {a: binomial_se(p, problems.get((run, a), 0)) for a, p in by.items()} for run, by in means.items()}
+
+
 def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
                  title: str, notes: list[str] = (), sources: list[str] = (), mixing: dict | None = None,
-                 val_losses: dict[str, dict[str, float]] | None = None) -> Path:
+                 val_losses: dict[str, dict[str, float]] | None = None, abilities: list[str] = (),
+                 verdict: list[str] = ()) -> Path:
     """Write the report from study results.
 
     Args:
         rows: one dict per run x ability (``name``, ``amount``, ``seed``, ``ability``, ``value``,
-            ``higher_is_better``), as :meth:`mixtune.study.Study.results` returns.
+            ``higher_is_better``, ``n``; optionally ``model_dir`` and ``link``, the run's model
+            folder and its readable link), as :meth:`mixtune.study.Study.results` returns.
         curves: per run name, ``(step, stage, source, loss)`` across the run's stages.
         out: the HTML file to write.
         title: page heading.
@@ -46,9 +55,15 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         sources: source names, in legend order.
         mixing: per run with mixed stages, ``(step, stage, source, proportion)`` as ``curves``.
         val_losses: per such run, each source's validation loss at the end of its last mixed stage.
+        abilities: the ability order of tables and charts (the study's ``eval.abilities``); abilities
+            of ``rows`` not in it follow, sorted. Colours come from one mapping over ``abilities`` then
+            ``sources`` (:func:`plots.colors`), the same in every chart.
+        verdict: lines of a verdict on the study's question (the demo's), shown under the scores.
     """
     means = mean_scores(rows)
-    abilities = sorted({r["ability"] for r in rows})
+    scored = {r["ability"] for r in rows}
+    abilities = [a for a in abilities if a in scored] + sorted(scored - set(abilities))
+    palette = plots.colors([*abilities, *sources])  # one colour per ability (or source), in every chart
     amounts = sorted({r["amount"] for r in rows})
     hib = {r["ability"]: bool(r["higher_is_better"]) for r in rows}
     seeds = sorted({r["seed"] for r in rows})
@@ -57,6 +72,15 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     m = {n: {a: means[(n, full)][a][0] for a in means[(n, full)]} for n in runs if (n, full) in means}
     sd = {n: {a: means[(n, full)][a][1] for a in means[(n, full)]} for n in runs if (n, full) in means}
     d = deltas(m, hib)
+    problems = {(r["name"], r["ability"]): r["n"] for r in rows if r["amount"] == full and r.get("n")}
+    folders: dict[str, list[str]] = {}
+    for r in rows:
+        if r["amount"] == full and r.get("model_dir"):
+            cell = (f"<code>{html.escape(r['link'])}</code> → " if r.get("link") else "") + \
+                f"<code>{html.escape(r['model_dir'])}</code>"
+            folders.setdefault(r["name"], [])
+            if cell not in folders[r["name"]]:
+                folders[r["name"]].append(cell)
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -65,7 +89,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                  f"held-out accuracy, greedy decoding{'; mean ± std over seeds' if len(seeds) > 1 else ''}.</p>")
 
     parts.append("<h2>Scores</h2><table><tr><th>run</th>" + "".join(f"<th>{a}</th>" for a in abilities)
-                 + "<th>mean</th></tr>")
+                 + "<th>mean</th>" + ("<th>model folder</th>" if folders else "") + "</tr>")
     for n in runs:
         cells = []
         for a in abilities:
@@ -73,10 +97,22 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
             cells.append("<td class=muted>–</td>" if v is None else
                          f"<td>{v:.3f}{f' ± {sd[n][a]:.3f}' if len(seeds) > 1 else ''}</td>")
         mean = sum(m[n].values()) / max(len(m[n]), 1)
-        parts.append(f"<tr><td>{html.escape(n)}</td>{''.join(cells)}<td><b>{mean:.3f}</b></td></tr>")
+        folder = f"<td style='text-align:left'>{'<br>'.join(folders.get(n, []))}</td>" if folders else ""
+        parts.append(f"<tr><td>{html.escape(n)}</td>{''.join(cells)}<td><b>{mean:.3f}</b></td>{folder}</tr>")
     parts.append("</table>")
-    bars = plots.ability_bars(runs, abilities, m, sd if len(seeds) > 1 else None)  # no error bars from one seed
-    parts.append("<h2>Abilities per run</h2>" + _img(bars, "bar chart"))
+    if folders:
+        parts.append("<p class=muted>Model folders are relative to the study folder; <code>runs/NAME</code> "
+                     "links to the run's model.</p>")
+    if verdict:
+        parts.append("<h2>Verdict</h2><p class=muted>A difference counts only when it exceeds two binomial "
+                     "standard errors of the difference.</p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in verdict) + "</ul>")
+    errors = sd if len(seeds) > 1 else error_bars(m, problems)
+    bars = plots.ability_bars(runs, abilities, m, errors, palette=palette)
+    parts.append("<h2>Abilities per run</h2><p class=muted>Error bars: "
+                 + ("standard deviation over seeds" if len(seeds) > 1 else
+                    "binomial standard error of the accuracy, sqrt(p(1-p)/n) on n problems") + ".</p>"
+                 + _img(bars, "bar chart"))
 
     parts.append("<h2>Gains and forgetting</h2><p class=muted>Change in accuracy against the base model, and "
                  "against the best specialist for that ability (negative = forgotten or never learned).</p>")
@@ -93,11 +129,12 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     if curves:
         parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "
                      "dashed lines are stage boundaries. A source keeps being measured only while it is in the "
-                     "mixture.</p>" + _img(plots.loss_curves(curves, list(sources)), "loss curves"))
+                     "mixture.</p>" + _img(plots.loss_curves(curves, list(sources), palette=palette), "loss curves"))
     if mixing:
         parts.append("<h2>Mixture proportions</h2><p class=muted>Share of each source in the batches over the run "
                      "(online mixing changes it as it learns).</p>"
-                     + _img(plots.loss_curves(mixing, list(sources), ylabel="proportion"), "mixture proportions"))
+                     + _img(plots.loss_curves(mixing, list(sources), ylabel="proportion", palette=palette),
+                                "mixture proportions"))
     if val_losses:
         cols = [s for s in sources if any(s in v for v in val_losses.values())]
         parts.append("<h2>Validation loss per source</h2><p class=muted>Held-out examples of each source, at the end "
@@ -109,8 +146,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                 f"<td>{v[c]:.3f}</td>" if c in v else "<td></td>" for c in cols) + f"<td>{mean:.3f}</td></tr>")
         parts.append("</table>")
     if len(amounts) > 1:
-        series = {f"{n} · {a}": {am: means[(n, am)][a][0] for am in amounts if (n, am) in means and a in
-                                 means[(n, am)]} for n in runs for a in abilities}
-        parts.append("<h2>Data amount</h2>" + _img(plots.scaling(amounts, series), "scaling curves"))
+        series = {(n, a): {am: means[(n, am)][a][0] for am in amounts if (n, am) in means and a in
+                           means[(n, am)]} for n in runs for a in abilities}
+        parts.append("<h2>Data amount</h2>" + _img(plots.scaling(amounts, series, palette=palette), "scaling curves"))
     parts.append("</body></html>")
     return atomic_write_text(out, "\n".join(parts))

@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def colors(names: list[str]) -> dict[str, str]:
+    """One colour per name, by first position in ``names`` (abilities in the study's order, then the
+    other sources): every chart of a report takes its colours from this one mapping, so an ability
+    (and the source of the same name) has the same colour in every chart, whichever it shows."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
 
 
 def _png(fig) -> bytes:
@@ -20,15 +29,16 @@ def _png(fig) -> bytes:
 
 
 def ability_bars(runs: list[str], abilities: list[str], means: dict[str, dict[str, float]],
-                 errors: dict[str, dict[str, float]] | None = None) -> bytes:
-    """Grouped bars: one group per run, one bar per ability (with seed std when given)."""
+                 errors: dict[str, dict[str, float]] | None = None, *, palette: dict[str, str]) -> bytes:
+    """Grouped bars: one group per run, one bar per ability, coloured by ``palette`` (see
+    :func:`colors`), with error bars when ``errors`` is given."""
     width = 0.8 / max(len(abilities), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(runs) + 2), 3.6))
     for j, a in enumerate(abilities):
         xs = [i + (j - (len(abilities) - 1) / 2) * width for i in range(len(runs))]
         ys = [means[r].get(a, 0.0) for r in runs]
         err = [errors[r].get(a, 0.0) for r in runs] if errors else None
-        ax.bar(xs, ys, width, yerr=err, label=a, color=PALETTE[j % len(PALETTE)], capsize=2)
+        ax.bar(xs, ys, width, yerr=err, label=a, color=palette[a], capsize=2)
     ax.set_xticks(range(len(runs)), runs, rotation=25, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (held-out)")
@@ -38,7 +48,7 @@ def ability_bars(runs: list[str], abilities: list[str], means: dict[str, dict[st
 
 
 def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: list[str],
-                ylabel: str = "training loss") -> bytes:
+                ylabel: str = "training loss", *, palette: dict[str, str]) -> bytes:
     """One panel per run: a value per source (training loss, or a mixture proportion) over the
     run's steps, stage boundaries dashed.
 
@@ -50,10 +60,10 @@ def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: l
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
     for ax, run in zip(axes.flat, names):
         points = curves[run]
-        for j, s in enumerate(sources):
+        for s in sources:
             xy = [(p[0], p[3]) for p in points if p[2] == s]
             if xy:
-                ax.plot(*zip(*xy), label=s, color=PALETTE[j % len(PALETTE)], lw=1.4)
+                ax.plot(*zip(*xy), label=s, color=palette[s], lw=1.4)
         stages = []
         for step, stage, _, _ in points:
             if not stages or stages[-1][1] != stage:
@@ -77,12 +87,17 @@ def loss_curves(curves: dict[str, list[tuple[int, str, str, float]]], sources: l
     return _png(fig)
 
 
-def scaling(amounts: list[float], series: dict[str, dict[float, float]]) -> bytes:
-    """Score against data amount (log scale), one line per run and ability."""
+def scaling(amounts: list[float], series: dict[tuple[str, str], dict[float, float]], *,
+            palette: dict[str, str]) -> bytes:
+    """Score against data amount (log scale), one line per ``(run, ability)``: the ability's colour,
+    one marker and line style per run."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for j, (label, by_amount) in enumerate(series.items()):
+    runs = list(dict.fromkeys(run for run, _ in series))
+    for (run, ability), by_amount in series.items():
         xs = [a for a in amounts if a in by_amount]
-        ax.plot(xs, [by_amount[a] for a in xs], marker="o", label=label, color=PALETTE[j % len(PALETTE)])
+        i = runs.index(run)
+        ax.plot(xs, [by_amount[a] for a in xs], marker=MARKERS[i % len(MARKERS)],
+                ls=LINESTYLES[i // len(MARKERS) % len(LINESTYLES)], label=f"{run} · {ability}", color=palette[ability])
     ax.set_xscale("log")
     ax.set_xlabel("share of each source used")
     ax.set_ylabel("accuracy")
