@@ -21,18 +21,60 @@ app = typer.Typer(
     help="Compose multi-ability language models: mix data from several abilities, tune, merge, measure.\n\n"
     "Everything runs offline on local folders; `mixtune demo` runs on the built-in tiny model and ability suite.",
     no_args_is_help=True,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Inspect and generate training data.", no_args_is_help=True)
 model_app = typer.Typer(help="Create built-in models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-console = Console()
+# Logs must stay greppable: no hard wrapping of long lines (paths, hashes); written to a file or a
+# pipe, tables get a wide page instead of rich's 80 columns.
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as click writes them (``RECIPE [KEY=VALUE]...``), not typer's ``{RECIPE}``, and
+    arguments listed by their metavar alone (typer appends a type such as ``<list[str]>``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar:
+                param.display_type_rich = lambda ctx: None
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required or name.startswith("[") else f"[{name}]")
+        return pieces
+
+
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 Overrides = Annotated[
-    Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, e.g. seed=1 format.seq_len=256.")
+    Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...",
+                                        help="Config overrides, e.g. seed=1 format.seq_len=256 train.steps=50.")
 ]
+Recipe = Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file (keys: docs/recipes.md).")]
+OutDir = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output folder (default: runs/RECIPE-NAME).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mixtune import __version__
+
+        print(f"mixtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print mixtune's version and exit.")] = False,
+) -> None:
+    """Compose multi-ability language models: mix data from several abilities, tune, merge, measure."""
 
 
 def _quiet_transformers() -> None:
@@ -44,7 +86,7 @@ def _quiet_transformers() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
-@app.command("list")
+@app.command(cls=_Command, name="list")
 def list_cmd() -> None:
     """List the built-in abilities with their difficulty levels."""
     from mixtune.data.abilities import ABILITIES
@@ -59,11 +101,12 @@ def list_cmd() -> None:
     console.print(table)
 
 
-@data_app.command("preview")
+@data_app.command(cls=_Command, name="preview")
 def data_preview(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Recipe,
     overrides: Overrides = None,
-    examples: Annotated[int, typer.Option("--examples", "-n", help="Rendered examples to show per stage.")] = 1,
+    examples: Annotated[int, typer.Option("--examples", "-n", metavar="N", min=0,
+                                          help="Rendered examples to show per stage.")] = 1,
 ) -> None:
     """Show what each stage's mixture takes from each source, how it packs, and rendered examples.
 
@@ -142,13 +185,17 @@ def _print_stage(st, title: str, steps: int | None = None) -> None:
         console.print(line)
 
 
-@app.command("train")
+@app.command(cls=_Command, name="train")
 def train_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Recipe,
     overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/RECIPE-NAME).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and stages, train nothing.")] = False,
+    out: OutDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config, the stages and an "
+                                                             "estimated time; train nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore checkpoints in OUT and start over.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate/--no-estimate",
+                                           help="With --dry-run: time a few training steps to estimate the run's "
+                                                "time.")] = True,
 ) -> None:
     """Train a recipe's stages in order (resuming from OUT's newest checkpoint if there is one).
 
@@ -156,20 +203,30 @@ def train_cmd(
     OUT/log.jsonl (loss per source, lr, grad norm, tokens/s) and OUT/checkpoints/. Runs on several
     processes unchanged: `accelerate launch -m mixtune.cli train RECIPE`.
     """
-    from mixtune.core import dump_config, parse_overrides
+    from mixtune.core import dump_config, output_folder, parse_overrides
     from mixtune.pipeline import prepare_data, run_training, stage_plan
     from mixtune.recipe import load_recipe
 
     _quiet_transformers()
     cfg, base = load_recipe(recipe, parse_overrides(overrides or []))
     out = out or Path("runs") / recipe.stem
+    output_folder(out, create=not dry_run)
     if dry_run:
-        console.print(Text(dump_config(cfg)))
-        with console.status("preparing data ..."):
+        from mixtune.pipeline import estimate_seconds
+
+        with console.status("preparing data ..."):  # data problems surface before anything is printed
             data = prepare_data(cfg, base, select_with=_selection_model(cfg))
+        console.print(Text(dump_config(cfg)))
         _print_selection(data)
-        for st, plan in zip(data.stages, stage_plan(cfg, data)):
+        plans = stage_plan(cfg, data)
+        for st, plan in zip(data.stages, plans):
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
+        if estimate:
+            with console.status("timing a few training steps ..."):
+                seconds = estimate_seconds(cfg, data, plans)
+            console.print(f"estimated time: {seconds}" if isinstance(seconds, str) else
+                          f"estimated time: {seconds / 60:.1f} min for {sum(p.steps for p in plans):,} steps "
+                          "(timed on a few steps of this model here; one process)")
         console.print(f"dry run: nothing trained; output would go to {out}")
         return
     folders = run_training(cfg, base, out, resume=not fresh)
@@ -194,29 +251,32 @@ def _render_masked(ex, tokenizer) -> Text:
     return text
 
 
-@data_app.command("generate")
+@data_app.command(cls=_Command, name="generate")
 def data_generate(
-    ability: Annotated[str, typer.Argument(help="Built-in ability (see `mixtune list`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")],
-    n: Annotated[int, typer.Option("-n", help="Number of distinct problems.")] = 1000,
-    split: Annotated[str, typer.Option(help="train or test (they never share a problem).")] = "train",
-    difficulty: Annotated[int, typer.Option(help="1-3, see `mixtune list`.")] = 1,
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    ability: Annotated[str, typer.Argument(metavar="ABILITY", help="Built-in ability (see `mixtune list`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="JSONL file to write.")],
+    n: Annotated[int, typer.Option("-n", metavar="N", min=1, help="Number of distinct problems.")] = 1000,
+    split: Annotated[str, typer.Option(metavar="SPLIT", help="train or test (they never share a problem).")] = "train",
+    difficulty: Annotated[int, typer.Option(metavar="LEVEL", min=1, max=3, help="1-3, see `mixtune list`.")] = 1,
+    seed: Annotated[int, typer.Option(metavar="SEED", help="Generator seed.")] = 0,
 ) -> None:
     """Write problems of a built-in ability as chat-format JSONL."""
-    from mixtune.core import atomic_write_text
+    from mixtune.core import ConfigError, atomic_write_text, output_folder
     from mixtune.data.abilities import ABILITIES
 
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give the JSONL file to write")
+    output_folder(out.parent or Path("."), what="folder of --out")
     records = ABILITIES.get(ability).generate(n, seed=seed, split=split, difficulty=difficulty)  # type: ignore[arg-type]
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     console.print(f"wrote {len(records):,} {ability} {split} problems (difficulty {difficulty}, seed {seed}) to {out}")
 
 
-@model_app.command("init")
+@model_app.command(cls=_Command, name="init")
 def model_init(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to create.")],
-    size: Annotated[str, typer.Option(help="Built-in size: tiny (~1.1M parameters) or small (~14M).")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    out_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to create.")],
+    size: Annotated[str, typer.Option(metavar="SIZE", help="Built-in size: tiny (~1.1M parameters) or small (~14M).")] = "tiny",
+    seed: Annotated[int, typer.Option(metavar="SEED", help="Initialisation seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
 ) -> None:
     """Write a freshly initialised built-in model and tokenizer as a Hugging Face folder."""
@@ -235,28 +295,34 @@ def model_init(
     console.print(f"wrote built-in model '{size}' ({params:,} parameters, vocabulary {len(tokenizer)}) to {out_dir}")
 
 
-@app.command("eval")
+@app.command(cls=_Command, name="eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Argument(help="A Hugging Face model folder, or a peft adapter folder.")],
-    abilities: Annotated[str, typer.Option(help="Comma-separated built-in abilities.")] = "math,code,general",
-    n: Annotated[int, typer.Option("--n", help="Held-out problems per ability.")] = 200,
-    difficulty: Annotated[int, typer.Option(help="1-3, see `mixtune list`.")] = 1,
-    seed: Annotated[int, typer.Option(help="Which held-out problems.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 64,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write scores.json and outputs.jsonl here.")] = None,
-    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle weights (they can run code).")] = False,
-    condition: Annotated[Optional[str], typer.Option(help="C-RLFT inference condition: the class tag prompts carry.")] = None,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A Hugging Face model folder, or a peft adapter folder.")],
+    abilities: Annotated[str, typer.Option(metavar="NAMES", help="Comma-separated built-in abilities.")] = "math,code,general",
+    n: Annotated[int, typer.Option("--n", metavar="N", min=1, help="Held-out problems per ability.")] = 200,
+    difficulty: Annotated[int, typer.Option(metavar="LEVEL", min=1, max=3, help="1-3, see `mixtune list`.")] = 1,
+    seed: Annotated[int, typer.Option(metavar="SEED", help="Which held-out problems.")] = 0,
+    batch_size: Annotated[int, typer.Option(metavar="N", min=1, help="Prompts per generation batch.")] = 64,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR",
+                                                help="Write scores.json and outputs.jsonl here.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (they can run code).")] = False,
+    condition: Annotated[Optional[str], typer.Option(metavar="TAG", help="C-RLFT inference condition: the class tag prompts carry.")] = None,
 ) -> None:
     """Score a model on held-out problems of built-in abilities (greedy, batched)."""
     from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
 
+    from mixtune.core import output_folder
+
     _quiet_transformers()
     names = parse_abilities(abilities)
+    if out:
+        output_folder(out)
     mdl, tok = load_for_eval(model, allow_pickle=allow_pickle)
     with console.status(f"generating {n} answers for each of {', '.join(names)} ..."):
         scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size,
                           condition=condition)
-    table = Table(title=f"{model} on held-out problems (difficulty {difficulty}, seed {seed})")
+    console.print(f"{model} on held-out problems (difficulty {difficulty}, seed {seed}):")
+    table = Table()
     for col in ("ability", "accuracy", "n"):
         table.add_column(col, justify="left" if col == "ability" else "right")
     for name, sc in scores.items():
@@ -267,11 +333,12 @@ def eval_cmd(
         console.print(f"wrote {out / 'scores.json'} and {out / 'outputs.jsonl'}")
 
 
-@app.command("study")
+@app.command(cls=_Command, name="study")
 def study_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Study YAML: sources, strategies, specialists, seeds, amounts.")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Study YAML: sources, strategies, specialists, "
+                                                                   "seeds, amounts (keys: docs/recipes.md).")],
     overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Study folder (default: runs/NAME).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Study folder (default: runs/NAME).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their stages; train nothing.")] = False,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
@@ -279,12 +346,14 @@ def study_cmd(
     Resumable: run it again and finished stages and scores are skipped. Results: OUT/results.sqlite,
     OUT/scores.csv, OUT/report.html.
     """
-    from mixtune.core import load_config, parse_overrides
+    from mixtune.core import load_config, output_folder, parse_overrides
     from mixtune.study import StudyConfig, expand, stage_keys
 
     _quiet_transformers()
-    cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []))
+    cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []),
+                      context={"base_dir": recipe.resolve().parent})
     out = out or Path("runs") / recipe.stem
+    output_folder(out, create=not dry_run)
     if dry_run:
         runs = expand(cfg)
         table = Table(title=f"{recipe.name}: {len(runs)} runs")
@@ -302,36 +371,45 @@ def study_cmd(
                notes=[f"mixtune study {recipe}"])
 
 
-def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str]):
-    import platform
+def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None):
+    """Run the study, write its report, print its scores; ``verdict`` turns ``{run name: {ability:
+    accuracy}}`` (first seed, full amount) into lines for the report (returned for the terminal).
+    ``title`` and ``notes`` name the study on its first invocation; a rerun keeps the original ones."""
     import time
 
     from mixtune.study import Study
 
     t0 = time.perf_counter()
     study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"))
+    study.describe(title=title, notes=notes)
     study.run()
     minutes = (time.perf_counter() - t0) / 60
-    notes = [*notes, f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-                     f"{minutes:.1f} min this invocation"]
-    path = study.report(title=title, notes=notes)
+    rows = study.results()
+    first = [r for r in rows if r["seed"] == min(cfg.seeds) and r["amount"] == max(cfg.amounts)]
+    by_name: dict[str, dict[str, float]] = {}
+    for row in first:
+        by_name.setdefault(row["name"], {})[row["ability"]] = row["value"]
+    lines = verdict(by_name) if verdict is not None else None
+    path = study.report(verdict=lines)
     table = Table(title="held-out accuracy")
     abilities = cfg.eval.abilities
     table.add_column("run")
     for a in abilities:
         table.add_column(a, justify="right")
     by_run: dict[str, dict[str, float]] = {}
-    for row in study.results():
+    for row in rows:
         by_run.setdefault(row["run_id"], {})[row["ability"]] = row["value"]
     for run, scores in by_run.items():
         table.add_row(escape(run.split("|")[0]), *(f"{scores.get(a, float('nan')):.2f}" for a in abilities))
     console.print(table)
-    console.print(f"report: {path}   scores: {out / 'scores.csv'}   ({minutes:.1f} min)")
-    return study, by_run
+    total = study.meta().get("minutes", minutes)
+    console.print(f"report: {path}   scores: {out / 'scores.csv'}   models: {out / 'runs'}/   "
+                  f"({minutes:.1f} min this invocation, {total:.1f} min in all)")
+    return study, by_run, lines or []
 
 
-@app.command("report")
-def report_cmd(study_dir: Annotated[Path, typer.Argument(help="A study folder (with results.sqlite).")]) -> None:
+@app.command(cls=_Command, name="report")
+def report_cmd(study_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A study folder (with results.sqlite).")]) -> None:
     """Rebuild OUT/report.html from a study folder's results."""
     from mixtune.core import CheckpointError, load_config
     from mixtune.study import Study, StudyConfig
@@ -339,15 +417,21 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(help="A study folder (w
     if not (study_dir / "results.sqlite").exists():
         raise CheckpointError(f"{study_dir}: no results.sqlite; run `mixtune study` or `mixtune demo` first")
     study = Study(load_config(StudyConfig, study_dir / "study.yaml"), study_dir)
-    console.print(f"wrote {study.report(title=f'mixtune study {study_dir.name}')}")
+    # the study's own title, notes, machine, time and verdict (a folder from before they were kept: its name)
+    title = None if "title" in study.meta() else f"mixtune study {study_dir.name}"
+    console.print(f"wrote {study.report(title=title)}")
 
 
-@app.command("merge")
+@app.command(cls=_Command, name="merge")
 def merge_cmd(
-    config: Annotated[Optional[Path], typer.Argument(help="Merge YAML: mixtune's form or a mergekit config as it is.")] = None,
-    overrides: Overrides = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the merged model.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the base's).")] = None,
+    config: Annotated[Optional[Path], typer.Argument(
+        metavar="CONFIG", help="Merge YAML: mixtune's form or a mergekit config as it is.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[KEY=VALUE]...",
+        help="Merge config overrides, e.g. parameters.density=0.5 dtype=bfloat16 vocab=pad seed=1.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for the merged model.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
+                                                 help="float32, bfloat16 or float16 (default: the base's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and the inputs, print the plan, stop.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     list_methods: Annotated[bool, typer.Option("--list", help="Describe every merge method and its parameters.")] = False,
@@ -364,12 +448,21 @@ def merge_cmd(
     from mixtune.merge.run import check_inputs, merge, open_inputs, resolve
 
     if list_methods:
+        def plain(text: str | None) -> str:  # one line, without the docstrings' ``code`` marks
+            return " ".join((text or "").replace("``", "").split())
+
+        def yaml_value(v: object) -> str:  # a default as it is written in the YAML
+            return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
         for name in MERGE_METHODS:
             m = MERGE_METHODS.get(name)
-            console.print(f"[bold]{name}[/bold]{'' if m.needs_base else '  (no base model)'}")
-            console.print(Text("  " + " ".join((m.fn.__doc__ or "").split())))
-            for field, info in [*m.params.model_fields.items(), *m.model_params.model_fields.items()]:
-                console.print(Text(f"    {info.alias or field} = {info.default!r}: {' '.join((info.description or '').split())}"))
+            console.print(Text(name + ("" if m.needs_base else "  (no base model)"), style="bold"))
+            console.print(Text("  " + plain(m.fn.__doc__)))
+            fields = [("parameters", f, i) for f, i in m.params.model_fields.items()]
+            fields += [("models[].parameters", f, i) for f, i in m.model_params.model_fields.items()]
+            for where, field, info in fields:
+                line = f"    {where}.{info.alias or field} = {yaml_value(info.default)}: {plain(info.description)}"
+                console.print(Text(line))
         return
     if config is None:
         raise typer.BadParameter("give a merge config (or --list)")
@@ -403,19 +496,22 @@ def merge_cmd(
             bar.reset(task, description=what if what != "merging" else "merging tensors")
 
         merge(cfg, out, base_dir=config.parent, overwrite=overwrite, progress=lambda _k: bar.advance(task),
-              on_pass=on_pass)
+              on_pass=on_pass, notice=lambda line: console.print(Text(line)))
     console.print(f"wrote {out}")
 
 
-@app.command("soup")
+@app.command(cls=_Command, name="soup")
 def soup_cmd(
-    models: Annotated[list[Path], typer.Argument(help="Fine-tuned model folders of one architecture (2 or more).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the soup.")],
-    abilities: Annotated[str, typer.Option(help="Comma-separated built-in abilities to score on.")] = "math,code,general",
-    n: Annotated[int, typer.Option("--n", help="Held-out problems per ability for each score.")] = 100,
-    seed: Annotated[int, typer.Option(help="Which held-out problems (eval and studies use 0).")] = 1,
-    difficulty: Annotated[int, typer.Option(help="1-3, see `mixtune list`.")] = 1,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL...",
+                                                 help="Fine-tuned model folders of one architecture (2 or more).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the soup.")],
+    abilities: Annotated[str, typer.Option(metavar="LIST",
+                                           help="Comma-separated built-in abilities to score on.")] = "math,code,general",
+    n: Annotated[int, typer.Option("--n", metavar="N", min=1, help="Held-out problems per ability for each score.")] = 100,
+    seed: Annotated[int, typer.Option(metavar="SEED", help="Which held-out problems (eval and studies use 0).")] = 1,
+    difficulty: Annotated[int, typer.Option(metavar="LEVEL", min=1, max=3, help="1-3, see `mixtune list`.")] = 1,
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
+                                                 help="float32, bfloat16 or float16 (default: as stored).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Greedy soup (Wortsman et al., 2022): average fine-tunes, keeping each only if it helps.
@@ -433,9 +529,9 @@ def soup_cmd(
     console.print(f"wrote {out}: {len(result.ingredients)} of {len(models)} models, score {result.score:.4f}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo study.")] = Path("mixtune-demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the demo study.")] = Path("mixtune-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Short stages and few test problems (CI; ~2 min).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the demo's study recipe and stop.")] = False,
 ) -> None:
@@ -447,7 +543,7 @@ def demo(
     """
     from importlib.resources import files
 
-    from mixtune.core import dump_config, load_config, parse_overrides
+    from mixtune.core import dump_config, load_config, output_folder, parse_overrides
     from mixtune.study import StudyConfig
 
     _quiet_transformers()
@@ -459,50 +555,34 @@ def demo(
     if dry_run:
         console.print(Text(dump_config(cfg)))
         return
-    study, by_run = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
-                               notes=[f"mixtune demo{' --quick' if quick else ''}"])
-    _explain_demo(by_run, cfg.eval.n)
+    output_folder(out)
+    from mixtune.report import dmt_verdict
+
+    _, _, lines = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
+                             notes=[f"mixtune demo{' --quick' if quick else ''}"],
+                             verdict=lambda scores: dmt_verdict(scores, cfg.eval.n, quick=quick))
+    _explain_demo(lines)
 
 
-def _explain_demo(by_run: dict[str, dict[str, float]], n: int) -> None:
-    """Say, from the measured numbers, whether the DMT paper's effects appeared.
-
-    A difference counts only when it exceeds two binomial standard errors of the difference
-    (math and code pooled: 2n problems per run); smaller ones are reported as noise.
-    """
-    get = {k.split("|")[0]: v for k, v in by_run.items()}
-    if not all(k in get for k in ("multi_task", "sequential", "mixed_sequential", "dmt(k=0.125)")):
-        return
-    avg = lambda run: (get[run]["math"] + get[run]["code"]) / 2  # noqa: E731
-
-    def compare(a: float, b: float, problems: int) -> tuple[int, str]:
-        """+1 if a exceeds b by more than two standard errors of the difference, -1 if b exceeds a so, else 0."""
-        se = ((a * (1 - a) + b * (1 - b)) / problems) ** 0.5
-        sign = 1 if a - b > 2 * se else -1 if b - a > 2 * se else 0
-        return sign, f"({a:.2f} vs {b:.2f}, 2 SE = {2 * se:.2f})"
-
-    def verdict(higher: float, lower: float, problems: int) -> str:
-        sign, numbers = compare(higher, lower, problems)
-        return {1: "yes", -1: "NO, the opposite", 0: "not distinguishable from noise"}[sign] + " " + numbers
-
-    console.print(f"specialist accuracy (math, code mean): multi-task {avg('multi_task'):.2f}, sequential "
-                  f"{avg('sequential'):.2f}, mixed-sequential {avg('mixed_sequential'):.2f}, DMT k=1/32 "
-                  f"{avg('dmt(k=0.03125)'):.2f}, DMT k=1/8 {avg('dmt(k=0.125)'):.2f}")
-    console.print(f"sequential forgets what multi-task keeps: {verdict(avg('multi_task'), avg('sequential'), 2 * n)}")
-    console.print(f"DMT (k=1/8) recovers part of what mixed-sequential loses: "
-                  f"{verdict(avg('dmt(k=0.125)'), avg('mixed_sequential'), 2 * n)}")
-    # kept unless mixed-sequential's general accuracy is significantly higher than DMT's
-    lost, numbers = compare(get["mixed_sequential"]["general"], get["dmt(k=0.125)"]["general"], n)
-    console.print(f"while keeping general ability: {'NO' if lost == 1 else 'yes'} {numbers}")
+def _explain_demo(lines: list[str]) -> None:
+    """Print the demo's verdict (:func:`mixtune.report.dmt_verdict`: whether the DMT paper's effects
+    appeared, each difference against two binomial standard errors; none for ``--quick``)."""
+    for line in lines:
+        console.print(Text(line))
 
 
 def main() -> None:
     """Entry point: user errors print one clear message and exit 2, without a traceback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mixtune never downloads
     try:
-        app()
+        app(prog_name="mixtune")
     except MixtuneError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        # the file system refused something the checks up front could not foresee (e.g. a folder
+        # made read-only mid-run): one line naming the path, as for any user error
+        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,7 +1,7 @@
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mixtune.core import ConfigError, Strict, load_config, parse_overrides
 
@@ -49,8 +49,10 @@ def test_overrides_apply_and_are_blamed_as_overrides(tmp_path):
     p = write(tmp_path, "name: x\n")
     cfg = load_config(Outer, p, parse_overrides(["inner.rate=0.25", "mode=b"]))
     assert cfg.inner.rate == 0.25 and cfg.mode == "b"
-    with pytest.raises(ConfigError, match=r"override inner.rate inner.rate = 7"):
+    with pytest.raises(ConfigError) as e:
         load_config(Outer, p, parse_overrides(["inner.rate=7"]))
+    # the key is named once (it used to read "override inner.rate inner.rate = 7")
+    assert "\n  override inner.rate = 7: Input should be less than or equal to 1" in str(e.value)
 
 
 class Listy(Strict):
@@ -67,7 +69,7 @@ def test_overrides_index_lists_and_name_bad_indices(tmp_path):
 
 def test_error_from_a_new_key_set_by_override_is_blamed_on_the_override(tmp_path):
     p = write(tmp_path, "name: x\n")
-    with pytest.raises(ConfigError, match=r"override colour colour = \{'shade': 'red'\}: unknown key"):
+    with pytest.raises(ConfigError, match=r"override colour = \{'shade': 'red'\}: unknown key"):
         load_config(Outer, p, parse_overrides(["colour.shade=red"]))
 
 
@@ -95,3 +97,48 @@ def test_configs_are_frozen(tmp_path):
 
 def test_field_docs_come_from_attribute_docstrings():
     assert Inner.model_fields["rate"].description == "a rate"
+
+
+class Documented(Strict):
+    DOCS: ClassVar[str] = "docs/somewhere.md"
+    name: str = "x"
+    inner: Inner = Inner()
+    items: list[Inner] = []
+
+
+def test_unknown_key_suggests_close_matches_lists_keys_and_points_to_the_docs(tmp_path):
+    p = write(tmp_path, "nmae: x\ninner:\n  rat: 0.2\nitems:\n  - {rate: 0.1, rte: 2}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Documented, p)
+    msg = str(e.value)
+    assert f"{p}:1 nmae = 'x': unknown key; did you mean 'name'? (keys here: inner, items, name); " \
+           "every key is described in docs/somewhere.md" in msg
+    assert f"{p}:3 inner.rat = 0.2: unknown key; did you mean 'rate'? (keys here: rate)" in msg
+    assert f"{p}:5 items.0.rte = 2: unknown key; did you mean 'rate'?" in msg
+    assert "mixtune --help" not in msg
+
+
+class Located(Strict):
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v, info):
+        if info.context and v not in info.context["files"]:
+            raise ValueError("no such file")
+        return v
+
+
+def test_context_reaches_validators_and_their_problems_are_listed_with_lines(tmp_path):
+    p = write(tmp_path, "path: a.txt\n")
+    assert load_config(Located, p, context={"files": ["a.txt"]}).path == "a.txt"
+    with pytest.raises(ConfigError) as e:
+        load_config(Located, p, context={"files": []})
+    assert str(e.value) == f"{p}: 1 problem in the config:\n  {p}:1 path = 'a.txt': no such file"
+
+
+def test_non_utf8_config_names_the_line(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_bytes(b"name: x\nmode: \xff\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:2: not UTF-8 text \(byte 0xff\)"):
+        load_config(Outer, p)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,31 +107,40 @@ def test_demo_quick_runs_the_whole_study_and_writes_the_report(tmp_path):
     assert len(rows) == 9 * 3 and all(r["n"] == "20" for r in rows)
     html = (demo / "report.html").read_text()
     assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 2
-    assert "sequential forgets what multi-task keeps:" in out and "2 SE" in out  # verdict with its noise
+    from mixtune.report.verdict import QUICK
+
+    assert QUICK in out and "sequential forgets" not in out  # a quick run claims nothing
+    assert QUICK in html
     again = mixtune("demo", "--quick", "--out", demo).stdout  # resumable: nothing left to train
     assert "(0 to train)" in again
 
 
-def test_train_dry_run_shows_exact_stage_counts_and_trains_nothing(tmp_path):
+def test_train_dry_run_shows_exact_stage_counts_an_estimate_and_trains_nothing(tmp_path):
     out = mixtune("train", "examples/dmt.yaml", "--dry-run", "--out", tmp_path / "run").stdout
-    assert "stage 1-specialists: 150 steps" in out and "stage 2-general+k=0.125: 150 steps" in out
+    # examples/dmt.yaml: the demo's pretraining (400 steps), then 2 epochs of 8-row batches per stage
+    assert "stage 0-pretraining: 400 steps" in out
+    assert "stage 1-specialists: 396 steps" in out and "stage 2-general+k=0.125: 156 steps" in out
     stage2 = out.split("stage 2-general")[1]
     rows = {line.split("│")[1].strip(): line for line in stage2.splitlines() if line.startswith("│")}
-    assert "│   250 │" in rows["math"] and "│   250 │" in rows["code"] and "│ 2,000 │" in rows["general"]
+    assert "│   375 │" in rows["math"] and "│   375 │" in rows["code"] and "│ 3,000 │" in rows["general"]
+    assert "echo" not in rows and "arithmetic" not in rows  # pretraining sources stay out of the strategy
     assert "name: dmt" in out and "k: 0.125" in out  # the resolved config is printed
+    assert re.search(r"estimated time: \d+\.\d min for 952 steps", out)
     assert not (tmp_path / "run").exists()
 
 
 def test_train_runs_and_resumes_from_the_cli(tmp_path):
-    args = ("train", "examples/dmt.yaml", "train.steps=3", "sources.math.n=50", "sources.code.n=50",
-            "sources.general.n=50", "--out", tmp_path / "run")
+    args = ("train", "examples/dmt.yaml", "train.steps=3", "prefix.0.steps=3",
+            "prefix.0.mixture.sources.arithmetic.count=50", *(f"sources.{s}.n=50" for s in ("echo", "math", "code",
+                                                                                             "general")),
+            "--out", tmp_path / "run")
     out = mixtune(*args).stdout
-    assert "trained 2 stage(s)" in out
-    for stage in ("1-specialists", "2-general+k=0.125"):
+    assert "trained 3 stage(s)" in out
+    for stage in ("0-pretraining", "1-specialists", "2-general+k=0.125"):
         assert (tmp_path / "run" / "stages" / stage / "model.safetensors").exists()
-    assert (tmp_path / "run" / "checkpoints" / "step-0000006" / "trainer_state.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # save_every: 0 keeps no resumable checkpoints
     again = mixtune(*args)
-    assert "resuming from" in again.stderr and "(stage 1, step 3)" in again.stderr
+    assert "resuming from" in again.stderr and "(stage 2, step 3): every stage is trained" in again.stderr
 
 
 def test_train_rejects_an_unknown_method_with_the_choices(tmp_path):

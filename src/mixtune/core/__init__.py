@@ -2,7 +2,7 @@
 
 from mixtune.core.config import Strict, dump_config, load_config, parse_overrides, validate
 from mixtune.core.errors import CheckpointError, ConfigError, DataError, MixtuneError, UnknownNameError
-from mixtune.core.io import atomic_dir, atomic_write_text
+from mixtune.core.io import atomic_dir, atomic_write_text, follow_umask, output_folder
 from mixtune.core.registry import Registry
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "UnknownNameError",
     "atomic_dir",
     "atomic_write_text",
+    "output_folder",
     "dump_config",
+    "follow_umask",
     "load_config",
     "parse_overrides",
     "validate",

@@ -86,35 +86,78 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _format_errors(err: ValidationError, where: str, root: yaml.Node | None, overrides: dict) -> str:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys accepted by the config section at ``loc`` (best effort through unions, lists and dicts)."""
+    import typing
+
+    def models_in(tp: Any) -> list[type[BaseModel]]:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return [tp]
+        return [m for arg in typing.get_args(tp) for m in models_in(arg)]
+
+    current = [model]
+    for part in loc:
+        nxt: list[type[BaseModel]] = []
+        for m in current:
+            if isinstance(part, str) and part in m.model_fields:
+                nxt += models_in(m.model_fields[part].annotation)
+        # a list index, a dict key or a union tag leaves the section where it is
+        current = nxt or current
+    return sorted({f for m in current for f in m.model_fields})
+
+
+def _unknown_key_hint(model: type[BaseModel], loc: tuple) -> str:
+    """``unknown key; did you mean 'steps'? (keys here: ...)``: close matches and the section's keys."""
+    import difflib
+
+    known = _fields_at(model, loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    keys = f" (keys here: {', '.join(known)})" if known else ""
+    docs = getattr(model, "DOCS", None)  # a ClassVar of the root config: where its keys are described
+    return f"unknown key{hint}{keys}" + (f"; every key is described in {docs}" if docs else "")
+
+
+def _format_errors(err: ValidationError, where: str, root: yaml.Node | None, overrides: dict,
+                   model: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overrides):
-            place = f"override {dotted}"
-        else:
-            line = _line_of(root, loc)
-            place = f"{where}:{line}" if line else where
+        place = _place(where, root, overrides, loc)
         given = "" if e["type"] == "missing" else f" = {_short(e['input'])}"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; `mixtune --help` lists the options)"
+            msg = _unknown_key_hint(model, loc) if model is not None else "unknown key"
         lines.append(f"  {place} {dotted}{given}: {msg}")
     n = len(lines)
     return f"{where}: {n} problem{'s' if n > 1 else ''} in the config:\n" + "\n".join(lines)
 
 
+def _place(where: str, root: yaml.Node | None, overrides: dict, loc: tuple) -> str:
+    """``run.yaml:12`` for a key from the file, ``override`` for one set (or created) by an override."""
+    dotted = ".".join(str(p) for p in loc)
+    if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overrides):
+        return "override"
+    line = _line_of(root, loc)
+    return f"{where}:{line}" if line else where
+
+
 def validate(model: type[M], data: Any, *, where: str = "config", root: yaml.Node | None = None,
-             overrides: dict | None = None) -> M:
-    """Validate ``data`` against ``model``; every problem is listed in one :class:`ConfigError`."""
+             overrides: dict | None = None, context: dict | None = None) -> M:
+    """Validate ``data`` against ``model``; every problem is listed in one :class:`ConfigError`.
+
+    ``context`` reaches validators that check what the schema alone cannot know, e.g. ``base_dir``
+    for the data files a recipe names (their problems are listed with the others).
+    """
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, where, root, overrides or {})) from None
+        raise ConfigError(_format_errors(e, where, root, overrides or {}, model)) from None
 
 
-def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> M:
+def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
+                context: dict | None = None) -> M:
     """Read a YAML file, apply dotted ``overrides`` and validate it into ``model``.
 
     Raises:
@@ -126,6 +169,11 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, An
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -140,7 +188,7 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, An
     overrides = overrides or {}
     for key, value in overrides.items():
         apply_override(data, key, value)
-    return validate(model, data, where=str(path), root=root, overrides=overrides)
+    return validate(model, data, where=str(path), root=root, overrides=overrides, context=context)
 
 
 def dump_config(cfg: BaseModel) -> str:

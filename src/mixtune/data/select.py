@@ -32,6 +32,7 @@ class SelectConfig(Strict):
     keep: float = Field(default=0.5, gt=0, le=1)
     """``perplexity`` only: share of records kept (at least one)."""
     batch_size: int = Field(default=16, ge=1)
+    """Examples per scoring forward pass."""
 
 
 def model_fingerprint(folder: Path) -> str:

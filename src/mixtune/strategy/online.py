@@ -45,6 +45,7 @@ class MixingConfig(Strict):
     """How a stage's sources are mixed into batches while it trains."""
 
     name: Literal["stratified", "static", "aioli", "doremi", "coba"]
+    """The mixing mode (see the module docstring and docs/methods.md)."""
     weights: dict[str, float] = {}
     """``static``: each source's proportion (normalised; sources not named get 0)."""
     round_steps: int = Field(default=250, ge=1)
