@@ -20,7 +20,7 @@ Debian package ``bubblewrap``; Flatpak's sandbox), one process tree per program.
 4. **An audit hook** inside the interpreter refusing process creation: a further layer only (Python's documentation says audit hooks are not a sandbox; the tests switch it off
    and check that the kernel layers still hold).
 
-Why bubblewrap rather than the kernel calls made here: it is a small, audited, maintained setuid-free
+Why bubblewrap rather than the kernel calls made here: it is a small, widely used (Flatpak), maintained
 tool that gets the order of unshare, mounts, ``pivot_root``, capability dropping and pid-1 reaping
 right, which a hand-written version would have to re-learn; and it is cheap. Measured on the
 project's 2-core machine: a bare ``bwrap ... true`` takes 3.8 ms, the interpreter alone 42 ms, a
