@@ -298,8 +298,10 @@ def model_init(
 @app.command(cls=_Command, name="eval")
 def eval_cmd(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="A Hugging Face model folder, or a peft adapter folder.")],
-    abilities: Annotated[str, typer.Option(metavar="NAMES", help="Comma-separated built-in abilities.")] = "math,code,general",
-    n: Annotated[int, typer.Option("--n", metavar="N", min=1, help="Held-out problems per ability.")] = 200,
+    abilities: Annotated[str, typer.Option(metavar="NAMES", help="Comma-separated built-in abilities and task files "
+                                                                 "(YAML, see mixtune.eval.tasks), e.g. math,my-tasks.yaml.")] = "math,code,general",
+    n: Annotated[int, typer.Option("--n", metavar="N", min=1, help="Held-out problems per ability (a task file's "
+                                                                     "first N records).")] = 200,
     difficulty: Annotated[int, typer.Option(metavar="LEVEL", min=1, max=3, help="1-3, see `mixtune list`.")] = 1,
     seed: Annotated[int, typer.Option(metavar="SEED", help="Which held-out problems.")] = 0,
     batch_size: Annotated[int, typer.Option(metavar="N", min=1, help="Prompts per generation batch.")] = 64,
@@ -308,19 +310,23 @@ def eval_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (they can run code).")] = False,
     condition: Annotated[Optional[str], typer.Option(metavar="TAG", help="C-RLFT inference condition: the class tag prompts carry.")] = None,
 ) -> None:
-    """Score a model on held-out problems of built-in abilities (greedy, batched)."""
+    """Score a model on held-out problems of built-in abilities and of your own task files (greedy, batched).
+
+    A task file (YAML) defines abilities over your data: a prompt template, references and a
+    scorer (exact, numeric, regex, contains, or your function); see `mixtune.eval.tasks`.
+    """
     from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
 
     from mixtune.core import output_folder
 
     _quiet_transformers()
-    names = parse_abilities(abilities)
+    names, tasks = parse_abilities(abilities)
     if out:
         output_folder(out)
     mdl, tok = load_for_eval(model, allow_pickle=allow_pickle)
     with console.status(f"generating {n} answers for each of {', '.join(names)} ..."):
         scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size,
-                          condition=condition)
+                          condition=condition, tasks=tasks)
     console.print(f"{model} on held-out problems (difficulty {difficulty}, seed {seed}):")
     table = Table()
     for col in ("ability", "accuracy", "n"):
@@ -506,7 +512,8 @@ def soup_cmd(
                                                  help="Fine-tuned model folders of one architecture (2 or more).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the soup.")],
     abilities: Annotated[str, typer.Option(metavar="LIST",
-                                           help="Comma-separated built-in abilities to score on.")] = "math,code,general",
+                                           help="Comma-separated built-in abilities and task files to score "
+                                                "on.")] = "math,code,general",
     n: Annotated[int, typer.Option("--n", metavar="N", min=1, help="Held-out problems per ability for each score.")] = 100,
     seed: Annotated[int, typer.Option(metavar="SEED", help="Which held-out problems (eval and studies use 0).")] = 1,
     difficulty: Annotated[int, typer.Option(metavar="LEVEL", min=1, max=3, help="1-3, see `mixtune list`.")] = 1,
@@ -524,7 +531,8 @@ def soup_cmd(
     from mixtune.merge.soup import greedy_soup
 
     _quiet_transformers()
-    scorer = ability_scorer(parse_abilities(abilities), n=n, seed=seed, difficulty=difficulty)
+    names, tasks = parse_abilities(abilities)
+    scorer = ability_scorer(names, n=n, seed=seed, difficulty=difficulty, tasks=tasks)
     result = greedy_soup(models, scorer, out, dtype=dtype, overwrite=overwrite, progress=console.print)
     console.print(f"wrote {out}: {len(result.ingredients)} of {len(models)} models, score {result.score:.4f}")
 

@@ -130,20 +130,8 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[di
     path = Path(cfg.path)  # type: ignore[arg-type]
     if not path.is_absolute():
         path = Path(base_dir) / path
-    if not path.exists():
-        raise DataError(f"source {name!r}: {path}: no such file or folder")
+    rows = read_rows(path, split=cfg.split, max_record_bytes=cfg.max_record_bytes, name=name)
     jsonl = path.suffix == ".jsonl" and not path.is_dir()  # a JSONL line is measured as it is read
-    if path.is_dir():
-        rows = _read_saved_dataset(path, cfg.split)
-    elif jsonl:
-        rows = _read_jsonl(path, name, cfg.max_record_bytes)
-    elif path.suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raise DataError(
-            f"source {name!r}: {path}: unsupported file type {path.suffix!r}; expected .jsonl, "
-            f".parquet or a folder saved with datasets' save_to_disk"
-        )
     records, where, empty = [], [], []
     for at, obj in rows:
         record = normalise_record(obj, at, default_ability=ability)
@@ -171,6 +159,27 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[di
     if not records:
         raise DataError(f"source {name!r}: {path}: contains no records")
     return records, where
+
+
+def read_rows(path: Path, *, split: str = "train", max_record_bytes: int = MAX_RECORD_BYTES,
+              name: str = "data") -> list[tuple[str, Any]]:
+    """``(where, raw object)`` per record of a ``.jsonl``, ``.parquet`` or ``save_to_disk`` folder,
+    ``where`` naming its file and line or row; JSONL lines longer than ``max_record_bytes`` are
+    refused as they are read. ``name`` is the config key the messages point to.
+
+    Raises:
+        DataError: the path is missing, of another type, or unreadable.
+    """
+    if not path.exists():
+        raise DataError(f"source {name!r}: {path}: no such file or folder")
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, name, max_record_bytes)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"source {name!r}: {path}: unsupported file type {path.suffix!r}; expected .jsonl, "
+                    f".parquet or a folder saved with datasets' save_to_disk")
 
 
 def _check_size(messages: list[dict], where: str, name: str, limit: int) -> None:
@@ -298,4 +307,5 @@ def _check_messages(messages: Any, where: str) -> None:
                         f"{', '.join(m['role'] for m in messages)})")
 
 
-__all__ = ["MAX_RECORD_BYTES", "ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record"]
+__all__ = ["MAX_RECORD_BYTES", "ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record",
+           "read_rows"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +35,15 @@ def max_tokens_for(records: list[dict], tokenizer, slack: float = 1.5) -> int:
 
 
 def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int = 0, difficulty: int = 1,
-             batch_size: int = 64, progress=None, condition: str | None = None) -> dict[str, AbilityScore]:
+             batch_size: int = 64, progress=None, condition: str | None = None,
+             tasks: Mapping[str, object] | None = None) -> dict[str, AbilityScore]:
     """Score ``model`` on ``n`` held-out (test split) problems of each ability, greedy decoding.
 
     The problems depend only on (ability, n, seed, difficulty), so every model evaluated with the
     same arguments answers the same questions. Unknown abilities raise with close matches.
-    ``condition``: C-RLFT's inference condition, the class tag the prompts carry.
+    ``condition``: C-RLFT's inference condition, the class tag the prompts carry. ``tasks``:
+    abilities from the user's files (:mod:`mixtune.eval.tasks`) by name; each scores its first
+    ``n`` records, with its own prompt format and budget.
 
     Raises:
         ConfigError: ``n`` or ``batch_size`` is below 1, or an ability is unknown.
@@ -50,6 +53,11 @@ def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int 
                           f"batch_size = {batch_size}")
     out = {}
     for name in abilities:
+        if tasks and name in tasks:
+            from mixtune.eval.tasks import run_task
+
+            out[name] = run_task(name, tasks[name], model, tokenizer, n=n, batch_size=batch_size, progress=progress)
+            continue
         ability = ABILITIES.get(name)
         records = ability.generate(n, seed=seed, split="test", difficulty=difficulty)
         prompts = [prompt_text(r["messages"], tokenizer, condition) for r in records]
@@ -110,17 +118,23 @@ def write_results(scores: dict[str, AbilityScore], out_dir: Path, meta: dict) ->
         json.dumps({"ability": a} | e) + "\n" for a, s in scores.items() for e in s.examples))
 
 
-def parse_abilities(text: str) -> list[str]:
-    names = [a.strip() for a in text.split(",") if a.strip()]
-    if not names:
-        raise ConfigError("--abilities: give a comma-separated list, e.g. math,code,general")
+def parse_abilities(text: str) -> tuple[list[str], dict]:
+    """``--abilities``: built-in names and task files (``math,code,my-tasks.yaml``) -> the ability
+    names in order and the file-defined tasks by name."""
+    from mixtune.eval.tasks import tasks_in
+
+    entries = [a.strip() for a in text.split(",") if a.strip()]
+    if not entries:
+        raise ConfigError("--abilities: give a comma-separated list, e.g. math,code,general or math,my-tasks.yaml")
+    names, tasks = tasks_in(entries)
     for a in names:
-        ABILITIES.get(a)
-    return names
+        if a not in tasks:
+            ABILITIES.get(a)
+    return names, dict(tasks)
 
 
 def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficulty: int = 1,
-                   batch_size: int = 64) -> Callable[[Path], float]:
+                   batch_size: int = 64, tasks: Mapping[str, object] | None = None) -> Callable[[Path], float]:
     """Mean accuracy over built-in ``abilities`` on ``n`` held-out problems each, greedy decoding.
 
     The problems are drawn from the abilities' test split with ``seed`` (default 1, where
@@ -130,7 +144,8 @@ def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficu
     """
     def score(folder: Path) -> float:
         model, tok = load_for_eval(folder)
-        scores = evaluate(model, tok, abilities, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size)
+        scores = evaluate(model, tok, abilities, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size,
+                          tasks=tasks)
         return sum(s.score for s in scores.values()) / len(scores)
 
     return score

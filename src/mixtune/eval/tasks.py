@@ -1,0 +1,252 @@
+"""Abilities from the user's own files: a benchmark is a data file plus a few lines of YAML.
+
+A task file names one or more abilities::
+
+    tasks:
+      gsm8k:
+        kind: generate
+        path: gsm8k_test.jsonl              # .jsonl, .parquet or a save_to_disk folder
+        prompt: "Question: {question}\\nAnswer:"   # a template over the record's fields
+        references: answer                  # a field holding a string or a list of strings
+        scorer: numeric                     # exact | numeric | regex | contains | package.module:function
+        scorer_options: {extract: gsm8k}    # see mixtune.eval.scorers.ScorerParams
+        max_new_tokens: 256
+        stop: ["\\n\\nQuestion:"]
+        fewshot: 5                          # examples shown before each question, drawn (seeded) from
+        fewshot_path: gsm8k_train.jsonl     # this file's records
+
+and ``mixtune eval MODEL --abilities math,tasks.yaml`` scores them beside the built-in ones. The
+first ``n`` records are scored (lm-eval's ``--limit``), in file order.
+
+**Prompt format.** ``format: auto`` (default) renders with the tokenizer's chat template when it
+has one (an instruct model), else as plain text (a base model); ``chat`` and ``plain`` force one.
+In chat form the few-shot examples are earlier user/assistant turns; in plain form each is the
+prompt, a space and its target, separated by blank lines (lm-eval's layout). ``system`` adds a
+system turn (chat) or a first paragraph (plain).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+
+from mixtune.core import ConfigError, DataError, Strict, load_config
+from mixtune.data.sources import read_rows
+from mixtune.eval.scorers import SCORERS, ScorerParams, check_scorer, user_scorer
+
+
+def _resolve(v: Path | None, info: ValidationInfo) -> Path | None:
+    """A relative path is taken from the task file's folder; it must exist."""
+    base = (info.context or {}).get("base_dir")
+    if v is None or base is None:
+        return v
+    full = v if v.is_absolute() else Path(base) / v
+    if not full.exists():
+        raise ValueError(f"no such file or folder: {str(full)!r}")
+    return full
+
+
+class GenerateTask(Strict):
+    """An ability scored by generating an answer and comparing it with references."""
+
+    kind: Literal["generate"] = "generate"
+    """Generate an answer, then score it."""
+    path: Path
+    """The records: ``.jsonl``, ``.parquet`` or a ``datasets`` save_to_disk folder (relative to the task file)."""
+    split: str = "test"
+    """For a saved ``DatasetDict``: which split to score."""
+    prompt: str = "{prompt}"
+    """The question, as a template over the record's fields (``{question}``); use ``{{`` for a brace."""
+    references: str = "answer"
+    """The record field with the reference answer: a string or a list of accepted strings."""
+    scorer: str = "exact"
+    """``exact``, ``numeric``, ``regex``, ``contains`` (mixtune.eval.scorers) or ``package.module:function``,
+    called as ``function(output, record) -> float``."""
+    scorer_options: ScorerParams = ScorerParams()
+    """Options of the built-in scorers (case, punctuation, which number, the regex)."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """Generation budget per answer."""
+    stop: list[str] = []
+    """Strings that end an answer (cut before them)."""
+    fewshot: int = Field(default=0, ge=0)
+    """Examples shown before each question."""
+    fewshot_path: Path | None = None
+    """Where the examples come from (required with ``fewshot``; keep it apart from the scored file)."""
+    fewshot_target: str | None = None
+    """The field shown as an example's answer (default: ``references``, its first when a list)."""
+    seed: int = 0
+    """Seed of the few-shot draw (the same examples for every question and model)."""
+    system: str | None = None
+    """A system prompt."""
+    format: Literal["auto", "chat", "plain"] = "auto"
+    """``auto``: the chat template when the tokenizer has one, else plain text."""
+    version: int = 1
+    """Bump when you change the task, so old scores are not compared with new ones."""
+
+    _paths = field_validator("path", "fewshot_path")(_resolve)
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        try:
+            check_scorer(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+def _kind(v) -> str:
+    """A task's ``kind``, ``generate`` when it is left out."""
+    return v.get("kind", "generate") if isinstance(v, dict) else getattr(v, "kind", "generate")
+
+
+TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")]], Discriminator(_kind)]
+
+
+class TaskFile(Strict):
+    """A file of abilities defined by the user's own data."""
+
+    DOCS: ClassVar[str] = "the module docstring of mixtune.eval.tasks (and docs/recipes.md)"
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    """Abilities by name."""
+
+
+def load_tasks(path: str | Path) -> dict[str, GenerateTask]:
+    """The abilities a task file defines (every problem reported with its line).
+
+    Raises:
+        ConfigError: the file is not a valid task file, a data file is missing, or a name is
+            already a built-in ability.
+    """
+    from mixtune.data.abilities import ABILITIES
+
+    path = Path(path)
+    cfg = load_config(TaskFile, path, context={"base_dir": path.resolve().parent})
+    taken = [n for n in cfg.tasks if n in ABILITIES]
+    if taken:
+        raise ConfigError(f"{path}: task names {', '.join(taken)} are built-in abilities; name them otherwise")
+    return dict(cfg.tasks)
+
+
+def fingerprint(task: GenerateTask) -> str:
+    """A hash of everything that decides the task's scores: its settings and its data files' bytes."""
+    h = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode())
+    for p in (task.path, task.fewshot_path):
+        if p is not None:
+            for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+                if f.is_file():
+                    h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _fill(template: str, record: dict, where: str) -> str:
+    try:
+        return template.format_map(record)
+    except KeyError as e:
+        raise DataError(f"{where}: the prompt template names field {e.args[0]!r}, which this record lacks "
+                        f"(it has: {', '.join(map(str, record))})") from None
+    except (ValueError, IndexError) as e:
+        raise ConfigError(f"prompt template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+
+
+def _references(record: dict, field: str, where: str) -> list[str]:
+    if field not in record:
+        raise DataError(f"{where}: no field {field!r} with the reference answer (it has: {', '.join(map(str, record))})")
+    value = record[field]
+    refs = value if isinstance(value, list) else [value]
+    return [str(r) for r in refs]
+
+
+def load_items(task: GenerateTask, n: int | None = None) -> list[tuple[str, dict]]:
+    """The first ``n`` records (all with None) as ``(where, record)``."""
+    rows = read_rows(task.path, split=task.split, name=str(task.path))
+    bad = next(((w, r) for w, r in rows if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{bad[0]}: expected a JSON object (a record with fields), found {type(bad[1]).__name__}")
+    if not rows:
+        raise DataError(f"{task.path}: contains no records")
+    return rows[:n] if n is not None else rows
+
+
+def _shots(task: GenerateTask) -> list[tuple[str, str]]:
+    """The few-shot examples as ``(prompt, target)``, drawn with the task's seed."""
+    if not task.fewshot:
+        return []
+    if task.fewshot_path is None:
+        raise ConfigError("fewshot > 0 needs fewshot_path: the file the examples are drawn from")
+    rows = read_rows(task.fewshot_path, split="train", name=str(task.fewshot_path))
+    if len(rows) < task.fewshot:
+        raise DataError(f"{task.fewshot_path}: {len(rows)} records, fewer than fewshot = {task.fewshot}")
+    picked = random.Random(task.seed).sample(rows, task.fewshot)
+    field = task.fewshot_target or task.references
+    return [(_fill(task.prompt, r, w), _references(r, field, w)[0]) for w, r in picked]
+
+
+def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer) -> list[str]:
+    """Each item's full prompt: system, few-shot examples and question, in the task's format."""
+    from mixtune.data.format import prompt_text
+
+    shots = _shots(task)
+    chat = task.format == "chat" or (task.format == "auto" and getattr(tokenizer, "chat_template", None))
+    out = []
+    for where, record in items:
+        question = _fill(task.prompt, record, where)
+        if chat:
+            messages = [{"role": "system", "content": task.system}] if task.system else []
+            for q, a in shots:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            out.append(prompt_text([*messages, {"role": "user", "content": question}], tokenizer))
+        else:
+            parts = ([task.system] if task.system else []) + [f"{q} {a}" for q, a in shots] + [question]
+            out.append("\n\n".join(parts))
+    return out
+
+
+def score_output(task: GenerateTask, output: str, record: dict, where: str) -> float:
+    """The item's score in [0, 1] by the task's scorer (a user scorer's error names the item)."""
+    refs = _references(record, task.references, where)
+    if ":" not in task.scorer:
+        return SCORERS.get(task.scorer)(output, refs, task.scorer_options)
+    try:
+        return float(user_scorer(task.scorer)(output, record))
+    except Exception as e:  # the user's function: say where it failed
+        raise DataError(f"{where}: scorer {task.scorer} raised {type(e).__name__}: {e}") from None
+
+
+def run_task(name: str, task: GenerateTask, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
+    """Score ``model`` on the task: generate for the first ``n`` items, score each output."""
+    from mixtune.eval.generate import generate
+    from mixtune.eval.run import AbilityScore
+
+    items = load_items(task, n)
+    prompts = render_prompts(task, items, tokenizer)
+    outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
+                       stop=task.stop, progress=progress)
+    scores = [score_output(task, o, r, w) for o, (w, r) in zip(outputs, items)]
+    return AbilityScore(name, sum(scores) / len(scores), len(scores), task.version,
+                        examples=[{"where": w, "prompt": p, "output": o, "answer": r.get(task.references), "score": s}
+                                  for (w, r), p, o, s in zip(items, prompts, outputs, scores)])
+
+
+def tasks_in(entries: list[str]) -> tuple[list[str], Mapping[str, GenerateTask]]:
+    """Split ``--abilities`` entries into names and task files: every ability a ``.yaml`` file
+    defines is added in its place."""
+    names, tasks = [], {}
+    for entry in entries:
+        if entry.endswith((".yaml", ".yml")):
+            found = load_tasks(entry)
+            tasks.update(found)
+            names += list(found)
+        else:
+            names.append(entry)
+    return names, tasks
+
+
+__all__ = ["GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
+           "run_task", "score_output", "tasks_in"]
