@@ -39,6 +39,14 @@ class ScorerParams(Strict):
     """exact / regex / contains: drop ASCII punctuation before comparing."""
     ignore_articles: bool = False
     """exact / regex / contains: drop the English articles a, an, the (SQuAD's normalisation)."""
+    ignore_patterns: list[str] = []
+    """exact / regex / contains: regular expressions removed from both sides first (lm-eval's
+    ``regexes_to_ignore``)."""
+    fold_whitespace: bool = True
+    """exact / regex / contains: strip the ends and fold runs of white space (lm-eval's exact_match
+    does not: set false to compare as it does)."""
+    occurrence: Literal["first", "last"] = "last"
+    """regex: which match is the answer (lm-eval's regex filter takes the first)."""
     extract: Literal["gsm8k", "last_number", "boxed"] = "last_number"
     """numeric: where the number is, in the output and in a reference that is not a bare number:
     ``gsm8k`` the number after ``####`` (lm-eval's gsm8k strict match), ``last_number`` the last
@@ -57,14 +65,17 @@ _GSM8K = re.compile(r"####\s*(-?[0-9.,]+)")
 
 
 def normalise(text: str, p: ScorerParams) -> str:
-    """White space folded; case, punctuation and articles dropped when ``p`` asks."""
+    """Patterns removed, then case, punctuation and articles dropped when ``p`` asks, white space folded
+    (in lm-eval's exact_match order: patterns, case, punctuation)."""
+    for pattern in p.ignore_patterns:
+        text = re.sub(pattern, "", text)
     if p.ignore_case:
         text = text.lower()
     if p.ignore_punctuation:
         text = text.translate(str.maketrans("", "", string.punctuation))
     if p.ignore_articles:
         text = re.sub(r"\b(a|an|the)\b", " ", text, flags=re.IGNORECASE)
-    return " ".join(text.split())
+    return " ".join(text.split()) if p.fold_whitespace else text
 
 
 def _boxed(text: str) -> str | None:
@@ -133,8 +144,9 @@ def regex(output: str, references: list[str], p: ScorerParams) -> float:
     matches = list(re.finditer(p.pattern, output))
     if not matches:
         return 0.0
-    last = matches[-1]
-    return exact(last.group(1) if last.groups() else last.group(0), references, p)
+    m = matches[0 if p.occurrence == "first" else -1]
+    found = next((g for g in m.groups() if g), "") if m.groups() else m.group(0)  # the first group that matched
+    return exact(found.strip(), references, p)
 
 
 @SCORERS.register("contains")

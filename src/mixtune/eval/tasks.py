@@ -27,13 +27,17 @@ system turn (chat) or a first paragraph (plain).
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import json
 import random
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
+import yaml
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from mixtune.core import ConfigError, DataError, Strict, load_config
@@ -62,9 +66,16 @@ class GenerateTask(Strict):
     split: str = "test"
     """For a saved ``DatasetDict``: which split to score."""
     prompt: str = "{prompt}"
-    """The question, as a template over the record's fields (``{question}``); use ``{{`` for a brace."""
+    """The question, as a template over the record's fields (``{question}``; ``{{`` for a brace), or a
+    Jinja template with ``template: jinja`` (``{{question}}``)."""
     references: str = "answer"
-    """The record field with the reference answer: a string or a list of accepted strings."""
+    """The record field with the reference answer (a string or a list of accepted strings); with
+    ``template: jinja``, a field name or a Jinja template."""
+    template: Literal["format", "jinja"] = "format"
+    """How ``prompt`` (and a ``references`` that is not a field) are filled: Python's ``str.format``
+    or Jinja (as lm-evaluation-harness task files write them)."""
+    preamble: str = ""
+    """Text put verbatim before everything else of a plain prompt (lm-eval's ``description``)."""
     scorer: str = "exact"
     """``exact``, ``numeric``, ``regex``, ``contains`` (mixtune.eval.scorers) or ``package.module:function``,
     called as ``function(output, record) -> float``."""
@@ -145,7 +156,9 @@ def fingerprint(task: GenerateTask) -> str:
     return h.hexdigest()[:16]
 
 
-def _fill(template: str, record: dict, where: str) -> str:
+def _fill(template: str, record: dict, where: str, engine: str = "format") -> str:
+    if engine == "jinja":
+        return _jinja(template, record, where)
     try:
         return template.format_map(record)
     except KeyError as e:
@@ -155,7 +168,28 @@ def _fill(template: str, record: dict, where: str) -> str:
         raise ConfigError(f"prompt template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
 
 
-def _references(record: dict, field: str, where: str) -> list[str]:
+def _jinja(template: str, record: dict, where: str) -> str:
+    """A Jinja template over the record, as lm-eval renders one (undefined names are errors)."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
+    try:
+        return env.from_string(template).render(**record)
+    except jinja2.UndefinedError as e:
+        raise DataError(f"{where}: the template {template!r} names a field this record lacks ({e.message}; it has: "
+                        f"{', '.join(map(str, record))})") from None
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"template {template!r}: {e}") from None
+
+
+def _references(record: dict, field: str, where: str, engine: str = "format") -> list[str]:
+    if field not in record and engine == "jinja":
+        text = _jinja(field, record, where)
+        if len(text) >= 2 and text[0] == "[" and text[-1] == "]":  # a list, as lm-eval's doc_to_target reads it
+            with contextlib.suppress(ValueError, SyntaxError):
+                return [str(r) for r in ast.literal_eval(text)]
+        return [text]
     if field not in record:
         raise DataError(f"{where}: no field {field!r} with the reference answer (it has: {', '.join(map(str, record))})")
     value = record[field]
@@ -185,7 +219,7 @@ def _shots(task: GenerateTask) -> list[tuple[str, str]]:
         raise DataError(f"{task.fewshot_path}: {len(rows)} records, fewer than fewshot = {task.fewshot}")
     picked = random.Random(task.seed).sample(rows, task.fewshot)
     field = task.fewshot_target or task.references
-    return [(_fill(task.prompt, r, w), _references(r, field, w)[0]) for w, r in picked]
+    return [(_fill(task.prompt, r, w, task.template), _references(r, field, w, task.template)[0]) for w, r in picked]
 
 
 def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer) -> list[str]:
@@ -196,7 +230,7 @@ def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer)
     chat = task.format == "chat" or (task.format == "auto" and getattr(tokenizer, "chat_template", None))
     out = []
     for where, record in items:
-        question = _fill(task.prompt, record, where)
+        question = _fill(task.prompt, record, where, task.template)
         if chat:
             messages = [{"role": "system", "content": task.system}] if task.system else []
             for q, a in shots:
@@ -204,13 +238,13 @@ def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer)
             out.append(prompt_text([*messages, {"role": "user", "content": question}], tokenizer))
         else:
             parts = ([task.system] if task.system else []) + [f"{q} {a}" for q, a in shots] + [question]
-            out.append("\n\n".join(parts))
+            out.append(task.preamble + "\n\n".join(parts))
     return out
 
 
 def score_output(task: GenerateTask, output: str, record: dict, where: str) -> float:
     """The item's score in [0, 1] by the task's scorer (a user scorer's error names the item)."""
-    refs = _references(record, task.references, where)
+    refs = _references(record, task.references, where, task.template)
     if ":" not in task.scorer:
         return SCORERS.get(task.scorer)(output, refs, task.scorer_options)
     try:
@@ -230,17 +264,27 @@ def run_task(name: str, task: GenerateTask, model, tokenizer, *, n: int | None, 
                        stop=task.stop, progress=progress)
     scores = [score_output(task, o, r, w) for o, (w, r) in zip(outputs, items)]
     return AbilityScore(name, sum(scores) / len(scores), len(scores), task.version,
-                        examples=[{"where": w, "prompt": p, "output": o, "answer": r.get(task.references), "score": s}
+                        examples=[{"where": w, "prompt": p, "output": o, "score": s,
+                                   "answer": _references(r, task.references, w, task.template)}
                                   for (w, r), p, o, s in zip(items, prompts, outputs, scores)])
 
 
 def tasks_in(entries: list[str]) -> tuple[list[str], Mapping[str, GenerateTask]]:
     """Split ``--abilities`` entries into names and task files: every ability a ``.yaml`` file
-    defines is added in its place."""
+    defines (a mixtune task file, or an lm-evaluation-harness task: :mod:`mixtune.eval.lm_eval_tasks`)
+    is added in its place."""
+    from mixtune.eval.lm_eval_tasks import from_lm_eval, is_lm_eval_task
+
     names, tasks = [], {}
     for entry in entries:
         if entry.endswith((".yaml", ".yml")):
-            found = load_tasks(entry)
+            try:
+                data = yaml.safe_load(Path(entry).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"{entry}: no such task file") from None
+            except yaml.YAMLError:
+                data = None  # load_tasks reports the syntax error with its line
+            found = from_lm_eval(entry) if is_lm_eval_task(data) else load_tasks(entry)
             tasks.update(found)
             names += list(found)
         else:

@@ -1,0 +1,106 @@
+"""lm-evaluation-harness task files as abilities: read as lm-eval reads them, and the same generations
+and exact-match scores as lm-eval 0.4.13 itself on the same local task and model (a test extra, MIT)."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from mixtune.core import ConfigError
+from mixtune.eval import evaluate, load_for_eval, parse_abilities
+from mixtune.eval.lm_eval_tasks import from_lm_eval
+
+QUESTIONS = ["What is 2 + 3?", "Reverse the words: red blue", "What is 7 - 4?", "Sort: c a b", "Count: x x x",
+             "Capitalise: hello"]
+
+
+def task_yaml(folder, name, extra=""):
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {folder / 'data.jsonl'}
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+        doc_to_target: "{{{{answer}}}}"
+        generation_kwargs:
+          until: ["\\n"]
+          max_gen_toks: 12
+        """) + textwrap.dedent(extra))
+    return path
+
+
+def write_data(folder, answers):
+    (folder / "data.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                               for q, a in zip(QUESTIONS, answers)))
+
+
+def test_a_task_is_read_with_its_template_stops_budget_and_metric(tmp_path):
+    write_data(tmp_path, ["5"] * 6)
+    path = task_yaml(tmp_path, "t", """\
+        metric_list:
+          - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true}
+        """)
+    (name, task), = from_lm_eval(path).items()
+    assert name == "t" and task.template == "jinja" and task.prompt == "Question: {{question}}\nAnswer:"
+    assert task.stop == ["\n"] and task.max_new_tokens == 12 and task.format == "plain"
+    assert task.scorer == "exact" and task.scorer_options.ignore_case and not task.scorer_options.fold_whitespace
+
+
+def test_what_is_not_read_is_one_line_naming_it(tmp_path):
+    write_data(tmp_path, ["5"] * 6)
+    hub = tmp_path / "hub.yaml"
+    hub.write_text("task: gsm\ndataset_path: gsm8k\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n")
+    with pytest.raises(ConfigError, match="dataset_path 'gsm8k' would be downloaded.*save the test split as JSONL"):
+        from_lm_eval(hub)
+    other = task_yaml(tmp_path, "o", "process_results: !!str x\n")
+    with pytest.raises(ConfigError, match="lm-eval keys process_results are not read"):
+        from_lm_eval(other)
+    bleu = task_yaml(tmp_path, "b", "metric_list:\n  - metric: bleu\n")
+    with pytest.raises(ConfigError, match=r"metric_list \['bleu'\]: only exact_match"):
+        from_lm_eval(bleu)
+
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test extra (pip install -e '.[test]')")
+
+
+def lm_eval_samples(tiny_dir, folder, name):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    res = simple_evaluate(model="hf", model_args=f"pretrained={tiny_dir},dtype=float32", tasks=[name], device="cpu",
+                          task_manager=TaskManager(include_path=str(folder)), log_samples=True, batch_size=4)
+    samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
+    return samples, res["results"][name]
+
+
+def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
+    model, tok = load_for_eval(tiny_dir)
+    write_data(tmp_path, ["?"] * 6)
+    plain = task_yaml(tmp_path, "plain_em")
+    names, tasks = parse_abilities(str(plain))
+    outputs = [e["output"] for e in evaluate(model, tok, names, n=6, tasks=tasks)["plain_em"].examples]
+    # references: the model's own output for half the questions (upper-cased once), so both scores are non-trivial
+    answers = [o.upper() if i == 0 else o if i % 2 == 0 else "no" for i, o in enumerate(outputs)]
+    write_data(tmp_path, answers)
+    for name, extra in [("plain_em", ""),
+                        ("nocase_em", "metric_list:\n  - {metric: exact_match, ignore_case: true}\n"),
+                        ("regex_em", "filter_list:\n  - name: first\n    filter:\n      - {function: regex, "
+                                     "regex_pattern: '(\\S+)'}\n      - {function: take_first}\n")]:
+        path = task_yaml(tmp_path, name, extra)
+        names, tasks = parse_abilities(str(path))
+        ours = evaluate(model, tok, names, n=6, tasks=tasks)[name]
+        samples, summary = lm_eval_samples(tiny_dir, tmp_path, name)
+        assert [s["arguments"][0][0] for s in samples] == [e["prompt"] for e in ours.examples]  # the same prompts
+        assert [s["resps"][0][0] for s in samples] == [e["output"] for e in ours.examples]      # greedy generations
+        assert [s["exact_match"] for s in samples] == [e["score"] for e in ours.examples], name
+        (mean,) = [v for k, v in summary.items() if k.startswith("exact_match,") and "stderr" not in k]
+        assert mean == pytest.approx(ours.score)
+    # the case-sensitive task misses the upper-cased answer that the case-insensitive one counts
+    assert [e["score"] for e in evaluate(model, tok, ["plain_em"], n=6, tasks=parse_abilities(
+        str(tmp_path / "plain_em.yaml"))[1])["plain_em"].examples][0] == 0.0
