@@ -1,6 +1,8 @@
-"""The eval stage: batched generation and per-ability scores."""
+"""The eval stage: batched generation and sampling, per-ability scores, abilities from files, pass@k."""
 
-from mixtune.eval.generate import generate
+from mixtune.eval.generate import generate, sample
+from mixtune.eval.passk import mean_pass_at_k, pass_at_k
 from mixtune.eval.run import AbilityScore, ability_scorer, evaluate, load_for_eval, parse_abilities, write_results
 
-__all__ = ["AbilityScore", "ability_scorer", "evaluate", "generate", "load_for_eval", "parse_abilities", "write_results"]
+__all__ = ["AbilityScore", "ability_scorer", "evaluate", "generate", "load_for_eval", "mean_pass_at_k",
+           "parse_abilities", "pass_at_k", "sample", "write_results"]

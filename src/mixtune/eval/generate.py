@@ -1,19 +1,42 @@
-"""Batched greedy generation: left padding, KV cache, per-example stop at EOS or a stop string."""
+"""Batched generation: left padding, KV cache, per-example stop at EOS or a stop string.
+
+Greedy by default. Sampling (temperature, top-k, top-p, several samples per prompt) runs on the
+same batched ``model.generate`` path: a logits processor draws each row's next token from that
+row's own seeded stream and hands ``generate`` a one-hot score, so its greedy argmax takes the
+drawn token. Cache, padding, EOS and stop strings are therefore handled exactly as for greedy.
+
+Seeding. The stream of the completion (prompt, j) is ``max_new_tokens`` uniforms from a
+``torch.Generator`` seeded with a hash of (seed, j, prompt text). Step t turns uniform t into a
+token by inverse CDF. A completion therefore depends only on its prompt, j, the seed and the
+decoding parameters, never on batch size, batch composition or prompt order. (HF's
+``do_sample=True`` draws the whole batch from the global RNG, so a prompt's samples change with its
+batch.) The one limit is floating point: when a batch's padding changes, the logits can change in
+the last bits, and that can move a token only if its uniform lies that close to a CDF boundary.
+Identical prompts get identical samples.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from mixtune.core import ConfigError
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 64,
-             stop: Sequence[str] = (), progress=None) -> list[str]:
-    """Greedy completions of ``prompts`` (already rendered with the chat template).
+             stop: Sequence[str] = (), progress=None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """One completion per prompt of ``prompts`` (already rendered with the chat template); greedy by default.
 
     Prompts are sorted by length and cut into batches, so each batch pads little; results come
     back in the input order. Generation uses the model's KV cache and stops, per example, at the
     tokenizer's EOS or once any of ``stop`` appears; the completion is cut before the stop string.
+    With ``temperature > 0`` each prompt gets one sample, the same as sample 0 of :func:`sample`
+    with the same arguments.
 
     Args:
         model: a causal LM (eval mode is set here).
@@ -23,32 +46,188 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         batch_size: prompts per forward pass.
         stop: extra stop strings.
         progress: optional callable given the number of prompts finished after each batch.
+        temperature: 0 for greedy decoding; > 0 to sample (see :func:`sampling_probs`).
+        top_k: when sampling, keep the k most likely tokens (0 keeps all).
+        top_p: when sampling, keep the smallest set of most likely tokens with mass >= top_p (1 keeps all).
+        seed: seed of the per-prompt sampling streams (unused for greedy).
 
     Returns:
         One completion per prompt, special tokens removed.
+
+    Raises:
+        ConfigError: a decoding parameter is out of range, or top_k/top_p is set for greedy decoding.
     """
+    check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=1)
+    texts = _decode(model, tokenizer, prompts, num_samples=1, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, stop=stop, progress=progress,
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return [t[0] for t in texts]
+
+
+def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 128,
+           batch_size: int = 64, stop: Sequence[str] = (), progress=None) -> list[list[str]]:
+    """``num_samples`` sampled completions per prompt, each from its own seeded stream (see the module doc).
+
+    Completions are batched as in :func:`generate`; ``batch_size`` counts completions (a prompt
+    with 10 samples fills 10 rows). Completion j of a prompt is the same whatever the batch size,
+    the other prompts or their order, and sample 0 equals ``generate(..., temperature=...)``.
+    ``temperature=0`` is allowed only with ``num_samples=1`` (it is greedy, so every sample would be
+    the same).
+
+    Args:
+        model, tokenizer, prompts, max_new_tokens, stop: as for :func:`generate`.
+        num_samples: completions per prompt (n of pass@k).
+        temperature: softmax temperature, > 0 (0 means greedy, only with one sample).
+        top_k: keep the k most likely tokens (0 keeps all).
+        top_p: keep the smallest set of most likely tokens with mass >= top_p (1 keeps all).
+        seed: seed of the streams; a different seed gives different samples.
+        batch_size: completions per forward pass.
+        progress: optional callable given the number of prompts whose samples all finished, after each batch.
+
+    Returns:
+        For each prompt, in input order, a list of ``num_samples`` completions (sample index order).
+
+    Raises:
+        ConfigError: a decoding parameter is out of range.
+    """
+    check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    return _decode(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, stop=stop, progress=progress,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def check_decoding(*, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
+    """Raise :class:`ConfigError` for decoding parameters that are out of range or would have no effect."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature = {temperature!r}: expected a number >= 0 (0 is greedy decoding)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"top_k = {top_k!r}: expected an integer >= 0 (0 keeps every token)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p = {top_p!r}: expected a number in (0, 1] (1 keeps every token)")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples = {num_samples!r}: expected an integer >= 1")
+    if temperature == 0:
+        if top_k or top_p != 1:
+            raise ConfigError(f"top_k = {top_k}, top_p = {top_p} have no effect with temperature = 0 (greedy "
+                              "decoding); set temperature > 0 to sample, or drop top_k/top_p")
+        if num_samples > 1:
+            raise ConfigError(f"num_samples = {num_samples} with temperature = 0: greedy decoding gives the same "
+                              "completion every time; set temperature > 0 to sample, or num_samples = 1")
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """Next-token distribution for temperature, top-k and nucleus (top-p) sampling, in that order (as HF's warpers).
+
+    Temperature (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration",
+    arXiv:1904.09751, §3.3): ``P(x) = exp(u_x / T) / sum_y exp(u_y / T)``.
+    Top-k (Fan et al. 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833, §5; Holtzman
+    et al. §3.2): tokens whose logit is below the k-th largest are dropped (ties with it are kept,
+    as in HF's ``TopKLogitsWarper``).
+    Top-p (Holtzman et al. 2020, §3.1, Eq. 2-3): the nucleus ``V(p)`` is the smallest set of most
+    likely tokens with ``sum_{x in V(p)} P(x) >= p``, i.e. token x (in descending order, ties by
+    index) is kept iff the mass strictly before it is < p; then ``P'(x) = P(x) / sum_{V(p)} P``.
+
+    Args:
+        logits: (..., V) scores.
+        temperature: > 0.
+        top_k: 0 or >= V keeps every token.
+        top_p: in (0, 1]; 1 keeps every token.
+
+    Returns:
+        (..., V) probabilities summing to 1 over the last dimension, 0 on dropped tokens.
+    """
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+        drop = before >= top_p
+        drop[..., 0] = False  # the most likely token always stays
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first index i with ``cumsum(probs)[i] > u * sum(probs)``, per row.
+
+    Args:
+        probs: (B, V) non-negative weights.
+        u: (B,) uniforms in [0, 1).
+
+    Returns:
+        (B,) token ids; a token of probability 0 is never drawn (float64 keeps u * total < total).
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    v = u.double() * cdf[:, -1]
+    return torch.searchsorted(cdf, v[:, None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def stream_seed(seed: int, index: int, prompt: str) -> int:
+    """Seed of the stream of completion ``index`` of ``prompt``: 63 bits of BLAKE2b over (seed, index, prompt)."""
+    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _SeededDraw(LogitsProcessor):
+    """Replace each row's scores by a one-hot of the token drawn from that row's stream, so greedy picks it."""
+
+    def __init__(self, uniforms: torch.Tensor, prompt_len: int, temperature: float, top_k: int, top_p: float):
+        self.uniforms, self.prompt_len = uniforms, prompt_len  # (B, max_new_tokens)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        probs = sampling_probs(scores, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        token = draw(probs, self.uniforms[:, step].to(scores.device))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
+
+
+def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int, batch_size: int,
+            stop: Sequence[str], progress: Callable[[int], object] | None, temperature: float, top_k: int,
+            top_p: float, seed: int) -> list[list[str]]:
+    """Completions (prompt i, sample j) in batches of ``batch_size`` rows; greedy when temperature is 0."""
     model.eval()
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    # rows sorted by prompt length (a prompt's samples stay together); stable, so ties keep input order
+    rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)),
+                  key=lambda r: len(prompts[r[0]]))
+    out: list[list[str]] = [[""] * num_samples for _ in prompts]
+    left = [num_samples] * len(prompts)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        processors = None
+        if temperature > 0:
+            uniforms = torch.stack([
+                torch.rand(max_new_tokens, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(stream_seed(seed, j, prompts[i])))
+                for i, j in batch])  # (B, max_new_tokens)
+            processors = LogitsProcessorList([
+                _SeededDraw(uniforms, enc["input_ids"].shape[1], temperature, top_k, top_p)])
         with torch.inference_mode():
             ids = model.generate(
                 input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
                 stop_strings=list(stop) or None, tokenizer=tokenizer if stop else None,
-                temperature=None, top_p=None, top_k=None,
+                temperature=None, top_p=None, top_k=None, logits_processor=processors,
             )
         texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(idx, texts):
+        done = 0
+        for (i, j), text in zip(batch, texts):
             for s in stop:
                 text = text.split(s, 1)[0]
-            out[i] = text
+            out[i][j] = text
+            left[i] -= 1
+            done += left[i] == 0
         if progress is not None:
-            progress(len(idx))
+            progress(done)
     return out
