@@ -112,12 +112,52 @@ class GenerateTask(Strict):
         return v
 
 
+class CodeTask(Strict):
+    """An ability scored by running generated code against its tests in the sandbox (HumanEval, MBPP)."""
+
+    kind: Literal["code"] = "code"
+    """Complete a program, then run its tests (:mod:`mixtune.eval.sandbox`)."""
+    path: Path
+    """The problems (relative to the task file), one record each with a prompt, tests and an entry point."""
+    split: str = "test"
+    """For a saved ``DatasetDict``: which split to score."""
+    prompt: str = "prompt"
+    """The field with the code to complete (HumanEval: the signature and docstring)."""
+    test: str = "test"
+    """The field with the test code, which defines ``check(candidate)``."""
+    entry_point: str | None = "entry_point"
+    """The field naming the function ``check`` is called with (None: the tests run as they are)."""
+    max_new_tokens: int = Field(default=512, ge=1)
+    """Generation budget per completion."""
+    stop: list[str] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+    """Where a completion ends (the Codex paper's stop sequences for HumanEval)."""
+    samples: int = Field(default=1, ge=1)
+    """Completions per problem: 1 is greedy (pass@1); more are sampled, for pass@k."""
+    k: list[int] = [1]
+    """The k of the pass@k reported (each at most ``samples``); the first is the ability's score."""
+    temperature: float = Field(default=0.8, gt=0)
+    """Sampling temperature when ``samples`` > 1 (Codex: 0.8 for pass@100, 0.2 for pass@1)."""
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    """Nucleus sampling mass when ``samples`` > 1."""
+    seed: int = 0
+    """Seed of the samples."""
+    cpu_seconds: int = Field(default=5, ge=1)
+    """CPU seconds per test run."""
+    allow_unsafe_code: bool = False
+    """Run without the sandbox's kernel isolation where bubblewrap is missing (unsafe)."""
+    version: int = 1
+    """Bump when you change the task."""
+
+    _paths = field_validator("path")(_resolve)
+
+
 def _kind(v) -> str:
     """A task's ``kind``, ``generate`` when it is left out."""
     return v.get("kind", "generate") if isinstance(v, dict) else getattr(v, "kind", "generate")
 
 
-TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")]], Discriminator(_kind)]
+TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")], Annotated[CodeTask, Tag("code")]],
+                       Discriminator(_kind)]
 
 
 class TaskFile(Strict):
@@ -128,7 +168,7 @@ class TaskFile(Strict):
     """Abilities by name."""
 
 
-def load_tasks(path: str | Path) -> dict[str, GenerateTask]:
+def load_tasks(path: str | Path) -> dict[str, GenerateTask | CodeTask]:
     """The abilities a task file defines (every problem reported with its line).
 
     Raises:
@@ -197,7 +237,7 @@ def _references(record: dict, field: str, where: str, engine: str = "format") ->
     return [str(r) for r in refs]
 
 
-def load_items(task: GenerateTask, n: int | None = None) -> list[tuple[str, dict]]:
+def load_items(task: GenerateTask | CodeTask, n: int | None = None) -> list[tuple[str, dict]]:
     """The first ``n`` records (all with None) as ``(where, record)``."""
     rows = read_rows(task.path, split=task.split, name=str(task.path))
     bad = next(((w, r) for w, r in rows if not isinstance(r, dict)), None)
@@ -253,11 +293,13 @@ def score_output(task: GenerateTask, output: str, record: dict, where: str) -> f
         raise DataError(f"{where}: scorer {task.scorer} raised {type(e).__name__}: {e}") from None
 
 
-def run_task(name: str, task: GenerateTask, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
+def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
     """Score ``model`` on the task: generate for the first ``n`` items, score each output."""
     from mixtune.eval.generate import generate
     from mixtune.eval.run import AbilityScore
 
+    if isinstance(task, CodeTask):
+        return run_code_task(name, task, model, tokenizer, n=n, batch_size=batch_size, progress=progress)
     items = load_items(task, n)
     prompts = render_prompts(task, items, tokenizer)
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
@@ -292,5 +334,62 @@ def tasks_in(entries: list[str]) -> tuple[list[str], Mapping[str, GenerateTask]]
     return names, tasks
 
 
-__all__ = ["GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
-           "run_task", "score_output", "tasks_in"]
+def _field(record: dict, key: str, where: str) -> str:
+    if key not in record:
+        raise DataError(f"{where}: no field {key!r} (it has: {', '.join(map(str, record))})")
+    return str(record[key])
+
+
+def code_passes(task: CodeTask, items: list[tuple[str, dict]], completions: list[list[str]]) -> list[list[bool]]:
+    """Whether each completion of each problem passes its tests: prompt + completion, then the tests
+    (and ``check(entry_point)``), each run in a sandbox of its own, as many at once as there are cores."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixtune.eval.sandbox import Limits, run_tests
+
+    limits = Limits(cpu_seconds=task.cpu_seconds, wall_seconds=2.0 * task.cpu_seconds + 5)
+    runs = []
+    for (where, record), cs in zip(items, completions):
+        prompt, tests = _field(record, task.prompt, where), _field(record, task.test, where)
+        entry = _field(record, task.entry_point, where) if task.entry_point else None
+        runs += [(prompt + c, tests, entry) for c in cs]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        flat = list(pool.map(lambda r: run_tests(r[0], r[1], entry_point=r[2], limits=limits,
+                                                 allow_unsafe_code=task.allow_unsafe_code).passed, runs))
+    out, at = [], 0
+    for cs in completions:
+        out.append(flat[at:at + len(cs)])
+        at += len(cs)
+    return out
+
+
+def run_code_task(name: str, task: CodeTask, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
+    """pass@k of ``model`` on the first ``n`` problems: greedy completions for one sample, else seeded
+    samples, each completion run against the problem's tests in the sandbox."""
+    from mixtune.eval.generate import generate, sample
+    from mixtune.eval.passk import pass_at_k
+    from mixtune.eval.run import AbilityScore
+
+    bad = [k for k in task.k if k > task.samples]
+    if bad:
+        raise ConfigError(f"pass@{bad[0]} needs samples >= {bad[0]} (samples = {task.samples})")
+    items = load_items(task, n)
+    prompts = [_field(r, task.prompt, w) for w, r in items]  # code models complete the prompt as it is
+    kw = dict(max_new_tokens=task.max_new_tokens, batch_size=batch_size, stop=task.stop, progress=progress)
+    if task.samples == 1:
+        completions = [[c] for c in generate(model, tokenizer, prompts, **kw)]
+    else:
+        completions = sample(model, tokenizer, prompts, num_samples=task.samples, temperature=task.temperature,
+                             top_p=task.top_p, seed=task.seed, **kw)
+    passed = code_passes(task, items, completions)
+    per_k = {k: [pass_at_k(len(p), sum(p), k) for p in passed] for k in task.k}
+    first = per_k[task.k[0]]
+    return AbilityScore(name, sum(first) / len(first), len(first), task.version,
+                        examples=[{"where": w, "prompt": p, "outputs": cs, "passed": ps, "score": sc,
+                                   **{f"pass@{k}": per_k[k][i] for k in task.k}}
+                                  for i, ((w, _), p, cs, ps, sc) in enumerate(zip(items, prompts, completions, passed, first))])
+
+
+__all__ = ["CodeTask", "GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
+           "run_code_task", "run_task", "score_output", "tasks_in"]
