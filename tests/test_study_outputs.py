@@ -144,10 +144,142 @@ def test_cli_study_puts_the_verdict_in_the_report_and_keeps_the_title(done, tiny
 
     out = copy(done, tmp_path)
     monkeypatch.setattr(cli, "console", Console(file=(buf := io.StringIO()), width=200, soft_wrap=True))
-    verdict = lambda scores: [f"runs scored: {', '.join(scores)}"]  # noqa: E731
+    def verdict(scores, items):
+        return [f"runs scored: {', '.join(scores)}; per-problem scores of: {', '.join(items)}"]
+
     _, _, lines = cli._run_study(small(tiny_dir), out, tmp_path, title="rerun title", notes=[], verdict=verdict)
-    assert lines == ["runs scored: base, specialist:math, dmt(k=0.125)"]
+    assert lines == ["runs scored: base, specialist:math, dmt(k=0.125); per-problem scores of: base, specialist:math, "
+                     "dmt(k=0.125)"]
     html = (out / "report.html").read_text()
     assert "<title>my study</title>" in html and f"<li>{lines[0]}</li>" in html
     assert lines[0] not in buf.getvalue()  # printing it is the caller's (the demo's) part
     assert "min in all" in buf.getvalue() and f"models: {out / 'runs'}/" in buf.getvalue()
+
+
+def with_eval(tiny_dir, **kw) -> StudyConfig:
+    cfg = small(tiny_dir)
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update=kw)})
+
+
+def csv_rows(out) -> list[dict]:
+    with open(out / "scores.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_setting_that_decides_a_score_is_in_its_key(tiny_dir):
+    from mixtune.study import ability_identity, eval_key, eval_settings, study_eval_settings
+
+    cfg = small(tiny_dir)
+    base = study_eval_settings(cfg.eval, "math")
+    assert base == eval_settings(ability_identity("math"), n=3, seed=0, difficulty=1, condition=None)
+    assert base["ability"] == {"name": "math", "version": 1} and base["decoding"] == {"do_sample": False}
+    key = eval_key("m1", base)
+    changed = [study_eval_settings(with_eval(tiny_dir, **kw).eval, "math")
+               for kw in ({"n": 4}, {"seed": 1}, {"difficulty": 2}, {"condition": "math"})]
+    changed += [study_eval_settings(cfg.eval, "general"), base | {"decoding": {"do_sample": True, "temperature": 0.7}}]
+
+    class Bumped:  # a newer version of the ability, then one defined from a file (with a content hash)
+        version = 2
+
+    class FromFile:
+        version, content_hash = 1, "ab12"
+
+    changed += [base | {"ability": ability_identity("math", Bumped())},
+                base | {"ability": ability_identity("math", FromFile())}]
+    keys = [eval_key("m1", s) for s in changed]
+    assert len({key, *keys}) == len(keys) + 1  # each one changes the key
+    assert eval_key("m2", base) != key  # so does the model
+    assert ability_identity("math", FromFile()) == {"name": "math", "version": 1, "content": "ab12"}
+    # how it runs is not part of it: the batch size
+    assert study_eval_settings(with_eval(tiny_dir, batch_size=7).eval, "math") == base
+
+
+def test_changing_eval_n_evaluates_again_and_changing_it_back_reuses_the_scores(done, tiny_dir, tmp_path):
+    out = copy(done, tmp_path)
+    before = csv_rows(out)
+    assert {r["n"] for r in before} == {"3"} and all(r["se"] != "" for r in before)
+
+    log: list[str] = []
+    study = Study(with_eval(tiny_dir, n=4), out, progress=False, log=log.append)
+    study.run()
+    assert sum("evaluating math, general on 4 held-out problems" in m for m in log) == 3  # every run's model
+    after = csv_rows(out)
+    assert {r["n"] for r in after} == {"4"} and {r["eval_key"] for r in after}.isdisjoint(r["eval_key"] for r in before)
+    items = study.item_scores()
+    assert {len(s) for by in items.values() for s in by.values()} == {4}
+    assert [r["value"] for r in after] == [
+        str(sum(items[r["name"]][r["ability"]]) / 4) for r in after]  # the scores of the new problems
+    study.db.close()
+
+    log.clear()
+    Study(small(tiny_dir), out, progress=False, log=log.append).run()
+    assert not any("evaluating" in m for m in log)  # n back to 3: the earlier scores, not evaluated again
+    assert csv_rows(out) == before
+
+
+def test_scores_carry_their_standard_error_and_the_report_pairs_runs_with_the_base(done, tiny_dir, tmp_path):
+    import math
+
+    from mixtune.report import mcnemar
+
+    out = copy(done, tmp_path)
+    rows = csv_rows(out)
+    assert {"se", "eval_seed", "difficulty", "condition", "eval_key"} <= set(rows[0])
+    for r in rows:  # 0/1 scores: binomial sqrt(p(1-p)/n)
+        p, n = float(r["value"]), int(r["n"])
+        assert float(r["se"]) == pytest.approx(math.sqrt(p * (1 - p) / n))
+    study = Study(small(tiny_dir), out, progress=False, log=lambda m: None)
+    items = study.item_scores()
+    assert set(items) == {"base", "specialist:math", "dmt(k=0.125)"}
+    assert all(len(s) == 3 and set(s) <= {0.0, 1.0} for by in items.values() for s in by.values())
+    problems = {k for (k,) in study.db.execute("SELECT DISTINCT problems_key FROM evals WHERE ability = 'math'")}
+    assert len(problems) == 1  # every model answered the same math problems: they can be paired
+    html = study.report().read_text()
+    assert "<h2>Paired comparisons with the base</h2>" in html
+    p = mcnemar(items["dmt(k=0.125)"]["math"], items["base"]["math"]).p
+    assert "<tr><td>dmt(k=0.125)</td><td>math</td>" in html and f"<td>McNemar</td><td>{p:.3g}</td><td>3</td>" in html
+    assert (out / "evals" / rows[0]["eval_key"] / "outputs.jsonl").exists()
+
+
+def test_scores_of_a_study_folder_from_before_are_not_shown_and_evaluated_again(done, tiny_dir, tmp_path):
+    import sqlite3
+
+    out = copy(done, tmp_path)
+    db = sqlite3.connect(out / "results.sqlite")  # the database as mixtune wrote it before scores were keyed
+    db.executescript("DROP TABLE evals; DROP TABLE items; CREATE TABLE scores (model_key TEXT, ability TEXT, "
+                     "metric TEXT, value REAL, n INTEGER, version INTEGER, higher_is_better INTEGER, "
+                     "PRIMARY KEY (model_key, ability, metric));")
+    keys = [k for (k,) in db.execute("SELECT final_key FROM runs")]
+    db.executemany("INSERT INTO scores VALUES (?,?,?,?,?,?,?)",  # of unknown seed, difficulty, condition
+                   [(k, a, "accuracy", 0.99, 3, 1, 1) for k in keys for a in ("math", "general")])
+    db.commit()
+    db.close()
+
+    log: list[str] = []
+    study = Study(small(tiny_dir), out, progress=False, log=log.append)
+    assert any("6 scores" in m and "not shown" in m and "legacy_scores" in m for m in log)
+    assert study.results() == []
+    assert "No scores yet" in study.report().read_text()  # `mixtune report` before a rerun
+    study.run()
+    assert sum("evaluating" in m for m in log) == 3
+    rows = csv_rows(out)
+    assert len(rows) == 6 and all(r["value"] != "0.99" for r in rows)
+    assert study.db.execute("SELECT COUNT(*) FROM legacy_scores").fetchone() == (6,)  # kept, not read
+    study.db.close()
+    log.clear()
+    Study(small(tiny_dir), out, progress=False, log=log.append)
+    assert log == []  # said once
+
+
+def test_an_ability_from_a_file_is_keyed_by_its_contents(tmp_path):
+    from mixtune.eval.tasks import CodeTask
+    from mixtune.study import ability_identity
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"prompt": "def f():", "test": "", "entry_point": "f"}\n')
+    task = CodeTask(path=problems)
+    first = ability_identity("mine", task)
+    assert first["name"] == "mine" and first["version"] == 1 and len(first["content"]) == 16
+    assert ability_identity("mine", task) == first
+    problems.write_text('{"prompt": "def g():", "test": "", "entry_point": "g"}\n')  # the same file, edited
+    assert ability_identity("mine", task)["content"] != first["content"]

@@ -318,6 +318,7 @@ def eval_cmd(
     from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
 
     from mixtune.core import output_folder
+    from mixtune.report.paired import standard_error
 
     _quiet_transformers()
     names, tasks = parse_abilities(abilities)
@@ -329,10 +330,12 @@ def eval_cmd(
                           condition=condition, tasks=tasks)
     console.print(f"{model} on held-out problems (difficulty {difficulty}, seed {seed}):")
     table = Table()
-    for col in ("ability", "accuracy", "n"):
+    for col in ("ability", "accuracy", "se", "n"):  # se: standard error over the problems
         table.add_column(col, justify="left" if col == "ability" else "right")
     for name, sc in scores.items():
-        table.add_row(name, f"{sc.score:.3f}", str(sc.n))
+        per_item = [x["score"] for x in sc.examples if "score" in x]
+        se = standard_error(per_item) if len(per_item) == sc.n else float("nan")
+        table.add_row(name, f"{sc.score:.3f}", "–" if se != se else f"{se:.3f}", str(sc.n))
     console.print(table)
     if out:
         write_results(scores, out, {"model": str(model), "difficulty": difficulty, "seed": seed})
@@ -379,7 +382,8 @@ def study_cmd(
 
 def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None):
     """Run the study, write its report, print its scores; ``verdict`` turns ``{run name: {ability:
-    accuracy}}`` (first seed, full amount) into lines for the report (returned for the terminal).
+    accuracy}}`` (first seed, full amount) and the per-problem scores (:meth:`Study.item_scores`, for
+    paired tests) into lines for the report (returned for the terminal).
     ``title`` and ``notes`` name the study on its first invocation; a rerun keeps the original ones."""
     import time
 
@@ -395,7 +399,7 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], 
     by_name: dict[str, dict[str, float]] = {}
     for row in first:
         by_name.setdefault(row["name"], {})[row["ability"]] = row["value"]
-    lines = verdict(by_name) if verdict is not None else None
+    lines = verdict(by_name, study.item_scores()) if verdict is not None else None
     path = study.report(verdict=lines)
     table = Table(title="held-out accuracy")
     abilities = cfg.eval.abilities
@@ -568,7 +572,7 @@ def demo(
 
     _, _, lines = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
                              notes=[f"mixtune demo{' --quick' if quick else ''}"],
-                             verdict=lambda scores: dmt_verdict(scores, cfg.eval.n, quick=quick))
+                             verdict=lambda scores, items: dmt_verdict(scores, cfg.eval.n, quick=quick, items=items))
     _explain_demo(lines)
 
 

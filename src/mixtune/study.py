@@ -7,14 +7,33 @@ weights: the model, seed, amount, sources, format and training settings, and the
 up to and including it. Runs that share a prefix (mixed-sequential and every DMT k share stage 1;
 a specialist and sequential training share their first stage) train it once.
 
+Scores are keyed by everything that decides them (:func:`eval_key`): the model's key, the
+ability's name and version (and its content hash, for an ability with one, such as a task file),
+and the study's ``eval`` settings that change the problems or the answers: ``n``, ``seed``,
+``difficulty``, ``condition`` and the decoding (greedy), and any field added to :class:`EvalConfig`
+later except those in :data:`HOW_EVAL_RUNS` (``batch_size``, ``abilities``). Changing any of them
+evaluates again; changing it back shows the earlier scores without evaluating. Every score keeps
+its per-problem scores (table ``items``), so it carries its standard error and two runs can be
+compared problem by problem (:mod:`mixtune.report.paired`).
+
+A study folder from before scores were keyed this way has a ``scores`` table keyed by (model,
+ability, metric) only, without the seed, difficulty or condition it was measured with. Those rows
+cannot be told apart from scores of other settings (the bug this keying fixes), so they are never
+shown: on opening, the table is renamed ``legacy_scores`` (kept, not read) and the next
+``mixtune study`` evaluates the models again; the trained models are reused.
+
 Layout of ``DIR``::
 
-    results.sqlite   stages, runs, scores (one row per model x ability x metric), losses, and meta:
-                     the first invocation's title, notes, machine and start time, and the minutes of
-                     every invocation summed (a rerun or ``mixtune report`` keeps them)
-    scores.csv       one row per run x ability x metric, with the run's parameters, seed and model
+    results.sqlite   stages, runs, evals (one row per score: model x ability x evaluation settings x
+                     metric, with its standard error), items (per-problem scores of each), losses,
+                     and meta: the first invocation's title, notes, machine and start time, and the
+                     minutes of every invocation summed (a rerun or ``mixtune report`` keeps them)
+    scores.csv       one row per run x ability x metric for the study's current ``eval`` settings,
+                     with the score's standard error (``se``), the evaluation settings (``eval_seed``,
+                     ``difficulty``, ``condition``, ``eval_key``), the run's parameters, seed and model
                      folder (``model_dir``, relative to ``DIR``) and readable link (``link``)
     models/<key>/    the model after each trained stage
+    evals/<eval key>/  scores.json and outputs.jsonl (every problem's prompt, output and score)
     runs/<name>      a relative link to the model each run ends with, ``runs/dmt-k0.125 ->
                      ../models/<key>``; see :func:`link_names` for the names
     work/<key>/      a stage being trained (checkpoints; resumed if interrupted)
@@ -39,6 +58,7 @@ from typing import ClassVar
 from pydantic import Field, TypeAdapter
 
 from mixtune.core import ConfigError, Strict, atomic_write_text, dump_config
+from mixtune.data.abilities import ABILITIES
 from mixtune.data.format import FormatConfig
 from mixtune.data.sources import SourceConfig
 from mixtune.recipe import Recipe
@@ -197,6 +217,74 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     return keys
 
 
+HOW_EVAL_RUNS = frozenset({"abilities", "batch_size"})
+"""Fields of :class:`EvalConfig` that do not decide a score (which abilities are asked for, how
+many prompts are batched), so they are not part of :func:`eval_key`; every other field is."""
+
+GREEDY = {"do_sample": False}
+"""The decoding of every study evaluation today: greedy."""
+
+
+def ability_identity(name: str, ability=None) -> dict:
+    """What identifies an ability's problems and scorer: its name, its ``version`` and, for an ability
+    with content of its own (a task file's data), its content hash: the ability's ``content_hash``
+    (an attribute or a method), else its ``fingerprint()``, else :func:`mixtune.eval.tasks.fingerprint`
+    for a task from a file. ``ability`` defaults to the built-in of that name."""
+    if ability is None:
+        ability = ABILITIES.get(name)
+    ident = {"name": name, "version": getattr(ability, "version", None)}
+    content = getattr(ability, "content_hash", None)
+    if content is None and hasattr(ability, "fingerprint"):
+        content = ability.fingerprint
+    if callable(content):
+        content = content()
+    if content is None:
+        from mixtune.eval import tasks
+
+        if isinstance(ability, tasks.GenerateTask):
+            content = tasks.fingerprint(ability)
+        elif hasattr(ability, "model_dump"):  # another task from a file (code, multiple choice)
+            content = _settings_and_files_hash(ability)
+    if content is not None:
+        ident["content"] = content
+    return ident
+
+
+def _settings_and_files_hash(task) -> str:
+    """A hash of a task config's settings and the bytes of every file its path fields name."""
+    h = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode())
+    for value in vars(task).values():
+        if isinstance(value, Path):
+            for f in sorted(value.rglob("*")) if value.is_dir() else [value]:
+                if f.is_file():
+                    h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def eval_settings(ability: dict, *, n: int, seed: int, difficulty: int, condition: str | None,
+                  decoding: dict | None = None, **more) -> dict:
+    """Everything besides the model that decides a score: the ability (:func:`ability_identity`),
+    the problems (``n``, ``seed``, ``difficulty``), the prompt (``condition``), the decoding
+    (default :data:`GREEDY`) and ``more`` (further settings that decide it, by name)."""
+    return {"ability": ability, "n": n, "seed": seed, "difficulty": difficulty, "condition": condition,
+            "decoding": GREEDY if decoding is None else decoding} | more
+
+
+def eval_key(model_key: str | None, settings: dict) -> str:
+    """The key of a score: a hash of the model key and :func:`eval_settings`. With ``model_key`` None,
+    the key of the problems alone (the same for every model scored with ``settings``): scores with
+    the same such key are on the same problems, in the same order, and can be paired."""
+    blob = json.dumps({"model": model_key, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def study_eval_settings(e: EvalConfig, ability: str, impl=None) -> dict:
+    """:func:`eval_settings` of ``ability`` under a study's ``eval`` config: every field but those of
+    :data:`HOW_EVAL_RUNS`, so a field added to :class:`EvalConfig` that changes scores is keyed too."""
+    fields = e.model_dump(mode="json", exclude=set(HOW_EVAL_RUNS))
+    return eval_settings(ability_identity(ability, impl), **fields)
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-memory window for this process (Linux: /proc/self/clear_refs; elsewhere a no-op)."""
     try:
@@ -221,8 +309,10 @@ CREATE TABLE IF NOT EXISTS stages (key TEXT PRIMARY KEY, parent TEXT, name TEXT,
     trainable INTEGER, optimizer_bytes INTEGER, peak_rss_mb REAL);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, name TEXT, strategy TEXT, params TEXT, seed INTEGER,
     amount REAL, stage_keys TEXT, final_key TEXT);
-CREATE TABLE IF NOT EXISTS scores (model_key TEXT, ability TEXT, metric TEXT, value REAL, n INTEGER,
-    version INTEGER, higher_is_better INTEGER, PRIMARY KEY (model_key, ability, metric));
+CREATE TABLE IF NOT EXISTS evals (eval_key TEXT, metric TEXT, model_key TEXT, ability TEXT, problems_key TEXT,
+    settings TEXT, value REAL, se REAL, n INTEGER, version INTEGER, higher_is_better INTEGER,
+    PRIMARY KEY (eval_key, metric));
+CREATE TABLE IF NOT EXISTS items (eval_key TEXT, item INTEGER, score REAL, PRIMARY KEY (eval_key, item));
 CREATE TABLE IF NOT EXISTS losses (stage_key TEXT, step INTEGER, source TEXT, loss REAL);
 CREATE TABLE IF NOT EXISTS mixing (stage_key TEXT, step INTEGER, source TEXT, proportion REAL);
 CREATE TABLE IF NOT EXISTS val_losses (stage_key TEXT, source TEXT, loss REAL, PRIMARY KEY (stage_key, source));
@@ -314,6 +404,7 @@ class Study:
         for column, kind in [("trainable", "INTEGER"), ("optimizer_bytes", "INTEGER"), ("peak_rss_mb", "REAL")]:
             if column not in have:  # a study folder from before these were recorded
                 self.db.execute(f"ALTER TABLE stages ADD COLUMN {column} {kind}")
+        self._retire_legacy_scores()
         atomic_write_text(self.out / "study.yaml", dump_config(cfg))
 
     def run(self, on_stage=None) -> None:
@@ -509,12 +600,43 @@ class Study:
 
     # -- evaluation -------------------------------------------------------------------------
 
+    def _retire_legacy_scores(self) -> None:
+        """A folder from before scores were keyed by their evaluation settings: rename its ``scores``
+        table (keyed by model, ability and metric only) ``legacy_scores``, never shown (see the module
+        docstring); its models are evaluated again by the next run."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(scores)")}
+        if not columns or "eval_key" in columns:
+            return
+        (count,) = self.db.execute("SELECT COUNT(*) FROM scores").fetchone()
+        self.db.execute("DROP TABLE IF EXISTS legacy_scores")
+        self.db.execute("ALTER TABLE scores RENAME TO legacy_scores")
+        self.db.commit()
+        if count:
+            self.log(f"study: {count} scores in {self.out / 'results.sqlite'} were stored without the evaluation "
+                     "settings they were measured with (seed, difficulty, condition); they are kept as table "
+                     "legacy_scores but not shown, and the next `mixtune study` evaluates the models again "
+                     "(the trained models are reused)")
+
+    def _eval_settings(self, ability: str) -> dict:
+        """:func:`study_eval_settings` of ``ability`` under this study's ``eval`` config."""
+        return study_eval_settings(self.cfg.eval, ability)
+
+    def _eval_keys(self, model_key: str) -> dict[str, str]:
+        """Per ability of ``eval.abilities``, the :func:`eval_key` of ``model_key``'s score under the
+        study's current evaluation settings."""
+        return {a: eval_key(model_key, self._eval_settings(a)) for a in self.cfg.eval.abilities}
+
     def _evaluate(self, key: str, run: Run) -> None:
         from mixtune.eval import evaluate, load_for_eval, write_results
+        from mixtune.report.paired import standard_error
 
         e = self.cfg.eval
-        have = {a for (a,) in self.db.execute("SELECT ability FROM scores WHERE model_key = ?", (key,))}
-        missing = [a for a in e.abilities if a not in have]
+        wanted = self._eval_keys(key)
+        if not wanted:
+            return
+        have = {k for (k,) in self.db.execute(
+            f"SELECT eval_key FROM evals WHERE eval_key IN ({','.join('?' * len(wanted))})", list(wanted.values()))}
+        missing = [a for a in e.abilities if wanted[a] not in have]
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
@@ -522,28 +644,62 @@ class Study:
         model, tokenizer = load_for_eval(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
                           batch_size=e.batch_size, condition=e.condition)
-        write_results(scores, self.out / "evals" / key, {"model": str(model_dir), "run": run.id})
-        self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?)", [
-            (key, a, "accuracy", s.score, s.n, s.version, int(s.higher_is_better)) for a, s in scores.items()])
+        for a, sc in scores.items():
+            settings, ek = self._eval_settings(a), wanted[a]
+            per_item = [float(x["score"]) for x in sc.examples]
+            assert len(per_item) == sc.n, f"{a}: {len(per_item)} per-problem scores for n = {sc.n}"
+            write_results({a: sc}, self.out / "evals" / ek,
+                          {"model": str(model_dir), "model_key": key, "run": run.id, "eval_key": ek,
+                           "settings": settings})
+            self.db.execute("DELETE FROM items WHERE eval_key = ?", (ek,))
+            self.db.executemany("INSERT INTO items VALUES (?,?,?)", [(ek, i, x) for i, x in enumerate(per_item)])
+            self.db.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
+                ek, "accuracy", key, a, eval_key(None, settings), json.dumps(settings, sort_keys=True), sc.score,
+                standard_error(per_item), sc.n, sc.version, int(sc.higher_is_better)))
         self.db.commit()
 
     # -- results ----------------------------------------------------------------------------
 
     def results(self) -> list[dict]:
-        """One row per run x ability x metric, with the run's parameters and seed, its model folder
-        (``model_dir``, relative to the study folder) and its readable link (``link``, ``runs/<name>``)."""
-        cur = self.db.execute(
-            "SELECT r.run_id, r.name, r.strategy, r.params, r.seed, r.amount, s.ability, s.metric, s.value, s.n, "
-            "s.version, s.higher_is_better, r.final_key FROM runs r JOIN scores s ON s.model_key = r.final_key "
-            "ORDER BY r.rowid, s.ability")
-        cols = [d[0] for d in cur.description]
+        """One row per run x ability x metric under the study's current ``eval`` settings (scores of
+        other settings stay in the database, unseen), with the score's standard error (``se``), the
+        evaluation settings (``eval_seed``, ``difficulty``, ``condition``, ``eval_key``), the run's
+        parameters and seed, its model folder (``model_dir``, relative to the study folder) and its
+        readable link (``link``, ``runs/<name>``)."""
+        e = self.cfg.eval
         links = self.links()
         rows = []
-        for row in cur:
-            r = dict(zip(cols, row))
-            key = r.pop("final_key")
-            rows.append(r | {"model_dir": self._shown(self.run_folder(key)), "link": f"runs/{links[r['run_id']][0]}"})
+        for run_id, name, strategy, params, seed, amount, final_key in self.db.execute(
+                "SELECT run_id, name, strategy, params, seed, amount, final_key FROM runs ORDER BY rowid").fetchall():
+            for ability, ek in sorted(self._eval_keys(final_key).items()):
+                for metric, value, se, n, version, hib in self.db.execute(
+                        "SELECT metric, value, se, n, version, higher_is_better FROM evals WHERE eval_key = ? "
+                        "ORDER BY metric", (ek,)):
+                    rows.append({"run_id": run_id, "name": name, "strategy": strategy, "params": params,
+                                 "seed": seed, "amount": amount, "ability": ability, "metric": metric,
+                                 "value": value, "se": se, "n": n, "version": version, "higher_is_better": hib,
+                                 "eval_seed": e.seed, "difficulty": e.difficulty, "condition": e.condition,
+                                 "eval_key": ek, "model_dir": self._shown(self.run_folder(final_key)),
+                                 "link": f"runs/{links[run_id][0]}"})
         return rows
+
+    def item_scores(self, seed: int | None = None, amount: float | None = None) -> dict[str, dict[str, list[float]]]:
+        """``{run name: {ability: per-problem scores}}`` under the study's current ``eval`` settings,
+        for the runs of training ``seed`` (default the first) and data ``amount`` (default the full):
+        the same problems in the same order for every run, for paired tests
+        (:mod:`mixtune.report.paired`). Runs or abilities without stored per-problem scores are absent."""
+        seed = min(self.cfg.seeds) if seed is None else seed
+        amount = max(self.cfg.amounts) if amount is None else amount
+        out: dict[str, dict[str, list[float]]] = {}
+        for name, final_key in self.db.execute(
+                "SELECT name, final_key FROM runs WHERE seed = ? AND amount = ? ORDER BY rowid", (seed, amount)
+                ).fetchall():
+            for ability, ek in self._eval_keys(final_key).items():
+                scores = [x for (x,) in self.db.execute("SELECT score FROM items WHERE eval_key = ? ORDER BY item",
+                                                        (ek,))]
+                if scores:
+                    out.setdefault(name, {})[ability] = scores
+        return out
 
     def run_folder(self, key: str) -> Path:
         """The folder of the model a run ends with, for its final key ``key``: ``models/<key>``, or the
@@ -651,4 +807,4 @@ class Study:
                 curves[name] = points
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
-                            abilities=list(self.cfg.eval.abilities), verdict=verdict)
+                            abilities=list(self.cfg.eval.abilities), verdict=verdict, items=self.item_scores())

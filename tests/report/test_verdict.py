@@ -58,7 +58,7 @@ def test_demo_prints_and_reports_no_verdict_when_quick(monkeypatch, tmp_path):
     seen = {}
 
     def fake_run_study(cfg, out, base_dir, *, title, notes, verdict=None):
-        seen["lines"] = verdict({r: {"math": 0.0, "code": 0.0, "general": 0.0} for r in SCORES})
+        seen["lines"] = verdict({r: {"math": 0.0, "code": 0.0, "general": 0.0} for r in SCORES}, {})
         return None, {}, seen["lines"]
 
     monkeypatch.setattr(cli, "_run_study", fake_run_study)

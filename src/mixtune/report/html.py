@@ -9,6 +9,7 @@ from pathlib import Path
 from mixtune.core import atomic_write_text
 from mixtune.report import plots
 from mixtune.report.forgetting import deltas, mean_scores
+from mixtune.report.paired import format_p, paired_bootstrap, paired_test
 from mixtune.report.verdict import binomial_se
 
 CSS = """
@@ -25,29 +26,69 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _signed(v: float | None) -> str:
+def _number(v) -> float | None:
+    """A finite float from a row's value (``scores.csv`` and the database store a missing one as
+    empty or NULL, and NaN where it cannot be estimated), else None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f else None
+
+
+def _signed(v: float | None, higher_is_better: bool = True) -> str:
+    """A signed change, green when a gain and red when a loss (a rise is a loss where lower is better)."""
     if v is None:
         return "<td class=muted>–</td>"
-    cls = "pos" if v > 0.005 else "neg" if v < -0.005 else ""
+    gain = v if higher_is_better else -v
+    cls = "pos" if gain > 0.005 else "neg" if gain < -0.005 else ""
     return f"<td class='{cls}'>{v:+.3f}</td>"
 
 
-def error_bars(means: dict[str, dict[str, float]], problems: dict[tuple[str, str], int]) -> dict[str, dict[str, float]]:
-    """Per run and ability, the binomial standard error sqrt(p(1-p)/n) of an accuracy ``p`` measured
-    on ``problems[(run, ability)]`` = n problems (0 where n is unknown)."""
-    return {run: {a: binomial_se(p, problems.get((run, a), 0)) for a, p in by.items()} for run, by in means.items()}
+def error_bars(means: dict[str, dict[str, float]], problems: dict[tuple[str, str], int],
+               known: dict[tuple[str, str], float] | None = None) -> dict[str, dict[str, float]]:
+    """Per run and ability, the standard error stored with the score (``known[(run, ability)]``, from
+    its per-problem scores: :func:`mixtune.report.paired.standard_error`), else the binomial standard
+    error sqrt(p(1-p)/n) of an accuracy ``p`` measured on ``problems[(run, ability)]`` = n problems
+    (0 where neither is known)."""
+    known = known or {}
+    return {run: {a: known[(run, a)] if (run, a) in known else binomial_se(p, problems.get((run, a), 0))
+                  for a, p in by.items()} for run, by in means.items()}
+
+
+def paired_rows(items: dict[str, dict[str, list[float]]], runs: list[str], abilities: list[str], *,
+                base: str = "base", resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Every run against ``base`` on the same problems, per ability: the two scores, the mean
+    difference run - base with its paired-bootstrap 95% interval, and the paired test's p-value
+    (McNemar's exact test for 0/1 scores, else the paired bootstrap; :mod:`mixtune.report.paired`).
+    A (run, ability) without per-problem scores of both, or with a different number of problems, is
+    left out."""
+    out = []
+    for run in runs:
+        if run == base or run not in items or base not in items:
+            continue
+        for a in abilities:
+            x, y = items[run].get(a), items[base].get(a)
+            if not x or not y or len(x) != len(y):
+                continue
+            boot = paired_bootstrap(x, y, resamples=resamples, seed=seed)
+            test, p = paired_test(x, y, resamples=resamples, seed=seed)
+            out.append({"run": run, "ability": a, "score": sum(x) / len(x), "base": sum(y) / len(y),
+                        "diff": boot.diff, "low": boot.low, "high": boot.high, "test": test, "p": p, "n": len(x)})
+    return out
 
 
 def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
                  title: str, notes: list[str] = (), sources: list[str] = (), mixing: dict | None = None,
                  val_losses: dict[str, dict[str, float]] | None = None, abilities: list[str] = (),
-                 verdict: list[str] = ()) -> Path:
+                 verdict: list[str] = (), items: dict[str, dict[str, list[float]]] | None = None) -> Path:
     """Write the report from study results.
 
     Args:
         rows: one dict per run x ability (``name``, ``amount``, ``seed``, ``ability``, ``value``,
-            ``higher_is_better``, ``n``; optionally ``model_dir`` and ``link``, the run's model
-            folder and its readable link), as :meth:`mixtune.study.Study.results` returns.
+            ``higher_is_better``, ``n``; optionally ``se``, the score's standard error, and
+            ``model_dir`` and ``link``, the run's model folder and its readable link), as
+            :meth:`mixtune.study.Study.results` returns.
         curves: per run name, ``(step, stage, source, loss)`` across the run's stages.
         out: the HTML file to write.
         title: page heading.
@@ -59,7 +100,16 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
             of ``rows`` not in it follow, sorted. Colours come from one mapping over ``abilities`` then
             ``sources`` (:func:`plots.colors`), the same in every chart.
         verdict: lines of a verdict on the study's question (the demo's), shown under the scores.
+        items: per run name, per ability, the per-problem scores (first seed, full amount; the same
+            problems in the same order for every run): a table of paired comparisons of every run
+            against ``base`` (:func:`paired_rows`).
     """
+    if not rows:
+        return atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                      f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+                                 + "".join(f"<p class=muted>{html.escape(n)}</p>" for n in notes)
+                                 + "<p>No scores yet for the study's evaluation settings: run <code>mixtune study"
+                                   "</code> to evaluate its models.</p></body></html>")
     means = mean_scores(rows)
     scored = {r["ability"] for r in rows}
     abilities = [a for a in abilities if a in scored] + sorted(scored - set(abilities))
@@ -73,6 +123,9 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     sd = {n: {a: means[(n, full)][a][1] for a in means[(n, full)]} for n in runs if (n, full) in means}
     d = deltas(m, hib)
     problems = {(r["name"], r["ability"]): r["n"] for r in rows if r["amount"] == full and r.get("n")}
+    first_seed = min(seeds)
+    se = {(r["name"], r["ability"]): _number(r["se"]) for r in rows
+          if r["amount"] == full and r["seed"] == first_seed and _number(r.get("se")) is not None}
     folders: dict[str, list[str]] = {}
     for r in rows:
         if r["amount"] == full and r.get("model_dir"):
@@ -85,8 +138,10 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p class=muted>{html.escape(n)}</p>" for n in notes]
+    spread = ("; mean ± std over seeds" if len(seeds) > 1 else
+              "; ± standard error over the problems" if se else "")
     parts.append(f"<p class=muted>{len(runs)} runs × {len(abilities)} abilities; seeds {seeds}; "
-                 f"held-out accuracy, greedy decoding{'; mean ± std over seeds' if len(seeds) > 1 else ''}.</p>")
+                 f"held-out accuracy, greedy decoding{spread}.</p>")
 
     parts.append("<h2>Scores</h2><table><tr><th>run</th>" + "".join(f"<th>{a}</th>" for a in abilities)
                  + "<th>mean</th>" + ("<th>model folder</th>" if folders else "") + "</tr>")
@@ -94,8 +149,9 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         cells = []
         for a in abilities:
             v = m[n].get(a)
+            err = sd[n][a] if len(seeds) > 1 else se.get((n, a))
             cells.append("<td class=muted>–</td>" if v is None else
-                         f"<td>{v:.3f}{f' ± {sd[n][a]:.3f}' if len(seeds) > 1 else ''}</td>")
+                         f"<td>{v:.3f}{f' ± {err:.3f}' if err is not None else ''}</td>")
         mean = sum(m[n].values()) / max(len(m[n]), 1)
         folder = f"<td style='text-align:left'>{'<br>'.join(folders.get(n, []))}</td>" if folders else ""
         parts.append(f"<tr><td>{html.escape(n)}</td>{''.join(cells)}<td><b>{mean:.3f}</b></td>{folder}</tr>")
@@ -105,14 +161,33 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                      "links to the run's model.</p>")
     if verdict:
         parts.append("<h2>Verdict</h2><p class=muted>A difference counts only when it exceeds two binomial "
-                     "standard errors of the difference.</p><ul>"
+                     "standard errors of the difference. Where both runs' per-problem scores are stored, the "
+                     "p-value of a paired test on the same problems follows (McNemar's exact test on the "
+                     "problems where the two disagree).</p><ul>"
                      + "".join(f"<li>{html.escape(line)}</li>" for line in verdict) + "</ul>")
-    errors = sd if len(seeds) > 1 else error_bars(m, problems)
+    errors = sd if len(seeds) > 1 else error_bars(m, problems, se)
     bars = plots.ability_bars(runs, abilities, m, errors, palette=palette)
     parts.append("<h2>Abilities per run</h2><p class=muted>Error bars: "
                  + ("standard deviation over seeds" if len(seeds) > 1 else
-                    "binomial standard error of the accuracy, sqrt(p(1-p)/n) on n problems") + ".</p>"
+                    "standard error of the score over its n problems: sqrt(p(1-p)/n) for an accuracy p, "
+                    "s/sqrt(n) for other scores") + ".</p>"
                  + _img(bars, "bar chart"))
+    paired = paired_rows(items or {}, runs, abilities)
+    if paired:
+        parts.append("<h2>Paired comparisons with the base</h2><p class=muted>Each run against the base model on "
+                     f"the same problems{f' (seed {first_seed})' if len(seeds) > 1 else ''}: the difference of "
+                     "the scores with its 95% paired-bootstrap interval (2000 resamples of the problems), and "
+                     "the p-value of McNemar's exact test on the problems where the two disagree (the paired "
+                     "bootstrap's for scores other than 0/1).</p><table><tr><th>run</th><th>ability</th>"
+                     "<th>run</th><th>base</th><th>difference</th><th>95% interval</th><th>test</th><th>p</th>"
+                     "<th>n</th></tr>")
+        for c in paired:
+            parts.append(f"<tr><td>{html.escape(c['run'])}</td><td>{html.escape(c['ability'])}</td>"
+                         f"<td>{c['score']:.3f}</td><td>{c['base']:.3f}</td>"
+                         f"{_signed(c['diff'], hib.get(c['ability'], True))}"
+                         f"<td>[{c['low']:+.3f}, {c['high']:+.3f}]</td><td>{c['test']}</td>"
+                         f"<td>{format_p(c['p'])}</td><td>{c['n']}</td></tr>")
+        parts.append("</table>")
 
     parts.append("<h2>Gains and forgetting</h2><p class=muted>Change in accuracy against the base model, and "
                  "against the best specialist for that ability (negative = forgotten or never learned).</p>")
