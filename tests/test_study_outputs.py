@@ -283,3 +283,32 @@ def test_an_ability_from_a_file_is_keyed_by_its_contents(tmp_path):
     assert ability_identity("mine", task) == first
     problems.write_text('{"prompt": "def g():", "test": "", "entry_point": "g"}\n')  # the same file, edited
     assert ability_identity("mine", task)["content"] != first["content"]
+
+
+def test_a_study_over_a_user_task_file_gives_the_same_report_sections(done, tiny_dir, tmp_path):
+    """Abilities from a task file stand where built-in names do: scored per run, stored, reported."""
+    import json
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"q": f"What is {i} + {i}?", "a": str(2 * i)}) + "\n"
+                                               for i in range(5)))
+    (tmp_path / "tasks.yaml").write_text("tasks:\n  qa:\n    path: qa.jsonl\n    prompt: '{q}'\n    references: a\n"
+                                         "    scorer: numeric\n    max_new_tokens: 6\n")
+    out = copy(done, tmp_path)
+    cfg = small(tiny_dir).model_copy(update={"eval": small(tiny_dir).eval.model_copy(
+        update={"abilities": ["math", "tasks.yaml"]})})
+    log: list[str] = []
+    study = Study(cfg, out, base_dir=tmp_path, progress=False, log=log.append)
+    study.run()
+    assert study.abilities == ["math", "qa"]
+    assert not any("training stage" in m for m in log)  # the models are reused; only qa is new to score
+    rows = {(r["name"], r["ability"]): r for r in study.results()}
+    assert {a for _, a in rows} == {"math", "qa"} and rows[("base", "qa")]["n"] == 3
+    assert len(study.item_scores()["base"]["qa"]) == 3  # per problem, for the paired tests
+    html = study.report().read_text()
+    for section in ("Paired comparisons with the base", "qa"):
+        assert section in html
+    # the task file is kept by absolute path, so `mixtune report` finds it from anywhere
+    from mixtune.core import load_config
+
+    saved = load_config(StudyConfig, out / "study.yaml")
+    assert saved.eval.abilities == ["math", str((tmp_path / "tasks.yaml").resolve())]

@@ -402,7 +402,7 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], 
     lines = verdict(by_name, study.item_scores()) if verdict is not None else None
     path = study.report(verdict=lines)
     table = Table(title="held-out accuracy")
-    abilities = cfg.eval.abilities
+    abilities = study.abilities
     table.add_column("run")
     for a in abilities:
         table.add_column(a, justify="right")

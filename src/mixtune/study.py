@@ -71,7 +71,8 @@ class EvalConfig(Strict):
     """What every model in a study is scored on."""
 
     abilities: list[str] = ["math", "code", "general"]
-    """Built-in abilities, scored on their held-out test split."""
+    """Built-in abilities (scored on their held-out test split) and task files (YAML, relative to the
+    study file: every ability a file defines, see :mod:`mixtune.eval.tasks`; lm-eval task files too)."""
     n: int = Field(default=200, ge=1)
     """Problems per ability."""
     difficulty: int = Field(default=1, ge=1, le=3)
@@ -241,24 +242,11 @@ def ability_identity(name: str, ability=None) -> dict:
     if content is None:
         from mixtune.eval import tasks
 
-        if isinstance(ability, tasks.GenerateTask):
+        if hasattr(ability, "model_dump"):  # a task from a file: its settings and its data's bytes
             content = tasks.fingerprint(ability)
-        elif hasattr(ability, "model_dump"):  # another task from a file (code, multiple choice)
-            content = _settings_and_files_hash(ability)
     if content is not None:
         ident["content"] = content
     return ident
-
-
-def _settings_and_files_hash(task) -> str:
-    """A hash of a task config's settings and the bytes of every file its path fields name."""
-    h = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode())
-    for value in vars(task).values():
-        if isinstance(value, Path):
-            for f in sorted(value.rglob("*")) if value.is_dir() else [value]:
-                if f.is_file():
-                    h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def eval_settings(ability: dict, *, n: int, seed: int, difficulty: int, condition: str | None,
@@ -276,6 +264,15 @@ def eval_key(model_key: str | None, settings: dict) -> str:
     the same such key are on the same problems, in the same order, and can be paired."""
     blob = json.dumps({"model": model_key, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def study_abilities(e: EvalConfig) -> tuple[list[str], dict]:
+    """The ability names ``eval.abilities`` stands for (a task file: every ability it defines, in its
+    place) and the abilities from files by name."""
+    from mixtune.eval.tasks import tasks_in
+
+    names, tasks = tasks_in(list(e.abilities))
+    return names, dict(tasks)
 
 
 def study_eval_settings(e: EvalConfig, ability: str, impl=None) -> dict:
@@ -395,8 +392,13 @@ class Study:
 
     def __init__(self, cfg: StudyConfig, out_dir: Path, *, base_dir: Path = Path("."), progress: bool = True,
                  log=print) -> None:
+        # task files are named by absolute path from here on, so study.yaml (and `mixtune report`) finds them
+        entries = [a if not a.endswith((".yaml", ".yml")) else str((Path(base_dir) / a).resolve())
+                   for a in cfg.eval.abilities]
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"abilities": entries})})
         self.cfg, self.out, self.base_dir, self.progress, self.log = cfg, Path(out_dir), base_dir, progress, log
         self.tracker: StudyProgress | None = None
+        self.abilities, self.tasks = study_abilities(cfg.eval)
         self.out.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.out / "results.sqlite")
         self.db.executescript(SCHEMA)
@@ -619,12 +621,12 @@ class Study:
 
     def _eval_settings(self, ability: str) -> dict:
         """:func:`study_eval_settings` of ``ability`` under this study's ``eval`` config."""
-        return study_eval_settings(self.cfg.eval, ability)
+        return study_eval_settings(self.cfg.eval, ability, self.tasks.get(ability))
 
     def _eval_keys(self, model_key: str) -> dict[str, str]:
         """Per ability of ``eval.abilities``, the :func:`eval_key` of ``model_key``'s score under the
         study's current evaluation settings."""
-        return {a: eval_key(model_key, self._eval_settings(a)) for a in self.cfg.eval.abilities}
+        return {a: eval_key(model_key, self._eval_settings(a)) for a in self.abilities}
 
     def _evaluate(self, key: str, run: Run) -> None:
         from mixtune.eval import evaluate, load_for_eval, write_results
@@ -636,14 +638,14 @@ class Study:
             return
         have = {k for (k,) in self.db.execute(
             f"SELECT eval_key FROM evals WHERE eval_key IN ({','.join('?' * len(wanted))})", list(wanted.values()))}
-        missing = [a for a in e.abilities if wanted[a] not in have]
+        missing = [a for a in self.abilities if wanted[a] not in have]
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
         model_dir = self.model_path(key) if self._trained(key) else self._start_model(run)
         model, tokenizer = load_for_eval(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
-                          batch_size=e.batch_size, condition=e.condition)
+                          batch_size=e.batch_size, condition=e.condition, tasks=self.tasks)
         for a, sc in scores.items():
             settings, ek = self._eval_settings(a), wanted[a]
             per_item = [float(x["score"]) for x in sc.examples]
@@ -807,4 +809,4 @@ class Study:
                 curves[name] = points
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
-                            abilities=list(self.cfg.eval.abilities), verdict=verdict, items=self.item_scores())
+                            abilities=list(self.abilities), verdict=verdict, items=self.item_scores())

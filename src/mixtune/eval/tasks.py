@@ -185,11 +185,12 @@ def load_tasks(path: str | Path) -> dict[str, GenerateTask | CodeTask]:
     return dict(cfg.tasks)
 
 
-def fingerprint(task: GenerateTask) -> str:
-    """A hash of everything that decides the task's scores: its settings and its data files' bytes."""
+def fingerprint(task) -> str:
+    """A hash of everything that decides a task's scores: its settings and the bytes of every data
+    file or folder its path fields name."""
     h = hashlib.sha256(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode())
-    for p in (task.path, task.fewshot_path):
-        if p is not None:
+    for p in vars(task).values():
+        if isinstance(p, Path):
             for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
                 if f.is_file():
                     h.update(f.read_bytes())
