@@ -104,3 +104,53 @@ def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
     # the case-sensitive task misses the upper-cased answer that the case-insensitive one counts
     assert [e["score"] for e in evaluate(model, tok, ["plain_em"], n=6, tasks=parse_abilities(
         str(tmp_path / "plain_em.yaml"))[1])["plain_em"].examples][0] == 0.0
+
+
+MC = [("The sky on a clear day is", ["blue", "green", "loud", "square"], 0),
+      ("Two plus two is", ["three", "four", "five", "a fish"], 1),
+      ("Water freezes at zero degrees", ["Celsius", "Kelvin", "newtons", "meters"], 0),
+      ("The opposite of up is", ["down", "left", "sideways", "purple"], 0),
+      ("A week has seven", ["days", "hours", "apples", "rivers"], 0),
+      ("Cats often chase", ["mice", "clouds", "numbers", "laws"], 0)]
+
+
+def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_path):
+    import torch
+
+    from mixtune.models import load_model
+
+    # sharpened weights, so the choices are not near ties (as in tests/eval/test_choice.py)
+    model, tok = load_model(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    sharp = tmp_path / "sharp"
+    model.save_pretrained(sharp)
+    tok.save_pretrained(sharp)
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                               for q, c, a in MC))
+    (tmp_path / "mc_task.yaml").write_text(textwrap.dedent(f"""\
+        task: mc_task
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {tmp_path / 'mc.jsonl'}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+        doc_to_choice: choices
+        doc_to_target: answer
+        metric_list:
+          - {{metric: acc}}
+          - {{metric: acc_norm}}
+        """))
+    names, tasks = parse_abilities(str(tmp_path / "mc_task.yaml"))
+    model, tok = load_for_eval(sharp)
+    ours = evaluate(model, tok, names, n=6, tasks=tasks)["mc_task"]
+    samples, summary = lm_eval_samples(sharp, tmp_path, "mc_task")
+    assert [s["acc"] for s in samples] == [e["acc"] for e in ours.examples]
+    assert [s["acc_norm"] for s in samples] == [e["acc_norm"] for e in ours.examples]
+    theirs = [[r[0] for r in s["filtered_resps"]] for s in samples]
+    assert all(abs(a - b) < 1e-4 for t, e in zip(theirs, ours.examples) for a, b in zip(t, e["loglikelihoods"]))
+    assert summary["acc,none"] == pytest.approx(ours.score)
+    assert summary["acc_norm,none"] == pytest.approx(sum(e["acc_norm"] for e in ours.examples) / 6)

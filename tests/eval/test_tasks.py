@@ -143,3 +143,27 @@ def test_the_cli_scores_a_task_file(gsm, tiny_dir, capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip() for r in rows] == ["math", "gsm"]
     assert all(r.split("│")[-2].strip() == "2" for r in rows)  # n per ability
+
+
+def test_multiple_choice_items_take_an_index_a_letter_or_the_text(tmp_path, tiny_dir):
+    from mixtune.eval.tasks import ChoiceTask, choice_item
+
+    task = ChoiceTask(path=tmp_path, prompt="Q: {q}\nA:", choices="opts", gold="gold")
+    rec = {"q": "2+2?", "opts": ["3", "4", "5"]}
+    assert choice_item(task, rec | {"gold": 1}, "f:1").gold == 1
+    assert choice_item(task, rec | {"gold": "B"}, "f:1").gold == 1
+    assert choice_item(task, rec | {"gold": "2"}, "f:1").gold == 2  # a digit string is an index
+    item = choice_item(task, rec | {"gold": 0}, "f:1")
+    assert item.context == "Q: 2+2?\nA:" and list(item.choices) == ["3", "4", "5"]
+    with pytest.raises(DataError, match=r"f:1: gold 7 is outside the 3 choices"):
+        choice_item(task, rec | {"gold": 7}, "f:1")
+    with pytest.raises(DataError, match=r"f:1: gold 'seven' is neither an index, a letter nor one of the choices"):
+        choice_item(task, rec | {"gold": "seven"}, "f:1")
+    (tmp_path / "mc.jsonl").write_text(json.dumps(rec | {"gold": "B"}) + "\n")
+    (tmp_path / "t.yaml").write_text("tasks:\n  mc:\n    kind: multiple_choice\n    path: mc.jsonl\n"
+                                     "    prompt: 'Q: {q}\\nA:'\n    choices: opts\n    gold: gold\n    metric: acc_norm\n")
+    model, tok = load_for_eval(tiny_dir)
+    names, tasks = parse_abilities(str(tmp_path / "t.yaml"))
+    sc = evaluate(model, tok, names, n=5, tasks=tasks)["mc"]
+    (e,) = sc.examples
+    assert sc.n == 1 and sc.score == e["acc_norm"] == float(e["pred_norm"] == 1)

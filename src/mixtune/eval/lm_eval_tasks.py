@@ -6,7 +6,9 @@ scored), ``fewshot_split`` / ``training_split``, ``doc_to_text`` and ``doc_to_ta
 or a Jinja template), ``description``, ``target_delimiter``, ``fewshot_delimiter``,
 ``output_type: generate_until`` with ``generation_kwargs`` (``until``, ``max_gen_toks``, greedy),
 ``num_fewshot``, ``metric_list`` (``exact_match`` with ``ignore_case``, ``ignore_punctuation``,
-``regexes_to_ignore``) and ``filter_list`` (a ``regex`` filter, then ``take_first``).
+``regexes_to_ignore``) and ``filter_list`` (a ``regex`` filter, then ``take_first``);
+``output_type: multiple_choice`` with ``doc_to_choice`` and ``metric_list`` ``acc`` / ``acc_norm``
+(zero-shot).
 
 Anything else is refused in one line naming the key, and a task whose data must be downloaded
 says which file to provide. Zero-shot prompts are exactly lm-eval's; with ``num_fewshot`` the
@@ -15,16 +17,18 @@ examples are drawn by mixtune's seeded sampler, not lm-eval's, so few-shot promp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
 from mixtune.core import ConfigError
 from mixtune.eval.scorers import ScorerParams
-from mixtune.eval.tasks import GenerateTask
+from mixtune.eval.tasks import ChoiceTask, GenerateTask
 
 SUPPORTED = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split",
-             "fewshot_split", "training_split", "doc_to_text", "doc_to_target", "description", "target_delimiter",
+             "fewshot_split", "training_split", "doc_to_text", "doc_to_target", "doc_to_choice", "description",
+             "target_delimiter",
              "fewshot_delimiter", "output_type", "generation_kwargs", "num_fewshot", "metric_list", "filter_list",
              "metadata", "should_decontaminate", "doc_to_decontamination_query", "repeats"}
 
@@ -84,7 +88,7 @@ def _scoring(cfg: dict, where: str) -> tuple[str, ScorerParams]:
     return "regex", ScorerParams(**opts, pattern=regex.get("regex_pattern", r"#### (\-?[0-9\.\,]+)"), occurrence="first")
 
 
-def from_lm_eval(path: str | Path) -> dict[str, GenerateTask]:
+def from_lm_eval(path: str | Path) -> dict[str, GenerateTask | ChoiceTask]:
     """The ability an lm-eval task file defines, named by its ``task``.
 
     Raises:
@@ -97,8 +101,11 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask]:
     if unknown:
         raise ConfigError(f"{where}: lm-eval keys {', '.join(unknown)} are not read by mixtune")
     kind = cfg.get("output_type", "generate_until")
+    if kind == "multiple_choice":
+        return {str(cfg["task"]): _choice_task(cfg, where, path.resolve().parent)}
     if kind != "generate_until":
-        raise ConfigError(f"{where}: output_type {kind!r}: lm-eval tasks are read for generate_until so far")
+        raise ConfigError(f"{where}: output_type {kind!r}: lm-eval tasks are read for generate_until and "
+                          "multiple_choice")
     gen = dict(cfg.get("generation_kwargs") or {})
     if gen.pop("do_sample", False) or gen.get("temperature", 0) not in (0, 0.0):
         raise ConfigError(f"{where}: generation_kwargs ask for sampling; lm-eval tasks are read greedy")
@@ -128,6 +135,30 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask]:
                         fewshot=shots, fewshot_path=_data_file(cfg, shot_split, where, base) if shots else None,
                         format="plain", version=int((cfg.get("metadata") or {}).get("version", 1)))
     return {str(cfg["task"]): task}
+
+
+def _choice_task(cfg: dict, where: str, base: Path) -> ChoiceTask:
+    """An lm-eval ``multiple_choice`` task: ``doc_to_choice`` a field, a list or a template; ``doc_to_target``
+    a field or a template giving the gold index (or the gold text)."""
+    metrics = [m.get("metric") if isinstance(m, dict) else m for m in cfg.get("metric_list") or [{"metric": "acc"}]]
+    if not metrics or set(metrics) - {"acc", "acc_norm"}:
+        raise ConfigError(f"{where}: metric_list {metrics}: multiple_choice tasks are read with acc and acc_norm")
+    if cfg.get("num_fewshot"):
+        raise ConfigError(f"{where}: num_fewshot with multiple_choice is not read yet; put the examples in doc_to_text")
+    if cfg.get("fewshot_delimiter", "\n\n") != "\n\n" or cfg.get("filter_list") or cfg.get("generation_kwargs"):
+        raise ConfigError(f"{where}: fewshot_delimiter, filter_list and generation_kwargs are not read for multiple_choice")
+    text, target, choices = cfg.get("doc_to_text"), cfg.get("doc_to_target"), cfg.get("doc_to_choice")
+    if isinstance(choices, list):
+        choices = "{{ " + json.dumps([str(c) for c in choices]) + " }}"
+    if not all(isinstance(v, (str, int)) for v in (text, target, choices)) or isinstance(choices, int):
+        raise ConfigError(f"{where}: doc_to_text, doc_to_target and doc_to_choice must be fields, lists or Jinja "
+                          "templates (functions, !function, are not read)")
+    split = cfg.get("test_split") or cfg.get("validation_split") or "test"
+    return ChoiceTask(path=_data_file(cfg, split, where, base), prompt=_as_template(str(text)), choices=choices,
+                      gold=str(target) if not isinstance(target, int) else "{{ " + str(target) + " }}",
+                      template="jinja", metric=metrics[0], target_delimiter=cfg.get("target_delimiter", " "),
+                      preamble=cfg.get("description") or "",
+                      version=int((cfg.get("metadata") or {}).get("version", 1)))
 
 
 def _as_template(text: str) -> str:

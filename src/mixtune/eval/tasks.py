@@ -151,13 +151,44 @@ class CodeTask(Strict):
     _paths = field_validator("path")(_resolve)
 
 
+class ChoiceTask(Strict):
+    """An ability scored by which choice the model finds most likely (MMLU, ARC, HellaSwag style):
+    ``acc`` and ``acc_norm`` as lm-evaluation-harness defines them (:mod:`mixtune.eval.choice`)."""
+
+    kind: Literal["multiple_choice"] = "multiple_choice"
+    """Rank the choices by log-likelihood; nothing is generated."""
+    path: Path
+    """The questions (relative to the task file)."""
+    split: str = "test"
+    """For a saved ``DatasetDict``: which split to score."""
+    prompt: str = "{question}"
+    """The context each choice continues, a template over the record (``str.format``, or Jinja with
+    ``template: jinja``)."""
+    choices: str = "choices"
+    """The field with the list of choice texts (with ``template: jinja``, or a template rendering a list)."""
+    gold: str = "answer"
+    """The field with the right choice: its index, its letter (A, B, ...) or its text."""
+    metric: Literal["acc", "acc_norm"] = "acc"
+    """The ability's score: ``acc`` (highest log-likelihood) or ``acc_norm`` (per character); both are kept."""
+    target_delimiter: str = " "
+    """Put between the context and each choice (lm-eval's default)."""
+    template: Literal["format", "jinja"] = "format"
+    """How ``prompt`` (and ``choices``/``gold`` that are not fields) are filled."""
+    preamble: str = ""
+    """Text put verbatim before every context (lm-eval's ``description``)."""
+    version: int = 1
+    """Bump when you change the task."""
+
+    _paths = field_validator("path")(_resolve)
+
+
 def _kind(v) -> str:
     """A task's ``kind``, ``generate`` when it is left out."""
     return v.get("kind", "generate") if isinstance(v, dict) else getattr(v, "kind", "generate")
 
 
-TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")], Annotated[CodeTask, Tag("code")]],
-                       Discriminator(_kind)]
+TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")], Annotated[CodeTask, Tag("code")],
+                             Annotated[ChoiceTask, Tag("multiple_choice")]], Discriminator(_kind)]
 
 
 class TaskFile(Strict):
@@ -168,7 +199,7 @@ class TaskFile(Strict):
     """Abilities by name."""
 
 
-def load_tasks(path: str | Path) -> dict[str, GenerateTask | CodeTask]:
+def load_tasks(path: str | Path) -> dict[str, GenerateTask | CodeTask | ChoiceTask]:
     """The abilities a task file defines (every problem reported with its line).
 
     Raises:
@@ -238,7 +269,7 @@ def _references(record: dict, field: str, where: str, engine: str = "format") ->
     return [str(r) for r in refs]
 
 
-def load_items(task: GenerateTask | CodeTask, n: int | None = None) -> list[tuple[str, dict]]:
+def load_items(task: GenerateTask | CodeTask | ChoiceTask, n: int | None = None) -> list[tuple[str, dict]]:
     """The first ``n`` records (all with None) as ``(where, record)``."""
     rows = read_rows(task.path, split=task.split, name=str(task.path))
     bad = next(((w, r) for w, r in rows if not isinstance(r, dict)), None)
@@ -301,6 +332,8 @@ def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: in
 
     if isinstance(task, CodeTask):
         return run_code_task(name, task, model, tokenizer, n=n, batch_size=batch_size, progress=progress)
+    if isinstance(task, ChoiceTask):
+        return run_choice_task(name, task, model, tokenizer, n=n, batch_size=batch_size)
     items = load_items(task, n)
     prompts = render_prompts(task, items, tokenizer)
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
@@ -392,5 +425,59 @@ def run_code_task(name: str, task: CodeTask, model, tokenizer, *, n: int | None,
                                   for i, ((w, _), p, cs, ps, sc) in enumerate(zip(items, prompts, completions, passed, first))])
 
 
-__all__ = ["CodeTask", "GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
-           "run_code_task", "run_task", "score_output", "tasks_in"]
+def _value(record: dict, key: str, where: str, engine: str):
+    """A record's field, or (Jinja) a template over it, read as Python literal when it looks like one."""
+    if key in record:
+        return record[key]
+    if engine != "jinja":
+        raise DataError(f"{where}: no field {key!r} (it has: {', '.join(map(str, record))})")
+    text = _jinja(key, record, where)
+    with contextlib.suppress(ValueError, SyntaxError):
+        return ast.literal_eval(text)
+    return text
+
+
+def choice_item(task: ChoiceTask, record: dict, where: str):
+    """One question as :class:`mixtune.eval.choice.ChoiceItem`: context, choice texts, gold index."""
+    from mixtune.eval.choice import ChoiceItem
+
+    choices = _value(record, task.choices, where, task.template)
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: {task.choices!r} is not a list of choice texts: {choices!r}")
+    gold = _value(record, task.gold, where, task.template)
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold)
+    if isinstance(gold, str):
+        text = gold.strip()
+        if len(text) == 1 and text.isalpha() and text.upper() not in choices and ord(text.upper()) - 65 < len(choices):
+            gold = ord(text.upper()) - 65  # a letter: A is the first choice
+        elif gold in choices:
+            gold = choices.index(gold)
+        else:
+            raise DataError(f"{where}: gold {gold!r} is neither an index, a letter nor one of the choices")
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise DataError(f"{where}: gold {gold!r} is outside the {len(choices)} choices")
+    return ChoiceItem(task.preamble + _fill(task.prompt, record, where, task.template), choices, gold)
+
+
+def run_choice_task(name: str, task: ChoiceTask, model, tokenizer, *, n: int | None, batch_size: int):
+    """``acc`` / ``acc_norm`` of ``model`` on the first ``n`` questions (the task's ``metric`` is its score)."""
+    from mixtune.eval.choice import score_multiple_choice
+    from mixtune.eval.run import AbilityScore
+
+    items = load_items(task, n)
+    questions = [choice_item(task, r, w) for w, r in items]
+    res = score_multiple_choice(model, tokenizer, questions, target_delimiter=task.target_delimiter,
+                                batch_size=batch_size)
+    per_item = res.acc if task.metric == "acc" else res.acc_norm
+    return AbilityScore(name, sum(per_item) / len(per_item), len(per_item), task.version,
+                        examples=[{"where": w, "prompt": q.context, "choices": list(q.choices), "gold": q.gold,
+                                   "loglikelihoods": ll, "pred": p, "pred_norm": pn, "acc": a, "acc_norm": an,
+                                   "score": sc}
+                                  for (w, _), q, ll, p, pn, a, an, sc in zip(items, questions, res.loglikelihoods,
+                                                                             res.pred, res.pred_norm, res.acc,
+                                                                             res.acc_norm, per_item)])
+
+
+__all__ = ["ChoiceTask", "CodeTask", "GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
+           "choice_item", "run_choice_task", "run_code_task", "run_task", "score_output", "tasks_in"]
