@@ -64,6 +64,8 @@ def kind_of(data: dict) -> str:
     """Which command a block is written for; fragments are completed with a small recipe."""
     if "models" in data or "merge_method" in data:
         return "merge"
+    if set(data) == {"tasks"}:
+        return "tasks"
     if "strategies" in data or "specialists" in data:
         return "study"
     if "sources" in data:
@@ -90,6 +92,22 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(text)
     kind = kind_of(data)
+    if kind == "tasks":  # a task file: every data file it names gets a record, then it must load and render
+        import json
+
+        from mixtune.eval import parse_abilities
+        from mixtune.eval.tasks import load_items
+
+        record = {"question": "q", "answer": "0", "choices": ["a", "b"], "prompt": "def f():\n", "test": "",
+                  "entry_point": "f"}
+        for spec in data["tasks"].values():
+            for key in ("path", "fewshot_path"):
+                if key in spec:
+                    (tmp_path / spec[key]).write_text(json.dumps(record) + "\n")
+        (tmp_path / "block.yaml").write_text(text)
+        names, tasks = parse_abilities(str(tmp_path / "block.yaml"))
+        assert names == list(data["tasks"]) and all(load_items(tasks[n], 1) for n in names)
+        return
     if kind == "merge":
         from mixtune.builtin import init_builtin
 

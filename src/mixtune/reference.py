@@ -99,15 +99,18 @@ def _sections(queue: list[tuple[str, str, type[BaseModel]]], seen: set) -> list[
 
 
 def recipes_reference() -> str:
-    """The text of ``docs/recipes.md``: every key of a training recipe and of a study."""
+    """The text of ``docs/recipes.md``: every key of a training recipe, a study and a task file."""
+    from mixtune.eval.tasks import TaskFile
     from mixtune.recipe import Recipe
     from mixtune.study import StudyConfig
 
-    head = ("# Recipe and study keys\n\nGenerated from the schemas by `python -m mixtune.reference > docs/recipes.md` "
+    head = ("# Recipe, study and task-file keys\n\nGenerated from the schemas by `python -m mixtune.reference > docs/recipes.md` "
             "(a test keeps it in step). Unknown keys are errors that name their line; `--dry-run` prints a "
             "recipe with every default filled in.\n")
     return head + "\n" + reference([("Recipe (`mixtune train`, `mixtune data preview`)", Recipe),
-                                    ("Study (`mixtune study`)", StudyConfig)])
+                                    ("Study (`mixtune study`)", StudyConfig),
+                                    ("Task file (`mixtune eval --abilities FILE.yaml`, a study's `eval.abilities`)",
+                                     TaskFile)])
 
 
 if __name__ == "__main__":

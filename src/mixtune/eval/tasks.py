@@ -194,7 +194,7 @@ TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")], Annotated
 class TaskFile(Strict):
     """A file of abilities defined by the user's own data."""
 
-    DOCS: ClassVar[str] = "the module docstring of mixtune.eval.tasks (and docs/recipes.md)"
+    DOCS: ClassVar[str] = "docs/recipes.md"
     tasks: dict[str, TaskConfig] = Field(min_length=1)
     """Abilities by name."""
 
