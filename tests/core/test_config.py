@@ -1,4 +1,4 @@
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 import pytest
 from pydantic import Field, field_validator
@@ -142,3 +142,25 @@ def test_non_utf8_config_names_the_line(tmp_path):
     p.write_bytes(b"name: x\nmode: \xff\n")
     with pytest.raises(ConfigError, match=r"run.yaml:2: not UTF-8 text \(byte 0xff\)"):
         load_config(Outer, p)
+
+
+class Cat(Strict):
+    kind: Literal["cat"] = "cat"
+    purr: int = 1
+
+
+class Dog(Strict):
+    kind: Literal["dog"] = "dog"
+    bark: int = 1
+
+
+class Pets(Strict):
+    pets: dict[str, Annotated[Union[Cat, Dog], Field(discriminator="kind")]] = {}
+
+
+def test_errors_inside_a_tagged_union_read_as_the_file_writes_them(tmp_path):
+    p = write(tmp_path, "pets:\n  rex:\n    kind: dog\n    brak: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Pets, p)
+    # no union tag in the path ("pets.rex.dog.brak"), and the keys of the dog alone
+    assert f"{p}:4 pets.rex.brak = 2: unknown key; did you mean 'bark'? (keys here: bark, kind)" in str(e.value)

@@ -64,21 +64,40 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
             node = node[key]
 
 
+def _child(node: yaml.Node | None, key) -> yaml.Node | None:
+    """The YAML node under ``key`` of a mapping node (or index of a sequence node), if there is one."""
+    if isinstance(node, yaml.MappingNode):
+        return next((v for k, v in node.value if k.value == str(key)), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+        return node.value[key]
+    return None
+
+
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     """1-based line of the YAML node at ``loc`` (or of its nearest existing parent)."""
     node, line = root, (root.start_mark.line + 1 if root is not None else None)
     for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(key)), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            match = node.value[key]
-        else:
-            match = None
+        match = _child(node, key)
         if match is None:
             # Pydantic adds union/tag names to locations; skip them and keep the parent line.
             continue
         node, line = match, match.start_mark.line + 1
     return line
+
+
+def _as_written(root: yaml.Node | None, loc: tuple) -> tuple:
+    """``loc`` without the union tags pydantic inserts (``tasks.qa.generate.path`` -> ``tasks.qa.path``):
+    a part that is not a key of the file is dropped unless it is the last (an unknown or missing key)."""
+    if root is None:
+        return loc
+    node, kept = root, []
+    for i, key in enumerate(loc):
+        match = _child(node, key)
+        if match is None and i < len(loc) - 1:
+            continue
+        kept.append(key)
+        node = match
+    return tuple(kept)
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -95,14 +114,19 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             return [tp]
         return [m for arg in typing.get_args(tp) for m in models_in(arg)]
 
+    def tags(m: type[BaseModel]) -> set:
+        """The values of a model's Literal fields: how a tagged union names it (``kind: generate``)."""
+        return {a for f in m.model_fields.values() if typing.get_origin(f.annotation) is typing.Literal
+                for a in typing.get_args(f.annotation)}
+
     current = [model]
     for part in loc:
         nxt: list[type[BaseModel]] = []
         for m in current:
             if isinstance(part, str) and part in m.model_fields:
                 nxt += models_in(m.model_fields[part].annotation)
-        # a list index, a dict key or a union tag leaves the section where it is
-        current = nxt or current
+        # a union tag picks its member; a list index or a dict key leaves the section where it is
+        current = nxt or [m for m in current if part in tags(m)] or current
     return sorted({f for m in current for f in m.model_fields})
 
 
@@ -123,8 +147,9 @@ def _format_errors(err: ValidationError, where: str, root: yaml.Node | None, ove
     lines = []
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
         place = _place(where, root, overrides, loc)
+        shown = loc if place == "override" else _as_written(root, loc)
+        dotted = ".".join(str(p) for p in shown) or "(top level)"
         given = "" if e["type"] == "missing" else f" = {_short(e['input'])}"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
