@@ -168,6 +168,22 @@ def _place(where: str, root: yaml.Node | None, overrides: dict, loc: tuple) -> s
     return f"{where}:{line}" if line else where
 
 
+def existing_path(v: Path | None, info) -> Path | None:
+    """A path field checked against the folder its config file lies in: ``info.context["base_dir"]``
+    (given when the file is read, absent for configs built in code). Returns the full path.
+
+    Raises:
+        ValueError: it does not exist (pydantic reports it at its line, with the other problems).
+    """
+    base = (info.context or {}).get("base_dir")
+    if v is None or base is None:
+        return v
+    full = v if v.is_absolute() else Path(base) / v
+    if not full.exists():
+        raise ValueError(f"no such file or folder: {str(full)!r}")
+    return full
+
+
 def validate(model: type[M], data: Any, *, where: str = "config", root: yaml.Node | None = None,
              overrides: dict | None = None, context: dict | None = None) -> M:
     """Validate ``data`` against ``model``; every problem is listed in one :class:`ConfigError`.

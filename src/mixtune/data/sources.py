@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from mixtune.core import DataError, Strict, UnknownNameError
+from mixtune.core import DataError, Strict, UnknownNameError, existing_path
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.select import SelectConfig
 
@@ -84,9 +84,7 @@ class SourceConfig(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        base = (info.context or {}).get("base_dir")  # given when a recipe file is read
-        if v is not None and base is not None and not (v if v.is_absolute() else Path(base) / v).exists():
-            raise ValueError(f"no such file or folder: {str(v if v.is_absolute() else Path(base) / v)!r}")
+        existing_path(v, info)  # given a recipe's folder: it must exist; the path stays as written
         return v
 
     @model_validator(mode="after")

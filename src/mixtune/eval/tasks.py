@@ -38,22 +38,11 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
-from mixtune.core import ConfigError, DataError, Strict, load_config
+from mixtune.core import ConfigError, DataError, Strict, existing_path, load_config
 from mixtune.data.sources import read_rows
 from mixtune.eval.scorers import SCORERS, ScorerParams, check_scorer, user_scorer
-
-
-def _resolve(v: Path | None, info: ValidationInfo) -> Path | None:
-    """A relative path is taken from the task file's folder; it must exist."""
-    base = (info.context or {}).get("base_dir")
-    if v is None or base is None:
-        return v
-    full = v if v.is_absolute() else Path(base) / v
-    if not full.exists():
-        raise ValueError(f"no such file or folder: {str(full)!r}")
-    return full
 
 
 class GenerateTask(Strict):
@@ -100,7 +89,7 @@ class GenerateTask(Strict):
     version: int = 1
     """Bump when you change the task, so old scores are not compared with new ones."""
 
-    _paths = field_validator("path", "fewshot_path")(_resolve)
+    _paths = field_validator("path", "fewshot_path")(existing_path)  # relative to the task file
 
     @field_validator("scorer")
     @classmethod
@@ -148,7 +137,7 @@ class CodeTask(Strict):
     version: int = 1
     """Bump when you change the task."""
 
-    _paths = field_validator("path")(_resolve)
+    _paths = field_validator("path")(existing_path)
 
 
 class ChoiceTask(Strict):
@@ -179,7 +168,7 @@ class ChoiceTask(Strict):
     version: int = 1
     """Bump when you change the task."""
 
-    _paths = field_validator("path")(_resolve)
+    _paths = field_validator("path")(existing_path)
 
 
 def _kind(v) -> str:

@@ -2,8 +2,8 @@
 
 from mixtune.report.forgetting import deltas, mean_scores
 from mixtune.report.html import build_report
-from mixtune.report.paired import mcnemar, mcnemar_p, paired_bootstrap, paired_test, standard_error
-from mixtune.report.verdict import binomial_se, dmt_verdict
+from mixtune.report.paired import binomial_se, mcnemar, mcnemar_p, paired_bootstrap, paired_test, standard_error
+from mixtune.report.verdict import dmt_verdict
 
 __all__ = ["binomial_se", "build_report", "deltas", "dmt_verdict", "mcnemar", "mcnemar_p", "mean_scores",
            "paired_bootstrap", "paired_test", "standard_error"]

@@ -9,8 +9,7 @@ from pathlib import Path
 from mixtune.core import atomic_write_text
 from mixtune.report import plots
 from mixtune.report.forgetting import deltas, mean_scores
-from mixtune.report.paired import format_p, paired_bootstrap, paired_test
-from mixtune.report.verdict import binomial_se
+from mixtune.report.paired import binomial_se, format_p, paired_bootstrap, paired_test
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;

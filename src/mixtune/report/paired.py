@@ -21,6 +21,11 @@ def is_binary(scores: Sequence[float]) -> bool:
     return all(s in (0, 1) for s in scores)
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` problems: sqrt(p(1-p)/n) (0 for n = 0)."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
+
+
 def standard_error(scores: Sequence[float]) -> float:
     """Standard error of the mean of per-problem ``scores``.
 
@@ -38,7 +43,7 @@ def standard_error(scores: Sequence[float]) -> float:
         return math.nan
     mean = sum(scores) / n
     if is_binary(scores):
-        return math.sqrt(mean * (1 - mean) / n)
+        return binomial_se(mean, n)
     if n < 2:
         return math.nan
     return math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)

@@ -20,11 +20,6 @@ RUNS = ("multi_task", "sequential", "mixed_sequential", "dmt(k=0.125)")
 """The runs the verdict compares (the demo's; a study without them gets no verdict)."""
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` measured on ``n`` problems: sqrt(p(1-p)/n)."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
-
-
 def compare(a: float, b: float, problems: int) -> tuple[int, str]:
     """+1 if ``a`` exceeds ``b`` by more than two standard errors of the difference,
     sqrt((a(1-a) + b(1-b)) / problems), -1 if ``b`` exceeds ``a`` so, else 0; and the numbers."""
