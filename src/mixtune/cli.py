@@ -306,15 +306,20 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(metavar="SEED", help="Which held-out problems.")] = 0,
     batch_size: Annotated[int, typer.Option(metavar="N", min=1, help="Prompts per generation batch.")] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR",
-                                                help="Write scores.json and outputs.jsonl here.")] = None,
+                                                help="Write scores.json, outputs.jsonl and results_lm_eval.json "
+                                                     "(lm-evaluation-harness's results layout) here.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle weights (they can run code).")] = False,
     condition: Annotated[Optional[str], typer.Option(metavar="TAG", help="C-RLFT inference condition: the class tag prompts carry.")] = None,
 ) -> None:
     """Score a model on held-out problems of built-in abilities and of your own task files (greedy, batched).
 
     A task file (YAML) defines abilities over your data: a prompt template, references and a
-    scorer (exact, numeric, regex, contains, or your function); see `mixtune.eval.tasks`.
+    scorer (exact, numeric, regex, contains, or your function); see `mixtune.eval.tasks`. With
+    --out, results_lm_eval.json holds the scores as lm-eval 0.4's results_<date>.json does
+    (see `mixtune.eval.lm_eval_results`).
     """
+    import time
+
     from mixtune.eval import evaluate, load_for_eval, parse_abilities, write_results
 
     from mixtune.core import output_folder
@@ -324,6 +329,7 @@ def eval_cmd(
     names, tasks = parse_abilities(abilities)
     if out:
         output_folder(out)
+    started, clock = time.time(), time.perf_counter()  # lm-eval's `date` and evaluation time
     mdl, tok = load_for_eval(model, allow_pickle=allow_pickle)
     with console.status(f"generating {n} answers for each of {', '.join(names)} ..."):
         scores = evaluate(mdl, tok, names, n=n, seed=seed, difficulty=difficulty, batch_size=batch_size,
@@ -338,8 +344,14 @@ def eval_cmd(
         table.add_row(name, f"{sc.score:.3f}", "–" if se != se else f"{se:.3f}", str(sc.n))
     console.print(table)
     if out:
+        from mixtune.eval.lm_eval_results import lm_eval_sources, write_lm_eval_results
+
+        seconds = time.perf_counter() - clock
         write_results(scores, out, {"model": str(model), "difficulty": difficulty, "seed": seed})
-        console.print(f"wrote {out / 'scores.json'} and {out / 'outputs.jsonl'}")
+        lm = write_lm_eval_results(out, scores, model=mdl, tokenizer=tok, model_path=str(model), n=n,
+                                   batch_size=batch_size, seed=seed, difficulty=difficulty, condition=condition,
+                                   tasks=tasks, sources=lm_eval_sources(abilities), started=started, seconds=seconds)
+        console.print(f"wrote {out / 'scores.json'}, {out / 'outputs.jsonl'} and {lm}")
 
 
 @app.command(cls=_Command, name="study")

@@ -210,7 +210,7 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def _stderr(values: Sequence[float]) -> float:
+def mean_stderr(values: Sequence[float]) -> float:
     """lm-eval's ``mean_stderr``: sample standard deviation (n - 1) over sqrt(n); NaN below 2 items."""
     n = len(values)
     if n < 2:
@@ -245,7 +245,7 @@ def choice_metrics(loglikelihoods: Sequence[Sequence[float]], choices: Sequence[
         acc_norm.append(float(pred_norm[-1] == g))
     n = max(len(acc), 1)
     return ChoiceResult([list(x) for x in loglikelihoods], pred, pred_norm, acc, acc_norm,
-                        sum(acc) / n, sum(acc_norm) / n, _stderr(acc), _stderr(acc_norm))
+                        sum(acc) / n, sum(acc_norm) / n, mean_stderr(acc), mean_stderr(acc_norm))
 
 
 def score_multiple_choice(model, tokenizer, items: Sequence[ChoiceItem], *, target_delimiter: str = " ",
