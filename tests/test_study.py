@@ -127,3 +127,28 @@ def test_methods_axis_repeats_runs_per_method_and_trains_adapters_as_adapters(ti
     assert 0 < lora_n < by_key[keys["sequential [hft]"][1]][0] < full_n
     assert all(m is not None and m > 0 for *_, m in rows)  # peak memory per stage (Linux)
     assert {r["name"] for r in study.results()} >= {"sequential [lora(r=2)]", "sequential [hft]"}
+
+
+def test_scores_during_training_are_stored_plotted_and_change_no_stage_key(tiny_dir, tmp_path):
+    from mixtune.core import ConfigError
+    from mixtune.eval import evaluate, load_for_eval
+
+    train = {"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32"}
+    during = train | {"eval": {"every": 1, "abilities": ["math"], "n": 2}}
+    plain = config(tiny_dir, specialists=["math"], strategies=[], train=train)
+    cfg = config(tiny_dir, specialists=["math"], strategies=[], train=during)
+    run = expand(cfg)[1]
+    assert stage_keys(cfg, run) == stage_keys(plain, expand(plain)[1])  # it never changes the weights
+    study = Study(cfg, tmp_path, progress=False, log=lambda m: None)
+    study.run()
+    prefix, math = stage_keys(cfg, run)
+    rows = list(study.db.execute("SELECT stage_key, step, ability FROM train_evals ORDER BY rowid"))
+    # the start and both steps of the prefix; the math stage's start is the prefix's end, not evaluated twice
+    assert rows == [(prefix, 0, "math"), (prefix, 1, "math"), (prefix, 2, "math"), (math, 1, "math"), (math, 2, "math")]
+    (score,) = study.db.execute("SELECT score FROM train_evals WHERE stage_key = ? AND step = 2", (math,)).fetchone()
+    model, tok = load_for_eval(study.model_path(math))
+    assert score == evaluate(model, tok, ["math"], n=2)["math"].score
+    html = study.report().read_text()
+    assert "<h2>Scores during training</h2>" in html and html.count("data:image/png;base64,") == 3
+    with pytest.raises(ConfigError, match="keep_best is for `mixtune train`"):
+        Study(config(tiny_dir, train=during | {"eval": during["eval"] | {"keep_best": "math"}}), tmp_path / "b")

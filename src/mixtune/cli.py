@@ -221,6 +221,19 @@ def train_cmd(
         plans = stage_plan(cfg, data)
         for st, plan in zip(data.stages, plans):
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
+        if cfg.train.eval is not None:
+            from mixtune.eval import during_training
+
+            e = cfg.train.eval
+            during_training(e, data.tokenizer, base)  # unknown abilities and missing task files, now
+            ends, at = set(), 0
+            for plan in plans:
+                at += plan.steps
+                ends.add(at)
+            times = len({0, *range(e.every, at + 1, e.every), *ends})
+            console.print(f"evaluation during training: {times} evaluations (start, every {e.every} steps, stage "
+                          f"ends) of {', '.join(e.abilities)} on {e.n} problems each"
+                          + (f"; the best weights by {e.keep_best} kept in {out / 'best'}" if e.keep_best else ""))
         if estimate:
             with console.status("timing a few training steps ..."):
                 seconds = estimate_seconds(cfg, data, plans)
@@ -234,6 +247,13 @@ def train_cmd(
 
     if PartialState().is_main_process:
         console.print(f"trained {len(folders)} stage(s); models in {out / 'stages'}, log in {out / 'log.jsonl'}")
+        best = out / "best" / "best.json"
+        if cfg.train.eval is not None and cfg.train.eval.keep_best and best.exists():
+            import json
+
+            b = json.loads(best.read_text())
+            console.print(f"best weights by {b['keep_best']} ({b['value']:.3f}): step {b['step']} (stage "
+                          f"{b['stage']}), in {out / 'best'}")
 
 
 def _render_masked(ex, tokenizer) -> Text:

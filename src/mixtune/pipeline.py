@@ -199,9 +199,14 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
     start = start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")
     model, tokenizer = load_model(start)
     data = data or prepare_data(recipe, base_dir, tokenizer=tokenizer, select_with=start)
+    evaluator = None
+    if recipe.train.eval is not None:
+        from mixtune.eval import during_training
+
+        evaluator = during_training(recipe.train.eval, tokenizer, base_dir)
     return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
                  seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,
-                 progress=progress, on_step=on_step)
+                 progress=progress, on_step=on_step, evaluator=evaluator)
 
 
 class _Timed(Exception):
@@ -212,7 +217,8 @@ def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData],
                      cpu_limit_bytes: int = 2 * 2**30) -> float | str:
     """Seconds the recipe's training steps will take here, on one process: the median of a few real
     optimizer steps of the first stage (after one warm-up step), through the one loop, times the steps
-    of every stage. Validation passes of mixed stages and exports are not counted. Returns a sentence
+    of every stage. Validation passes of mixed stages, evaluations during training (``train.eval``)
+    and exports are not counted. Returns a sentence
     instead when the model is too large to time on this CPU quickly.
     """
     import shutil
@@ -239,7 +245,8 @@ def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData],
 
         first = dataclasses.replace(plans[0], steps=steps + 2)
         try:
-            train(model, tokenizer, [first], recipe.train, work / "run", source_names=data.source_names,
+            train(model, tokenizer, [first], recipe.train.model_copy(update={"eval": None}), work / "run",
+                  source_names=data.source_names,
                   seed=recipe.seed, resume=False, progress=False, on_step=on_step)
         except _Timed:
             pass

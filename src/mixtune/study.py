@@ -204,7 +204,9 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     """One key per stage of ``run``: a hash of everything that decides the weights after it."""
     common = {"model": study.model, "seed": run.seed, "amount": run.amount,
               "sources": {k: v.model_dump(mode="json") for k, v in study.sources.items()},
-              "format": study.format.model_dump(mode="json"), "train": study.train.model_dump(mode="json"),
+              "format": study.format.model_dump(mode="json"),
+              # evaluations during training never change the weights (tests/train/test_evaluation.py)
+              "train": study.train.model_dump(mode="json", exclude={"eval"}),
               "prefix_len": len(study.prefix)}
     keys, chain = [], []
     own = run_method(study, run)
@@ -313,6 +315,7 @@ CREATE TABLE IF NOT EXISTS items (eval_key TEXT, item INTEGER, score REAL, PRIMA
 CREATE TABLE IF NOT EXISTS losses (stage_key TEXT, step INTEGER, source TEXT, loss REAL);
 CREATE TABLE IF NOT EXISTS mixing (stage_key TEXT, step INTEGER, source TEXT, proportion REAL);
 CREATE TABLE IF NOT EXISTS val_losses (stage_key TEXT, source TEXT, loss REAL, PRIMARY KEY (stage_key, source));
+CREATE TABLE IF NOT EXISTS train_evals (stage_key TEXT, step INTEGER, ability TEXT, score REAL);
 CREATE TABLE IF NOT EXISTS planned (key TEXT PRIMARY KEY, steps INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -396,6 +399,9 @@ class Study:
         entries = [a if not a.endswith((".yaml", ".yml")) else str((Path(base_dir) / a).resolve())
                    for a in cfg.eval.abilities]
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"abilities": entries})})
+        if cfg.train.eval is not None and cfg.train.eval.keep_best is not None:
+            raise ConfigError("train.eval.keep_best is for `mixtune train`: a study's next stage and its evaluation "
+                              "take each stage's last weights; leave keep_best out (the curves are still recorded)")
         self.cfg, self.out, self.base_dir, self.progress, self.log = cfg, Path(out_dir), base_dir, progress, log
         self.tracker: StudyProgress | None = None
         self.abilities, self.tasks = study_abilities(cfg.eval)
@@ -558,9 +564,14 @@ class Study:
             train_cfg = self._train_config(run, i)
             if run.stages[i].lr is None:  # a method's own learning rate (method_lr), unless the stage sets one
                 plan = dataclasses.replace(plan, lr=train_cfg.lr)
+            evaluator = None
+            if train_cfg.eval is not None:
+                from mixtune.eval import during_training
+
+                evaluator = during_training(train_cfg.eval, tokenizer, self.base_dir)
             (exported,) = train(model, tokenizer, [plan], train_cfg, work,
                                 source_names=data.source_names, seed=run.seed, config_text=dump_config(recipe),
-                                progress=self.progress, first_stage=i, on_step=tracker.on_step)
+                                progress=self.progress, first_stage=i, on_step=tracker.on_step, evaluator=evaluator)
             seconds, peak = time.perf_counter() - t0, peak_rss_mb()
             dest = self.model_dir(key)
             shutil.rmtree(dest, ignore_errors=True)
@@ -581,9 +592,9 @@ class Study:
     def _store_log(self, key: str, log_path: Path) -> dict:
         """Store a stage's training loss per source, and for mixed stages the proportions and
         validation losses; returns its size entry (trainable parameters, optimizer bytes)."""
-        for table in ("losses", "mixing", "val_losses"):
+        for table in ("losses", "mixing", "val_losses", "train_evals"):
             self.db.execute(f"DELETE FROM {table} WHERE stage_key = ?", (key,))
-        rows, mix, val, sizes = [], [], [], {}
+        rows, mix, val, evals, sizes = [], [], [], [], {}
         for line in log_path.read_text().splitlines():
             e = json.loads(line)
             if "trainable_params" in e and not sizes:
@@ -595,9 +606,12 @@ class Study:
                     mix.append((key, e["stage_step"], name.removeprefix("mix/"), v))
                 elif name.startswith("val_loss/"):
                     val.append((key, name.removeprefix("val_loss/"), v))
+                elif name.startswith("eval/"):
+                    evals.append((key, e["stage_step"], name.removeprefix("eval/"), v))
         self.db.executemany("INSERT INTO losses VALUES (?,?,?,?)", rows)
         self.db.executemany("INSERT INTO mixing VALUES (?,?,?,?)", mix)
         self.db.executemany("INSERT OR REPLACE INTO val_losses VALUES (?,?,?)", val)
+        self.db.executemany("INSERT INTO train_evals VALUES (?,?,?,?)", evals)
         return sizes
 
     # -- evaluation -------------------------------------------------------------------------
@@ -787,6 +801,7 @@ class Study:
         curves: dict[str, list[tuple[int, str, str, float]]] = {}
         mixing: dict[str, list[tuple[int, str, str, float]]] = {}
         val_losses: dict[str, dict[str, float]] = {}
+        during: dict[str, list[tuple[int, str, str, float]]] = {}
         first_seed, full = min(self.cfg.seeds), max(self.cfg.amounts)
         for name, keys in self.db.execute("SELECT name, stage_keys FROM runs WHERE seed = ? AND amount = ?",
                                           (first_seed, full)):
@@ -804,9 +819,13 @@ class Study:
                     mixing.setdefault(name, []).extend(mixed)
                     val_losses[name] = dict(self.db.execute(
                         "SELECT source, loss FROM val_losses WHERE stage_key = ?", (key,)).fetchall())
+                during.setdefault(name, []).extend((offset + step, stage, ability, score) for step, ability, score in
+                                                   self.db.execute("SELECT step, ability, score FROM train_evals "
+                                                                   "WHERE stage_key = ? ORDER BY step", (key,)))
                 offset += steps
             if points:
                 curves[name] = points
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
-                            abilities=list(self.abilities), verdict=verdict, items=self.item_scores())
+                            abilities=list(self.abilities), verdict=verdict, items=self.item_scores(),
+                            during={n: p for n, p in during.items() if p})

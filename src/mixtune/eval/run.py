@@ -149,3 +149,29 @@ def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficu
         return sum(s.score for s in scores.values()) / len(scores)
 
     return score
+
+
+def during_training(cfg, tokenizer, base_dir: str | os.PathLike = ".") -> Callable[[object], dict[str, float]]:
+    """The scorer of ``train.eval`` (a :class:`mixtune.train.config.TrainEval`): ``scores(model)``
+    evaluates ``model`` on ``cfg.n`` problems of each ability (task files relative to ``base_dir``),
+    greedy, and returns the score per ability. Every name is checked here, before training starts.
+
+    Raises:
+        ConfigError: an unknown ability, a missing task file, or a ``keep_best`` / ``weights`` name
+            that is not one of the abilities.
+    """
+    entries = [a if not a.endswith((".yaml", ".yml")) else str(Path(base_dir) / a) for a in cfg.abilities]
+    names, tasks = parse_abilities(",".join(entries))
+    for what, given in (("keep_best", [cfg.keep_best] if cfg.keep_best not in (None, "mean") else []),
+                        ("weights", list(cfg.weights))):
+        unknown = [a for a in given if a not in names]
+        if unknown:
+            raise ConfigError(f"train.eval.{what} names {', '.join(unknown)}, not an ability of train.eval.abilities "
+                              f"({', '.join(names)})")
+
+    def scores(model) -> dict[str, float]:
+        got = evaluate(model, tokenizer, names, n=cfg.n, seed=cfg.seed, difficulty=cfg.difficulty,
+                       batch_size=cfg.batch_size, tasks=tasks)
+        return {a: s.score for a, s in got.items()}
+
+    return scores

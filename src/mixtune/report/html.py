@@ -80,7 +80,8 @@ def paired_rows(items: dict[str, dict[str, list[float]]], runs: list[str], abili
 def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
                  title: str, notes: list[str] = (), sources: list[str] = (), mixing: dict | None = None,
                  val_losses: dict[str, dict[str, float]] | None = None, abilities: list[str] = (),
-                 verdict: list[str] = (), items: dict[str, dict[str, list[float]]] | None = None) -> Path:
+                 verdict: list[str] = (), items: dict[str, dict[str, list[float]]] | None = None,
+                 during: dict[str, list[tuple[int, str, str, float]]] | None = None) -> Path:
     """Write the report from study results.
 
     Args:
@@ -102,6 +103,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         items: per run name, per ability, the per-problem scores (first seed, full amount; the same
             problems in the same order for every run): a table of paired comparisons of every run
             against ``base`` (:func:`paired_rows`).
+        during: per run trained with ``train.eval``, ``(step, stage, ability, score)`` as ``curves``:
+            the scores of evaluations during training.
     """
     if not rows:
         return atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -112,7 +115,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     means = mean_scores(rows)
     scored = {r["ability"] for r in rows}
     abilities = [a for a in abilities if a in scored] + sorted(scored - set(abilities))
-    palette = plots.colors([*abilities, *sources])  # one colour per ability (or source), in every chart
+    during_names = [*abilities, *sorted({p[2] for v in (during or {}).values() for p in v} - set(abilities))]
+    palette = plots.colors([*during_names, *sources])  # one colour per ability (or source), in every chart
     amounts = sorted({r["amount"] for r in rows})
     hib = {r["ability"]: bool(r["higher_is_better"]) for r in rows}
     seeds = sorted({r["seed"] for r in rows})
@@ -204,6 +208,11 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "
                      "dashed lines are stage boundaries. A source keeps being measured only while it is in the "
                      "mixture.</p>" + _img(plots.loss_curves(curves, list(sources), palette=palette), "loss curves"))
+    if during:
+        parts.append("<h2>Scores during training</h2><p class=muted>Each ability's score on its evaluation problems "
+                     "(train.eval: fewer problems than the final scores above, so noisier) over the run; dashed lines "
+                     "are stage boundaries.</p>"
+                     + _img(plots.loss_curves(during, during_names, ylabel="score", palette=palette), "scores during training"))
     if mixing:
         parts.append("<h2>Mixture proportions</h2><p class=muted>Share of each source in the batches over the run "
                      "(online mixing changes it as it learns).</p>"

@@ -132,8 +132,10 @@ def drop_checkpoints(acc, out_dir: Path, upto: int, keep: int) -> None:
     acc.wait_for_everyone()
 
 
-def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: str) -> Path:
-    """Write the stage model atomically (main process), with tokenizer and resolved config."""
+def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: str,
+                 extra: dict[str, str] | None = None) -> Path:
+    """Write the stage model atomically (main process), with tokenizer and resolved config, and the
+    ``extra`` files (name -> text) inside before it is renamed into place."""
     state_dict = acc.get_state_dict(model)
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -143,6 +145,8 @@ def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: 
             if (tmp / "merged").is_dir():  # an adapter's merged model is a full model folder too
                 tokenizer.save_pretrained(tmp / "merged")
             atomic_write_text(tmp / "mixtune.yaml", config_text)
+            for name, text in (extra or {}).items():
+                atomic_write_text(tmp / name, text)
     acc.wait_for_everyone()
     return dest
 

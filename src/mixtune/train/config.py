@@ -26,6 +26,43 @@ class MaskedThought(Strict):
     the official GSM8K script does."""
 
 
+class TrainEval(Strict):
+    """Evaluation during training: the current weights scored per ability as the run goes."""
+
+    every: int = Field(default=100, ge=1)
+    """Global optimizer steps between evaluations; the starting model and every stage's end are
+    evaluated too."""
+    abilities: list[str] = Field(default=["math", "code", "general"], min_length=1)
+    """Built-in abilities and task files (YAML, relative to the recipe), as ``mixtune eval --abilities``."""
+    n: int = Field(default=50, ge=1)
+    """Problems per ability (a task file's first ``n`` records): small, so evaluating stays cheap."""
+    seed: int = 0
+    """Which held-out problems (the same at every evaluation)."""
+    difficulty: int = Field(default=1, ge=1, le=3)
+    """Difficulty level 1-3 of the built-in abilities' problems."""
+    batch_size: int = Field(default=64, ge=1)
+    """Prompts per generation batch."""
+    keep_best: str | None = None
+    """Keep the weights that score best in ``OUT/best/``: an ability's name, or ``mean`` (the mean
+    over ``abilities``, weighted by ``weights``). Off by default."""
+    weights: dict[str, float] = {}
+    """Weights of the abilities in ``mean`` (default 1 each)."""
+
+    @model_validator(mode="after")
+    def _best(self) -> TrainEval:
+        names = [a for a in self.abilities if not a.endswith((".yaml", ".yml"))]
+        files = len(names) < len(self.abilities)
+        if self.keep_best not in (None, "mean") and self.keep_best not in names and not files:
+            raise ValueError(f"keep_best = {self.keep_best!r} is neither 'mean' nor one of abilities "
+                             f"({', '.join(self.abilities)})")
+        unknown = sorted(set(self.weights) - set(names)) if not files else []
+        if unknown:
+            raise ValueError(f"weights names {unknown}, not in abilities ({', '.join(self.abilities)})")
+        if any(w < 0 for w in self.weights.values()) or (self.weights and not sum(self.weights.values()) > 0):
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return self
+
+
 class TrainConfig(Strict):
     """How every stage is trained (a stage may override its length, lr and schedule)."""
 
@@ -69,6 +106,10 @@ class TrainConfig(Strict):
     """Steps between resumable checkpoints (0: none; a killed run resumes after its last exported stage)."""
     keep_checkpoints: int = Field(default=1, ge=1)
     """Most checkpoints on disk (the newest); a stage's are deleted once its model is exported."""
+    eval: TrainEval | None = None
+    """Evaluation during training, e.g. ``{every: 50, abilities: [math, code], n: 50}``: scores per
+    ability logged (``eval/<ability>`` in ``log.jsonl``) and plotted in study reports; it never
+    changes the trained weights. Off by default."""
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:

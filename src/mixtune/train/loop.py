@@ -38,6 +38,7 @@ from mixtune.strategy.online import MixingConfig, OnlineMixer, batch_counts
 from mixtune.train.checkpoint import (Progress, check_checkpoint, drop_checkpoints, export_stage, resume_point,
                                       save_checkpoint, start_over)
 from mixtune.train.config import TrainConfig
+from mixtune.train.evaluation import DuringTraining, Scorer
 from mixtune.train.losses import mask_thought, masked_thought_rate, per_source, token_losses, token_weights
 from mixtune.train.methods import TUNERS
 from mixtune.train.methods.base import load_full
@@ -178,7 +179,8 @@ def make_accelerator(precision: str):
 
 def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
           seed: int = 0, accelerator=None, config_text: str = "", resume: bool = True, progress: bool = True,
-          on_step: Callable[[int], None] | None = None, first_stage: int = 0) -> list[Path]:
+          on_step: Callable[[int], None] | None = None, first_stage: int = 0,
+          evaluator: Scorer | None = None) -> list[Path]:
     """Train ``model`` through ``stages``; returns the folders of the exported stage models.
 
     Args:
@@ -197,6 +199,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         on_step: called with the global step after every optimizer step.
         first_stage: the position of ``stages[0]`` in the whole run, when a run is trained one
             stage per call (a study): methods that re-select per stage (HFT) seed with it.
+        evaluator: with ``cfg.eval``, scores a model per ability (:mod:`mixtune.train.evaluation`;
+            ``mixtune.eval.during_training`` builds it).
     """
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -240,6 +244,12 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         at, ckpt = Progress(), None
     if 0 < at.stage < len(stages):  # the last export holds what trained so far (a checkpoint adds the stage's part)
         (tuner.load_export or load_full)(model, params, out_dir / "stages" / stages[at.stage - 1].name)
+
+    if cfg.eval is not None and evaluator is None:
+        raise ConfigError("train.eval is set but nothing scores the model: pass an evaluator "
+                          "(mixtune.eval.during_training builds one)")
+    evals = (DuringTraining(cfg.eval, evaluator, acc=acc, log=log, tokenizer=tokenizer, out_dir=out_dir)
+             if cfg.eval is not None else None)
 
     exported = []
     for s, stage in enumerate(stages):
@@ -289,6 +299,16 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         model.train()
         window = Window(len(source_names))
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
+
+        def export_best(dest: Path, best: dict) -> None:
+            export_stage(acc, model, tokenizer, tuner, params, dest, config_text,
+                         extra={"best.json": json.dumps(best, indent=2)})
+
+        # the starting model (global step 0) or a stage boundary `every` hits; a run trained one stage per
+        # call (a study) evaluated this stage's start at the end of the previous one
+        if evals is not None and start == 0 and not (first_stage > 0 and at.global_step == 0):
+            evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=0, stage_end=False,
+                        export=export_best)
         for step in range(start, stage.steps):
             # 4) one optimizer step over the global batch (a mixed stage may first want validation losses)
             if stage.mixing is not None and order.mixer.wants_eval(step, after=False):
@@ -368,6 +388,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                         entry |= {f"val_loss/{g}": float(v) for g, v in zip(stage.groups.names, val)}
                 log.write(entry)
                 bar.show_loss(entry["loss"])
+            if evals is not None:
+                evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=at.step,
+                            stage_end=at.step == stage.steps, export=export_best)
             if cfg.save_every and at.global_step % cfg.save_every == 0 and at.step < stage.steps:
                 save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text,
                                 mixer=order.state_dict() if stage.mixing is not None else None)
