@@ -172,14 +172,14 @@ def test_every_setting_that_decides_a_score_is_in_its_key(tiny_dir):
     cfg = small(tiny_dir)
     base = study_eval_settings(cfg.eval, "math")
     assert base == eval_settings(ability_identity("math"), n=3, seed=0, difficulty=1, condition=None)
-    assert base["ability"] == {"name": "math", "version": 1} and base["decoding"] == {"do_sample": False}
+    assert base["ability"] == {"name": "math", "version": 2} and base["decoding"] == {"do_sample": False}
     key = eval_key("m1", base)
     changed = [study_eval_settings(with_eval(tiny_dir, **kw).eval, "math")
                for kw in ({"n": 4}, {"seed": 1}, {"difficulty": 2}, {"condition": "math"})]
     changed += [study_eval_settings(cfg.eval, "general"), base | {"decoding": {"do_sample": True, "temperature": 0.7}}]
 
     class Bumped:  # a newer version of the ability, then one defined from a file (with a content hash)
-        version = 2
+        version = 3
 
     class FromFile:
         version, content_hash = 1, "ab12"

@@ -119,13 +119,13 @@ def test_train_dry_run_shows_exact_stage_counts_an_estimate_and_trains_nothing(t
     out = mixtune("train", "examples/dmt.yaml", "--dry-run", "--out", tmp_path / "run").stdout
     # examples/dmt.yaml: the demo's pretraining (400 steps), then 2 epochs of 8-row batches per stage
     assert "stage 0-pretraining: 400 steps" in out
-    assert "stage 1-specialists: 396 steps" in out and "stage 2-general+k=0.125: 156 steps" in out
+    assert "stage 1-specialists: 481 steps" in out and "stage 2-general+k=0.125: 204 steps" in out
     stage2 = out.split("stage 2-general")[1]
     rows = {line.split("│")[1].strip(): line for line in stage2.splitlines() if line.startswith("│")}
     assert "│   375 │" in rows["math"] and "│   375 │" in rows["code"] and "│ 3,000 │" in rows["general"]
     assert "echo" not in rows and "arithmetic" not in rows  # pretraining sources stay out of the strategy
     assert "name: dmt" in out and "k: 0.125" in out  # the resolved config is printed
-    assert re.search(r"estimated time: \d+\.\d min for 952 steps", out)
+    assert re.search(r"estimated time: \d+\.\d min for 1,085 steps", out)
     assert not (tmp_path / "run").exists()
 
 

@@ -53,6 +53,37 @@ def test_evaluate_scores_gold_replies_one_and_others_zero(tiny_dir, tokenizer, m
     assert run.evaluate(None, tokenizer, ["math"], n=10)["math"].score == 0.0
 
 
+def test_budget_is_four_times_the_longest_gold_reply_and_at_least_128():
+    from mixtune.eval.run import max_tokens_for
+
+    def words(text, add_special_tokens):  # a tokenizer of one token per word
+        return {"input_ids": text.split()}
+
+    def records(*lengths):
+        return [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "w " * k}]}
+                for k in lengths]
+
+    assert max_tokens_for(records(3, 10), words) == 128  # 4 * 10 = 40: the floor
+    assert max_tokens_for(records(5, 32), words) == 128  # 4 * 32 = 128
+    assert max_tokens_for(records(33, 7), words) == 132  # 4 * 33
+    assert max_tokens_for(records(40), words, slack=1.5, floor=16) == 60
+
+
+def test_a_model_that_stops_pays_nothing_for_the_budget(tiny_dir, tokenizer):
+    """Generation ends once every row has emitted EOS: one forward pass per batch, whatever the budget."""
+    model = sharpened(tiny_dir)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-1.0)[tokenizer.eos_token_id] = 1.0  # every next token is EOS
+    model.lm_head = head
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    prompts = [prompt_text(r["messages"], tokenizer) for r in ABILITIES.get("math").generate(10, split="test")]
+    assert generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=5) == [""] * 10
+    assert len(calls) == 2
+
+
 def test_untrained_model_scores_zero_on_real_generation(tiny_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 

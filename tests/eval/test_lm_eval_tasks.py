@@ -63,6 +63,12 @@ def test_what_is_not_read_is_one_line_naming_it(tmp_path):
     bleu = task_yaml(tmp_path, "b", "metric_list:\n  - metric: bleu\n")
     with pytest.raises(ConfigError, match=r"metric_list \['bleu'\]: only exact_match"):
         from_lm_eval(bleu)
+    median = task_yaml(tmp_path, "m", "metric_list:\n  - {metric: exact_match, aggregation: median}\n")
+    with pytest.raises(ConfigError, match="exact_match: aggregation 'median'; mixtune aggregates by the mean"):
+        from_lm_eval(median)
+    twice = task_yaml(tmp_path, "r", "repeats: 3\n")
+    with pytest.raises(ConfigError, match="repeats 3: each item is answered once"):
+        from_lm_eval(twice)
 
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test extra (pip install -e '.[test]')")
@@ -86,7 +92,8 @@ def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
     names, tasks = parse_abilities(str(plain))
     outputs = [e["output"] for e in evaluate(model, tok, names, n=6, tasks=tasks)["plain_em"].examples]
     # references: the model's own output for half the questions (upper-cased once), so both scores are non-trivial
-    answers = [o.upper() if i == 0 else o if i % 2 == 0 else "no" for i, o in enumerate(outputs)]
+    cased = next(i for i, o in enumerate(outputs) if o.upper() != o)  # an output with lower-case letters
+    answers = [o.upper() if i == cased else o if i % 2 == 0 else "no" for i, o in enumerate(outputs)]
     write_data(tmp_path, answers)
     for name, extra in [("plain_em", ""),
                         ("nocase_em", "metric_list:\n  - {metric: exact_match, ignore_case: true}\n"),
@@ -103,7 +110,7 @@ def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
         assert mean == pytest.approx(ours.score)
     # the case-sensitive task misses the upper-cased answer that the case-insensitive one counts
     assert [e["score"] for e in evaluate(model, tok, ["plain_em"], n=6, tasks=parse_abilities(
-        str(tmp_path / "plain_em.yaml"))[1])["plain_em"].examples][0] == 0.0
+        str(tmp_path / "plain_em.yaml"))[1])["plain_em"].examples][cased] == 0.0
 
 
 MC = [("The sky on a clear day is", ["blue", "green", "loud", "square"], 0),

@@ -62,8 +62,21 @@ def _data_file(cfg: dict, split: str, where: str, base: Path) -> Path:
     return path
 
 
+def _metrics(cfg: dict, where: str, default: str) -> list:
+    """``metric_list`` (default ``[default]``), each aggregated by the mean over items as mixtune does:
+    another ``aggregation``, or ``higher_is_better: false``, is refused rather than reported wrong."""
+    metrics = cfg.get("metric_list") or [{"metric": default}]
+    for m in metrics:
+        if isinstance(m, dict) and m.get("aggregation", "mean") != "mean":
+            raise ConfigError(f"{where}: metric_list.{m.get('metric')}: aggregation {m['aggregation']!r}; "
+                              "mixtune aggregates by the mean over items")
+        if isinstance(m, dict) and m.get("higher_is_better", True) is not True:
+            raise ConfigError(f"{where}: metric_list.{m.get('metric')}: higher_is_better false is not read")
+    return metrics
+
+
 def _scoring(cfg: dict, where: str) -> tuple[str, ScorerParams]:
-    metrics = cfg.get("metric_list") or [{"metric": "exact_match"}]
+    metrics = _metrics(cfg, where, "exact_match")
     names = [m.get("metric") if isinstance(m, dict) else m for m in metrics]
     if names != ["exact_match"]:
         raise ConfigError(f"{where}: metric_list {names}: only exact_match is read from lm-eval tasks so far")
@@ -100,6 +113,8 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask | ChoiceTask]:
     unknown = sorted(set(cfg) - SUPPORTED)
     if unknown:
         raise ConfigError(f"{where}: lm-eval keys {', '.join(unknown)} are not read by mixtune")
+    if cfg.get("repeats", 1) != 1:
+        raise ConfigError(f"{where}: repeats {cfg['repeats']!r}: each item is answered once (repeats: 1)")
     kind = cfg.get("output_type", "generate_until")
     if kind == "multiple_choice":
         return {str(cfg["task"]): _choice_task(cfg, where, path.resolve().parent)}
@@ -140,7 +155,12 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask | ChoiceTask]:
 def _choice_task(cfg: dict, where: str, base: Path) -> ChoiceTask:
     """An lm-eval ``multiple_choice`` task: ``doc_to_choice`` a field, a list or a template; ``doc_to_target``
     a field or a template giving the gold index (or the gold text)."""
-    metrics = [m.get("metric") if isinstance(m, dict) else m for m in cfg.get("metric_list") or [{"metric": "acc"}]]
+    entries = _metrics(cfg, where, "acc")
+    for m in entries:
+        unknown = set(m) - {"metric", "aggregation", "higher_is_better"} if isinstance(m, dict) else set()
+        if unknown:
+            raise ConfigError(f"{where}: metric_list.{m.get('metric')}: {sorted(unknown)} are not read")
+    metrics = [m.get("metric") if isinstance(m, dict) else m for m in entries]
     if not metrics or set(metrics) - {"acc", "acc_norm"}:
         raise ConfigError(f"{where}: metric_list {metrics}: multiple_choice tasks are read with acc and acc_norm")
     if cfg.get("num_fewshot"):

@@ -7,6 +7,16 @@ that line, with surrounding whitespace removed. Output with no ``Answer:`` has
 no answer and scores 0. Scorers accept any value (``None``, bytes, huge or
 binary text) and never raise.
 
+Answer format in the prompt: a scored ability names what its ``Answer:`` line holds
+(:attr:`Ability.answer_format`, e.g. ``<number>``), and :meth:`Ability.generate` ends every
+prompt, train and test split alike, with a line that asks for it::
+
+    End your reply with "Answer: <number>".
+
+so a model that never saw the suite knows the format it is scored by, and the built-in model
+is trained on the very prompts it is evaluated on. The line is added to the record, not to the
+:class:`Problem`: it is wording, so it is not part of the structure key and never moves the split.
+
 Split rule: each problem has a canonical key describing its *structure* (the
 numbers and operations, the program text, the task and its words), not its
 surface wording. ``sha256(ability|key)`` puts one key in five into ``test`` and
@@ -27,6 +37,8 @@ from mixtune.core import DataError, Registry
 
 Split = Literal["train", "test"]
 TEST_BUCKETS = 5  # one key in TEST_BUCKETS is a test problem
+ANSWER_INSTRUCTION = 'End your reply with "Answer: {}".'
+"""The last line of a scored ability's prompts; ``{}`` is the ability's :attr:`Ability.answer_format`."""
 MAX_DIFFICULTY = 3
 
 
@@ -61,6 +73,14 @@ class Ability:
     held_out: bool = True
     """Whether the split rule holds test problems out of ``train``. False only for knowledge
     corpora, whose every item a model is meant to have seen (see the module docstring)."""
+    answer_format: str = ""
+    """What the ``Answer:`` line holds, as the prompt states it (``<number>``); every prompt then
+    ends with :attr:`instruction`. Empty for a pretraining corpus whose prompts do not ask."""
+
+    @property
+    def instruction(self) -> str:
+        """The line that ends each prompt and states the answer format ("" without :attr:`answer_format`)."""
+        return ANSWER_INSTRUCTION.format(self.answer_format) if self.answer_format else ""
 
     def generate(self, n: int, *, seed: int = 0, split: Split = "train", difficulty: int = 1) -> list[dict]:
         """``n`` distinct problems of one split as chat records, the same for the same arguments.
@@ -90,7 +110,7 @@ class Ability:
                     )
                 continue
             seen.add(p.key)
-            records.append(to_record(self.name, p))
+            records.append(to_record(self.name, p, self.instruction))
         return records
 
     def score(self, output: Any, record: dict) -> float:
@@ -113,9 +133,11 @@ def split_of(ability: str, key: str) -> Split:
     return "test" if int.from_bytes(digest[:8], "big") % TEST_BUCKETS == 0 else "train"
 
 
-def to_record(ability: str, p: Problem) -> dict:
+def to_record(ability: str, p: Problem, instruction: str = "") -> dict:
+    """The chat record of ``p``; a non-empty ``instruction`` becomes the prompt's last line."""
+    prompt = f"{p.prompt}\n{instruction}" if instruction else p.prompt
     return {
-        "messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.response}],
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": p.response}],
         "ability": ability,
         "answer": p.answer,
     }

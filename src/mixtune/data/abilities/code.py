@@ -7,6 +7,7 @@ Example (difficulty 1)::
                y = x + 4
                x = y - 2
                print(x)
+               End your reply with "Answer: <what it prints>".
     assistant: x = 3
                y = 7
                x = 5
@@ -116,5 +117,7 @@ ABILITY = ABILITIES.add(
         make_problem=make_problem,
         match=same_text,
         difficulties=DIFFICULTIES,
+        answer_format="<what it prints>",
+        version=2,  # 2: the prompt states the answer format
     ),
 )

@@ -5,6 +5,7 @@ capitals, join them with commas, look a key up in a list of ``key=value`` pairs.
 Example (difficulty 1)::
 
     user:      Reverse the order of these words: sun cat red
+               End your reply with "Answer: <the result>".
     assistant: Answer: red cat sun
 
 The answer is stated directly. The structure key is the task and its words (the
@@ -71,5 +72,7 @@ ABILITY = ABILITIES.add(
         make_problem=make_problem,
         match=same_text,
         difficulties=DIFFICULTIES,
+        answer_format="<the result>",
+        version=2,  # 2: the prompt states the answer format
     ),
 )

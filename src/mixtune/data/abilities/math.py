@@ -3,6 +3,7 @@
 Example (difficulty 1)::
 
     user:      Mia has 2 coins. She finds 8 more. Then she gives away 4. How many coins does Mia have now?
+               End your reply with "Answer: <number>".
     assistant: 2+8=10. 10-4=6. Answer: 6
 
 The chain of thought writes one equation per step in the order of the story.
@@ -76,5 +77,7 @@ ABILITY = ABILITIES.add(
         make_problem=make_problem,
         match=same_integer,
         difficulties=DIFFICULTIES,
+        answer_format="<number>",
+        version=2,  # 2: the prompt states the answer format
     ),
 )
