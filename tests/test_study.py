@@ -41,6 +41,10 @@ def test_grid_expands_and_shares_stage_prefixes(tiny_dir):
     assert stage_keys(config(tiny_dir, seeds=[1]), expand(config(tiny_dir, seeds=[1]))[1]) != keys["specialist:math"]
     other = config(tiny_dir, train={"lr": 2e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4})
     assert stage_keys(other, expand(other)[1]) != keys["specialist:math"]
+    # how a run goes (logging, checkpoints, evaluations during training) is not what it trains
+    quiet = config(tiny_dir, train={"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
+                                    "log_every": 1, "save_every": 1, "keep_checkpoints": 3})
+    assert stage_keys(quiet, expand(quiet)[1]) == keys["specialist:math"]
 
 
 def test_study_trains_each_stage_once_resumes_and_reports(tiny_dir, tmp_path):
@@ -152,3 +156,30 @@ def test_scores_during_training_are_stored_plotted_and_change_no_stage_key(tiny_
     assert "<h2>Scores during training</h2>" in html and html.count("data:image/png;base64,") == 3
     with pytest.raises(ConfigError, match="keep_best is for `mixtune train`"):
         Study(config(tiny_dir, train=during | {"eval": during["eval"] | {"keep_best": "math"}}), tmp_path / "b")
+
+
+@pytest.mark.parametrize("train", [{}, {"masked_thought": {"rate": 0.3}},
+                                   {"method": {"name": "hft"}}])
+def test_a_recipe_gives_the_same_weights_through_train_and_study(tiny_dir, tmp_path, train):
+    """Issue #16: a study trains one stage per call; its stage 2 must see stage 2's data order,
+    Masked Thought stream and method randomness, as `mixtune train` does."""
+    from safetensors.torch import load_file
+
+    from mixtune.pipeline import run_training
+    from mixtune.recipe import Recipe
+
+    common = {"model": str(tiny_dir), "sources": {n: {"builtin": n, "n": 40} for n in ("math", "general")},
+              "format": {"seq_len": 128},
+              "train": {"lr": 1e-3, "steps": 3, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32"}
+              | train}
+    cfg = validate(StudyConfig, common | {"strategies": [{"name": "dmt", "k": 0.25}], "eval": {"n": 1}})
+    recipe = validate(Recipe, common | {"strategy": {"name": "dmt", "k": 0.25}})
+    (exported_1, exported_2) = run_training(recipe, tiny_dir, tmp_path / "train", progress=False)
+    study = Study(cfg, tmp_path / "study", progress=False, log=lambda m: None)
+    run = next(r for r in expand(cfg) if r.name.startswith("dmt"))
+    study._train_run(run, None)  # the run's stages only: the weights are what is compared
+    keys = stage_keys(cfg, run)
+    for key, folder in zip(keys, (exported_1, exported_2)):
+        mine, theirs = load_file(study.model_path(key) / "model.safetensors"), load_file(folder / "model.safetensors")
+        for k, v in theirs.items():
+            assert torch.equal(v, mine[k]), (key, k)

@@ -17,9 +17,6 @@ from mixtune.strategy import StageConfig
 from mixtune.train.loop import Groups, StageData, stage_steps, train
 
 
-AMOUNT_STREAM = 2**31 - 1  # random stream of the data-amount subsample, apart from stage indices 0, 1, ...
-
-
 @dataclass(frozen=True)
 class PreparedStage:
     """One stage's data: mixed, tokenized with label masks, packed."""
@@ -66,7 +63,7 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
         from mixtune.data.mixture import MixtureConfig, Take
 
         keep = MixtureConfig(sources={n: None if n in amount_skip else Take(fraction=amount) for n in loaded})
-        subset = mix(keep, loaded, seed=(recipe.seed, AMOUNT_STREAM))
+        subset = mix(keep, loaded, seed=(recipe.seed, "amount"))
         loaded = {n: [loaded[n][i] for i in sorted(i for m, i in subset.picks if m == n)] for n in loaded}
     cache: dict[tuple[str, int], Example] = {}
     stages = []

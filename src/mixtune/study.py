@@ -63,7 +63,7 @@ from mixtune.data.format import FormatConfig
 from mixtune.data.sources import SourceConfig
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
-from mixtune.train.config import TrainConfig
+from mixtune.train.config import RUN_OPTIONS, TrainConfig
 from mixtune.train.methods import MethodConfig
 
 
@@ -205,8 +205,7 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     common = {"model": study.model, "seed": run.seed, "amount": run.amount,
               "sources": {k: v.model_dump(mode="json") for k, v in study.sources.items()},
               "format": study.format.model_dump(mode="json"),
-              # evaluations during training never change the weights (tests/train/test_evaluation.py)
-              "train": study.train.model_dump(mode="json", exclude={"eval"}),
+              "train": study.train.model_dump(mode="json", exclude=set(RUN_OPTIONS)),
               "prefix_len": len(study.prefix)}
     keys, chain = [], []
     own = run_method(study, run)

@@ -37,7 +37,6 @@ is taken from another. The result is shuffled with the seed.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from mixtune.core import ConfigError, Strict
+from mixtune.core.seeds import rng
 
 SHARE_TOLERANCE = 1e-6
 
@@ -122,12 +122,14 @@ class Mixture:
     outcomes: list[Outcome]
 
 
-Seed = int | Sequence[int]
+Seed = int | Sequence[int | str]
+"""A seed, or a seed and the indices of the mixture's stream (e.g. ``(seed, stage)``)."""
 
 
 def _stream(seed: Seed, name: str) -> np.random.Generator:
+    """Source ``name``'s stream of the mixture (:func:`mixtune.core.seeds.rng`)."""
     parts = [seed] if isinstance(seed, int) else list(seed)
-    return np.random.default_rng([*parts, zlib.crc32(name.encode())])
+    return rng(parts[0], "mixture", *parts[1:], name)
 
 
 def plan_counts(cfg: MixtureConfig, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -182,11 +184,11 @@ def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: Seed
     for name, count in counts.items():
         pool = sources[name]
         take = cfg.sources[name] or Take()
-        rng = _stream(seed, name)
+        gen = _stream(seed, name)
         if take.replace:
-            idx = rng.integers(0, len(pool), size=count) if len(pool) else np.zeros(0, dtype=int)
+            idx = gen.integers(0, len(pool), size=count) if len(pool) else np.zeros(0, dtype=int)
         else:
-            idx = rng.permutation(len(pool))[:count]
+            idx = gen.permutation(len(pool))[:count]
         picks += [(name, i) for i in idx.tolist()]
         outcomes.append(Outcome(name, len(pool), count, len(set(idx.tolist()))))
     picks = [picks[i] for i in _stream(seed, "\x00order").permutation(len(picks)).tolist()]

@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from mixtune.core import ConfigError, Strict
+from mixtune.core.seeds import rng
 
 
 class MixingConfig(Strict):
@@ -235,8 +236,8 @@ class OnlineMixer:
         return self.cfg.probe_rounds * self.m * self.cfg.probe_steps if self.cfg.name == "aioli" else 0
 
     def _order(self, round_index: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.stage, round_index])
-        return [int(j) for _ in range(self.cfg.probe_rounds) for j in rng.permutation(self.m)]
+        probes = rng(self.seed, "mixing-probes", self.stage, round_index)
+        return [int(j) for _ in range(self.cfg.probe_rounds) for j in probes.permutation(self.m)]
 
     def mixture(self, step: int) -> np.ndarray:
         """Proportions for optimizer step ``step`` (0-based in the stage)."""

@@ -63,6 +63,12 @@ class TrainEval(Strict):
         return self
 
 
+RUN_OPTIONS = frozenset({"log_every", "save_every", "keep_checkpoints", "eval"})
+"""Fields of :class:`TrainConfig` that say how a run goes (logging, checkpoint cadence, evaluations
+during training), never what it trains: the same weights come out whatever they are (tests), so a
+study's stage keys leave them out."""
+
+
 class TrainConfig(Strict):
     """How every stage is trained (a stage may override its length, lr and schedule)."""
 

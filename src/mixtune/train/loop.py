@@ -12,7 +12,8 @@ gradient of a step is therefore exactly the global batch's loss, whatever the mi
 gradient accumulation or number of processes.
 
 **Data order** is a function of (seed, stage, step) only: a stage's rows are walked through one
-seeded permutation per epoch, and the RNG is reseeded at every stage start. A run resumes after
+seeded permutation per epoch, and the RNG is reseeded at every stage start; every stream is a
+named one (:mod:`mixtune.core.seeds`), indexed by the stage's position in the whole run. A run resumes after
 its last exported stage, or from a newer checkpoint inside the next one; there the step counter
 says where the data is, and trained weights, optimizer, scheduler and RNG state come back through
 ``accelerator.load_state`` (:mod:`mixtune.train.checkpoint`).
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from mixtune.core import ConfigError, atomic_write_text
+from mixtune.core.seeds import rng, seed_int, torch_generator
 from mixtune.data.format import Packed
 from mixtune.strategy import Schedule
 from mixtune.strategy.online import MixingConfig, OnlineMixer, batch_counts
@@ -85,7 +87,7 @@ class BatchOrder:
         for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
             epoch, i = divmod(pos, self.n_rows)
             if epoch not in self._perms:
-                self._perms = {epoch: np.random.default_rng([self.seed, self.stage, epoch]).permutation(self.n_rows)}
+                self._perms = {epoch: rng(self.seed, "batch-order", self.stage, epoch).permutation(self.n_rows)}
             out.append(int(self._perms[epoch][i]))
         return out
 
@@ -109,7 +111,7 @@ class MixedBatches:
             pool = self.groups.rows[g]
             for _ in range(int(count)):
                 epoch, i = divmod(self.used[g], len(pool))
-                perm = np.random.default_rng([self.seed, self.index, g, epoch]).permutation(len(pool))
+                perm = rng(self.seed, "mixed-batches", self.index, self.groups.names[g], epoch).permutation(len(pool))
                 out.append(int(pool[perm[i]]))
                 self.used[g] += 1
         return out
@@ -198,7 +200,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         progress: show a progress bar (on the main process).
         on_step: called with the global step after every optimizer step.
         first_stage: the position of ``stages[0]`` in the whole run, when a run is trained one
-            stage per call (a study): methods that re-select per stage (HFT) seed with it.
+            stage per call (a study): every per-stage random stream (data order, online mixing,
+            Masked Thought, methods that re-select per stage such as HFT, the stage's seed) is
+            indexed by the stage's position in the whole run, so a stage trains the same either way.
         evaluator: with ``cfg.eval``, scores a model per ability (:mod:`mixtune.train.evaluation`;
             ``mixtune.eval.during_training`` builds it).
     """
@@ -278,7 +282,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                                   num_training_steps=stage.steps)
         acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
         model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
-        set_seed((seed * 1_000_003 + first_stage + s) % 2**32)  # so a stage resumed from an export runs as it did
+        set_seed(seed_int(seed, "stage", first_stage + s))  # so a stage resumed from an export runs as it did
         start = 0
         if ckpt is not None and s == at.stage:
             check_checkpoint(ckpt, model)
@@ -286,9 +290,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             start = at.step
         reference = None
         if stage.mixing is None:
-            order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, s)
+            order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, first_stage + s)
         else:
-            order = MixedBatches(stage, cfg.batch_size, seed, s)
+            order = MixedBatches(stage, cfg.batch_size, seed, first_stage + s)
             if ckpt is not None and s == at.stage and (ckpt / "mixer.json").exists():
                 order.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
             group_ids = torch.tensor([source_names.index(g) for g in stage.groups.names])
@@ -327,7 +331,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             if cfg.masked_thought is not None:
                 mt = cfg.masked_thought
                 rate = masked_thought_rate(step, stage.steps, mt.rate, mt.warmup)
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + s * 10_007 + step)
+                gen = torch_generator(seed, "masked-thought", first_stage + s, step)
                 batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"], rate, gen,
                                                   vocab_size=acc.unwrap_model(model).config.vocab_size, mask_id=mask_id)
             for g in range(accum):

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from mixtune.core import ConfigError, Strict
 from mixtune.core.names import layer_index
+from mixtune.core.seeds import seed_int
 from mixtune.train.methods.base import register, save_full
 
 
@@ -26,7 +27,7 @@ def select(names: list[str], p: HftParams, seed: int, stage: int) -> set[str]:
     matrices; in a random half of the blocks (rounded down) the larger half of the FFN matrices
     (2 of 3), in the others the smaller half (1 of 3), so half of all FFN matrices train when the
     block count is even. A matrix's bias follows its weight. Seeded by (seed, stage)."""
-    rng = random.Random(f"hft|{seed}|{stage}")
+    rng = random.Random(seed_int(seed, "hft", stage, bits=64))
     by_block: dict[int, dict[str, list[str]]] = {}
     for n in names:
         block = layer_index(n)
