@@ -121,7 +121,8 @@ MC = [("The sky on a clear day is", ["blue", "green", "loud", "square"], 0),
       ("Cats often chase", ["mice", "clouds", "numbers", "laws"], 0)]
 
 
-def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_path):
+@pytest.mark.parametrize("shots", [0, 1])
+def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_path, shots):
     import torch
 
     from mixtune.models import load_model
@@ -151,10 +152,21 @@ def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_pa
           - {{metric: acc}}
           - {{metric: acc_norm}}
         """))
+    if shots:  # one solved example before each question: one record to draw, so both tools draw the same
+        (tmp_path / "shot.jsonl").write_text(json.dumps({"question": "Birds can", "choices": ["rust", "fly"],
+                                                         "answer": 1}) + "\n")
+        text = (tmp_path / "mc_task.yaml").read_text().replace(
+            "test_split: test", f"    train: {tmp_path / 'shot.jsonl'}\ntest_split: test")
+        (tmp_path / "mc_task.yaml").write_text(text + "fewshot_split: train\nnum_fewshot: 1\n"
+                                               "description: \"Pick the right ending.\\n\\n\"\n")
     names, tasks = parse_abilities(str(tmp_path / "mc_task.yaml"))
     model, tok = load_for_eval(sharp)
     ours = evaluate(model, tok, names, n=6, tasks=tasks)["mc_task"]
     samples, summary = lm_eval_samples(sharp, tmp_path, "mc_task")
+    assert [s["arguments"][0][0] for s in samples] == [e["prompt"] for e in ours.examples]  # the same contexts
+    if shots:
+        assert ours.examples[0]["prompt"] == "Pick the right ending.\n\nQuestion: Birds can\nAnswer: fly\n\n" \
+                                             "Question: The sky on a clear day is\nAnswer:"
     assert [s["acc"] for s in samples] == [e["acc"] for e in ours.examples]
     assert [s["acc_norm"] for s in samples] == [e["acc_norm"] for e in ours.examples]
     theirs = [[r[0] for r in s["filtered_resps"]] for s in samples]

@@ -167,3 +167,21 @@ def test_multiple_choice_items_take_an_index_a_letter_or_the_text(tmp_path, tiny
     sc = evaluate(model, tok, names, n=5, tasks=tasks)["mc"]
     (e,) = sc.examples
     assert sc.n == 1 and sc.score == e["acc_norm"] == float(e["pred_norm"] == 1)
+
+
+def test_multiple_choice_fewshot_examples_show_their_gold_choice(tmp_path):
+    import random
+
+    from mixtune.eval.tasks import ChoiceTask, choice_item, choice_shots
+
+    shots = [{"q": f"{i}+1?", "opts": [str(i), str(i + 1)], "gold": "B"} for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shots))
+    task = ChoiceTask(path=tmp_path, prompt="Q: {q}\nA:", choices="opts", gold="gold", fewshot=2,
+                      fewshot_path=tmp_path / "train.jsonl", seed=3, preamble="Pick one.\n\n")
+    picked = random.Random(3).sample(shots, 2)  # the draw of generate tasks, with the task's seed
+    expected = "".join(f"Q: {r['q']}\nA: {int(r['q'].split('+')[0]) + 1}\n\n" for r in picked)
+    assert choice_shots(task) == expected
+    item = choice_item(task, {"q": "2+2?", "opts": ["3", "4"], "gold": 1}, "f:1", shots=choice_shots(task))
+    assert item.context == "Pick one.\n\n" + expected + "Q: 2+2?\nA:"
+    with pytest.raises(ConfigError, match="fewshot > 0 needs fewshot_path"):
+        choice_shots(task.model_copy(update={"fewshot_path": None}))

@@ -7,12 +7,13 @@ or a Jinja template), ``description``, ``target_delimiter``, ``fewshot_delimiter
 ``output_type: generate_until`` with ``generation_kwargs`` (``until``, ``max_gen_toks``, greedy),
 ``num_fewshot``, ``metric_list`` (``exact_match`` with ``ignore_case``, ``ignore_punctuation``,
 ``regexes_to_ignore``) and ``filter_list`` (a ``regex`` filter, then ``take_first``);
-``output_type: multiple_choice`` with ``doc_to_choice`` and ``metric_list`` ``acc`` / ``acc_norm``
-(zero-shot).
+``output_type: multiple_choice`` with ``doc_to_choice``, ``metric_list`` ``acc`` / ``acc_norm`` and
+``num_fewshot``.
 
 Anything else is refused in one line naming the key, and a task whose data must be downloaded
 says which file to provide. Zero-shot prompts are exactly lm-eval's; with ``num_fewshot`` the
-examples are drawn by mixtune's seeded sampler, not lm-eval's, so few-shot prompts differ.
+examples are laid out as lm-eval lays them out but drawn by mixtune's seeded sampler, not lm-eval's,
+so few-shot prompts hold other examples.
 """
 
 from __future__ import annotations
@@ -134,10 +135,7 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask | ChoiceTask]:
         raise ConfigError(f"{where}: only lm-eval's default delimiters (' ' and blank lines) are read")
     base = path.resolve().parent
     split = cfg.get("test_split") or cfg.get("validation_split") or "test"
-    shots = int(cfg.get("num_fewshot") or 0)
-    shot_split = cfg.get("fewshot_split") or cfg.get("training_split")
-    if shots and not shot_split:
-        raise ConfigError(f"{where}: num_fewshot {shots} needs fewshot_split or training_split")
+    shots, shot_split = _fewshot(cfg, where)
     scorer, opts = _scoring(cfg, where)
     text, target = cfg.get("doc_to_text"), cfg.get("doc_to_target")
     if not isinstance(text, str) or not isinstance(target, str):
@@ -163,8 +161,6 @@ def _choice_task(cfg: dict, where: str, base: Path) -> ChoiceTask:
     metrics = [m.get("metric") if isinstance(m, dict) else m for m in entries]
     if not metrics or set(metrics) - {"acc", "acc_norm"}:
         raise ConfigError(f"{where}: metric_list {metrics}: multiple_choice tasks are read with acc and acc_norm")
-    if cfg.get("num_fewshot"):
-        raise ConfigError(f"{where}: num_fewshot with multiple_choice is not read yet; put the examples in doc_to_text")
     if cfg.get("fewshot_delimiter", "\n\n") != "\n\n" or cfg.get("filter_list") or cfg.get("generation_kwargs"):
         raise ConfigError(f"{where}: fewshot_delimiter, filter_list and generation_kwargs are not read for multiple_choice")
     text, target, choices = cfg.get("doc_to_text"), cfg.get("doc_to_target"), cfg.get("doc_to_choice")
@@ -174,11 +170,22 @@ def _choice_task(cfg: dict, where: str, base: Path) -> ChoiceTask:
         raise ConfigError(f"{where}: doc_to_text, doc_to_target and doc_to_choice must be fields, lists or Jinja "
                           "templates (functions, !function, are not read)")
     split = cfg.get("test_split") or cfg.get("validation_split") or "test"
+    shots, shot_split = _fewshot(cfg, where)
     return ChoiceTask(path=_data_file(cfg, split, where, base), prompt=_as_template(str(text)), choices=choices,
+                      fewshot=shots, fewshot_path=_data_file(cfg, shot_split, where, base) if shots else None,
                       gold=str(target) if not isinstance(target, int) else "{{ " + str(target) + " }}",
                       template="jinja", metric=metrics[0], target_delimiter=cfg.get("target_delimiter", " "),
                       preamble=cfg.get("description") or "",
                       version=int((cfg.get("metadata") or {}).get("version", 1)))
+
+
+def _fewshot(cfg: dict, where: str) -> tuple[int, str | None]:
+    """``num_fewshot`` and the split the examples come from (``fewshot_split``, else ``training_split``)."""
+    shots = int(cfg.get("num_fewshot") or 0)
+    shot_split = cfg.get("fewshot_split") or cfg.get("training_split")
+    if shots and not shot_split:
+        raise ConfigError(f"{where}: num_fewshot {shots} needs fewshot_split or training_split")
+    return shots, shot_split
 
 
 def _as_template(text: str) -> str:

@@ -165,10 +165,17 @@ class ChoiceTask(Strict):
     """How ``prompt`` (and ``choices``/``gold`` that are not fields) are filled."""
     preamble: str = ""
     """Text put verbatim before every context (lm-eval's ``description``)."""
+    fewshot: int = Field(default=0, ge=0)
+    """Solved questions put before each context: each example's context, ``target_delimiter`` and
+    its gold choice, separated by blank lines (lm-eval's layout)."""
+    fewshot_path: Path | None = None
+    """Where the examples come from (required with ``fewshot``; keep it apart from the scored file)."""
+    seed: int = 0
+    """Seed of the few-shot draw (the same examples for every question and model)."""
     version: int = 1
     """Bump when you change the task."""
 
-    _paths = field_validator("path")(existing_path)
+    _paths = field_validator("path", "fewshot_path")(existing_path)
 
 
 def _kind(v) -> str:
@@ -269,8 +276,8 @@ def load_items(task: GenerateTask | CodeTask | ChoiceTask, n: int | None = None)
     return rows[:n] if n is not None else rows
 
 
-def _shots(task: GenerateTask) -> list[tuple[str, str]]:
-    """The few-shot examples as ``(prompt, target)``, drawn with the task's seed."""
+def _draw_shots(task: GenerateTask | ChoiceTask) -> list[tuple[str, dict]]:
+    """``task.fewshot`` records of ``fewshot_path`` as ``(where, record)``, drawn with the task's seed."""
     if not task.fewshot:
         return []
     if task.fewshot_path is None:
@@ -278,7 +285,12 @@ def _shots(task: GenerateTask) -> list[tuple[str, str]]:
     rows = read_rows(task.fewshot_path, split="train", name=str(task.fewshot_path))
     if len(rows) < task.fewshot:
         raise DataError(f"{task.fewshot_path}: {len(rows)} records, fewer than fewshot = {task.fewshot}")
-    picked = random.Random(task.seed).sample(rows, task.fewshot)
+    return random.Random(task.seed).sample(rows, task.fewshot)
+
+
+def _shots(task: GenerateTask) -> list[tuple[str, str]]:
+    """The few-shot examples as ``(prompt, target)``, drawn with the task's seed."""
+    picked = _draw_shots(task)
     field = task.fewshot_target or task.references
     return [(_fill(task.prompt, r, w, task.template), _references(r, field, w, task.template)[0]) for w, r in picked]
 
@@ -426,8 +438,20 @@ def _value(record: dict, key: str, where: str, engine: str):
     return text
 
 
-def choice_item(task: ChoiceTask, record: dict, where: str):
-    """One question as :class:`mixtune.eval.choice.ChoiceItem`: context, choice texts, gold index."""
+def choice_shots(task: ChoiceTask) -> str:
+    """The few-shot prefix of every context: each drawn example's context, the target delimiter and
+    its gold choice, each followed by a blank line (lm-eval's ``fewshot_context`` for
+    ``multiple_choice``); "" without ``fewshot``."""
+    out = ""
+    for where, record in _draw_shots(task):
+        shot = choice_item(task, record, where, shots="", preamble="")
+        out += shot.context + task.target_delimiter + shot.choices[shot.gold] + "\n\n"
+    return out
+
+
+def choice_item(task: ChoiceTask, record: dict, where: str, *, shots: str = "", preamble: str | None = None):
+    """One question as :class:`mixtune.eval.choice.ChoiceItem`: context (the preamble, the few-shot
+    prefix ``shots`` of :func:`choice_shots`, the question), choice texts, gold index."""
     from mixtune.eval.choice import ChoiceItem
 
     choices = _value(record, task.choices, where, task.template)
@@ -446,7 +470,8 @@ def choice_item(task: ChoiceTask, record: dict, where: str):
             raise DataError(f"{where}: gold {gold!r} is neither an index, a letter nor one of the choices")
     if not isinstance(gold, int) or not 0 <= gold < len(choices):
         raise DataError(f"{where}: gold {gold!r} is outside the {len(choices)} choices")
-    return ChoiceItem(task.preamble + _fill(task.prompt, record, where, task.template), choices, gold)
+    return ChoiceItem((task.preamble if preamble is None else preamble) + shots
+                      + _fill(task.prompt, record, where, task.template), choices, gold)
 
 
 def run_choice_task(name: str, task: ChoiceTask, model, tokenizer, *, n: int | None, batch_size: int):
@@ -455,7 +480,8 @@ def run_choice_task(name: str, task: ChoiceTask, model, tokenizer, *, n: int | N
     from mixtune.eval.run import AbilityScore
 
     items = load_items(task, n)
-    questions = [choice_item(task, r, w) for w, r in items]
+    shots = choice_shots(task)
+    questions = [choice_item(task, r, w, shots=shots) for w, r in items]
     res = score_multiple_choice(model, tokenizer, questions, target_delimiter=task.target_delimiter,
                                 batch_size=batch_size)
     per_item = res.acc if task.metric == "acc" else res.acc_norm
