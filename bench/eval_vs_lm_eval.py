@@ -1,8 +1,10 @@
 """Wall time of mixtune's evaluation against lm-evaluation-harness's HF backend, same tasks and model.
 
-Two local lm-eval task files, read by both tools as they are (mixtune through
-``mixtune.eval.lm_eval_tasks``): a multiple-choice task of ``--questions`` distinct questions with a
-five-shot-long context and four choices (``acc``, ``acc_norm``), and a ``generate_until`` task of
+Three local lm-eval task files, read by both tools as they are (mixtune through
+``mixtune.eval.lm_eval_tasks``): two multiple-choice tasks of ``--questions`` distinct questions with a
+five-shot-long context and four choices (``acc``, ``acc_norm``) -- MMLU-style (``bench_mc``: each
+choice a number, one or two tokens) and HellaSwag-style (``bench_endings``: each choice a sentence
+ending of some 8-12 tokens) -- and a ``generate_until`` task of
 ``--prompts`` prompts (greedy, ``until: ["\\n\\n"]``, ``max_gen_toks``; exact match). The model is
 the built-in one (``--size``), its weights sharpened so choices are not near ties. Both tools get
 the loaded model and the same batch size; each timing covers everything from the task file to the
@@ -33,6 +35,13 @@ def write_tasks(folder: Path, questions: int, prompts: int, max_gen: int) -> Non
     rows = [{"question": f"{shots}Question: What is {i} + {i % 7}?", "choices": [str(i + i % 7 + d) for d in (0, 1, 2, -1)],
              "answer": 0} for i in range(questions)]
     (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    verbs = ["walks to the", "opens the", "paints the", "cleans the"]
+    things = ["door and waits for a friend", "window to let the air in", "old fence in bright red",
+              "kitchen before the guests arrive"]
+    endings = [{"question": f"{shots}Question: A man named Sam {i}", "answer": 0,
+                "choices": [f"{verbs[(i + d) % 4]} {things[(i + 2 * d) % 4]}." for d in range(4)]}
+               for i in range(questions)]
+    (folder / "endings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in endings))
     recs = ABILITIES.get("math").generate(prompts, split="test", seed=0)
     (folder / "gen.jsonl").write_text("".join(json.dumps({"question": r["messages"][0]["content"],
                                                           "answer": r["answer"]}) + "\n" for r in recs))
@@ -47,6 +56,8 @@ def write_tasks(folder: Path, questions: int, prompts: int, max_gen: int) -> Non
           - {metric: acc}
           - {metric: acc_norm}
         """))
+    (folder / "bench_endings.yaml").write_text((folder / "bench_mc.yaml").read_text().replace(
+        "bench_mc", "bench_endings").replace("mc.jsonl", "endings.jsonl"))
     (folder / "bench_gen.yaml").write_text(f"task: bench_gen\n{head}dataset_kwargs:\n  data_files:\n    test: "
                                            f"{folder / 'gen.jsonl'}\n" + textwrap.dedent(f"""\
         output_type: generate_until
@@ -90,7 +101,8 @@ def main() -> None:
     manager = TaskManager(include_path=str(work))
     print(f"model builtin:{args.size} ({sum(p.numel() for p in model.parameters()):,} parameters), "
           f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
-    for task, metric, n in (("bench_mc", "acc", args.questions), ("bench_gen", "exact_match", args.prompts)):
+    for task, metric, n in (("bench_mc", "acc", args.questions), ("bench_endings", "acc", args.questions),
+                            ("bench_gen", "exact_match", args.prompts)):
         names, tasks = parse_abilities(str(work / f"{task}.yaml"))
         times = {"lm-eval": [], "mixtune": []}
         for _ in range(args.repeats):
