@@ -173,3 +173,46 @@ def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_pa
     assert all(abs(a - b) < 1e-4 for t, e in zip(theirs, ours.examples) for a, b in zip(t, e["loglikelihoods"]))
     assert summary["acc,none"] == pytest.approx(ours.score)
     assert summary["acc_norm,none"] == pytest.approx(sum(e["acc_norm"] for e in ours.examples) / 6)
+
+
+def test_loglikelihood_tasks_give_lm_evals_loglikelihoods_greedy_and_perplexity(tiny_dir, tmp_path):
+    import math
+
+    from mixtune.eval.lm_eval_results import lm_eval_results, lm_eval_sources
+
+    model, tok = load_for_eval(tiny_dir)
+    # targets: the model's own greedy next word for half the items, so acc is neither 0 nor 1
+    prompts = [f"{w} {w} {w}:" for w in ("cat", "dog", "sun", "red", "cup", "map")]
+    from mixtune.eval.choice import continuation_loglikelihoods, encode_pair
+
+    words = []
+    for text in prompts[::2]:  # a one-token continuation the model takes greedily, as lm-eval encodes it
+        candidates = [t for t in (tok.decode([i]) for i in range(len(tok)))
+                      if t.strip() and len(encode_pair(tok, text, t)[1]) == 1]
+        found = continuation_loglikelihoods(model, tok, [(text, c) for c in candidates], batch_size=64)
+        words += [next(c for c, (_, greedy) in zip(candidates, found) if greedy), None]
+    rows = [{"text": p, "target": w if i % 2 == 0 else " zebra"} for i, (p, w) in enumerate(zip(prompts, words))]
+    (tmp_path / "ll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ll_task.yaml").write_text(textwrap.dedent(f"""\
+        task: ll_task
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {tmp_path / 'll.jsonl'}
+        test_split: test
+        output_type: loglikelihood
+        doc_to_text: text
+        doc_to_target: target
+        """))
+    names, tasks = parse_abilities(str(tmp_path / "ll_task.yaml"))
+    ours = evaluate(model, tok, names, n=6, tasks=tasks)["ll_task"]
+    samples, summary = lm_eval_samples(tiny_dir, tmp_path, "ll_task")
+    assert [tuple(s["arguments"][0]) for s in samples] == [(e["prompt"], e["target"]) for e in ours.examples]
+    assert [s["acc"] for s in samples] == [e["score"] for e in ours.examples]
+    assert all(abs(s["perplexity"] - e["loglikelihood"]) < 1e-4 for s, e in zip(samples, ours.examples))
+    assert summary["acc,none"] == pytest.approx(ours.score) and 0 < ours.score < 1
+    exported = lm_eval_results({"ll_task": ours}, model=model, tokenizer=tok, model_path=str(tiny_dir), n=6,
+                               batch_size=4, tasks=tasks, sources=lm_eval_sources(str(tmp_path / "ll_task.yaml")),
+                               started=0.0, seconds=1.0)["results"]["ll_task"]
+    assert exported["perplexity,none"] == pytest.approx(summary["perplexity,none"], rel=1e-4)
+    assert exported["perplexity,none"] == pytest.approx(math.exp(-sum(e["loglikelihood"] for e in ours.examples) / 6))

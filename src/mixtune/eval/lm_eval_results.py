@@ -19,6 +19,8 @@ Names: an lm-eval task keeps its ``metric_list`` names (lm-eval's defaults witho
 scorers (filters ``none``, ``regex``, ``numeric-<extract>``), ``contains`` for ``contains`` and the
 function's name for a user scorer; a built-in ability ``exact_match`` with the filter
 ``answer-line`` (the text after the last ``Answer:`` is what is compared).
+A loglikelihood task has ``perplexity`` (lm-eval's aggregation, ``exp(-mean loglikelihood)``, lower
+is better; its stderr, a random bootstrap in lm-eval, is left out) and ``acc`` (``is_greedy``).
 
 **Left out**, as no value can be given honestly: the seeds (``random_seed``, ``numpy_seed``,
 ``torch_seed``, ``fewshot_seed``; mixtune's seeds choose built-in problems and few-shot examples
@@ -34,6 +36,7 @@ truncates nothing).
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from collections.abc import Mapping
@@ -47,10 +50,11 @@ from mixtune.core import atomic_write_text
 from mixtune.eval.choice import max_length_of, mean_stderr
 from mixtune.eval.lm_eval_tasks import is_lm_eval_task
 from mixtune.eval.run import AbilityScore
-from mixtune.eval.tasks import ChoiceTask, CodeTask, GenerateTask, load_items
+from mixtune.eval.tasks import ChoiceTask, CodeTask, GenerateTask, LoglikelihoodTask, load_items
 
 RESULTS_FILE = "results_lm_eval.json"
-DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"]}
+DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
+                   "loglikelihood": ["perplexity", "acc"]}
 """lm-eval's metrics for a task without ``metric_list`` (``DEFAULT_METRIC_REGISTRY``, ``api/registry.py``)."""
 
 
@@ -82,10 +86,16 @@ def metrics_of(score: AbilityScore, task=None, lm_cfg: dict | None = None) -> li
         listed = listed or [{"metric": m} for m in DEFAULT_METRICS[kind]]
         filters = lm_cfg.get("filter_list") or []
         filt = filters[0].get("name", "regex") if filters else "none"  # mixtune reads one regex pipeline
+        if kind == "loglikelihood":  # lm-eval: perplexity is exp(-mean loglikelihood), lower is better
+            return [("perplexity", "none", [e["loglikelihood"] for e in ex], False) if m["metric"] == "perplexity"
+                    else ("acc", "none", [e["score"] for e in ex], True) for m in listed]
         return [(m["metric"], filt, [e["score" if kind == "generate_until" else m["metric"]] for e in ex],
                  bool(m.get("higher_is_better", True))) for m in listed]  # acc, acc_norm, exact_match: higher
     if isinstance(task, ChoiceTask):
         return [(m, "none", [e[m] for e in ex], hib) for m in ("acc", "acc_norm")]
+    if isinstance(task, LoglikelihoodTask):
+        return [("perplexity", "none", [e["loglikelihood"] for e in ex], False),
+                ("acc", "none", [e["score"] for e in ex], hib)]
     if isinstance(task, CodeTask):
         return [(f"pass@{k}", "none", [e[f"pass@{k}"] for e in ex], hib) for k in task.k]
     values = [e["score"] for e in ex]
@@ -151,8 +161,11 @@ def lm_eval_results(scores: Mapping[str, AbilityScore], *, model, tokenizer, mod
         task, source = tasks.get(name), sources.get(name)
         entry = {"name": name, "alias": name, "sample_len": sc.n}
         for metric, filt, values, up in metrics_of(sc, task, source[1] if source else None):
-            entry[f"{metric},{filt}"] = sum(values) / len(values)  # lm-eval's `mean`
-            entry[f"{metric}_stderr,{filt}"] = stderr(values)
+            if metric == "perplexity":  # lm-eval's `perplexity` aggregation; its stderr is a random bootstrap: left out
+                entry[f"{metric},{filt}"] = math.exp(-sum(values) / len(values))
+            else:
+                entry[f"{metric},{filt}"] = sum(values) / len(values)  # lm-eval's `mean`
+                entry[f"{metric}_stderr,{filt}"] = stderr(values)
             hib.setdefault(name, {})[metric] = up
         results[name] = entry
         configs[name] = _config(name, sc, task, source, run)

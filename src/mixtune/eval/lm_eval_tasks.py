@@ -8,7 +8,7 @@ or a Jinja template), ``description``, ``target_delimiter``, ``fewshot_delimiter
 ``num_fewshot``, ``metric_list`` (``exact_match`` with ``ignore_case``, ``ignore_punctuation``,
 ``regexes_to_ignore``) and ``filter_list`` (a ``regex`` filter, then ``take_first``);
 ``output_type: multiple_choice`` with ``doc_to_choice``, ``metric_list`` ``acc`` / ``acc_norm`` and
-``num_fewshot``.
+``num_fewshot``; ``output_type: loglikelihood`` (zero-shot) with ``acc`` (the score) and ``perplexity``.
 
 Anything else is refused in one line naming the key, and a task whose data must be downloaded
 says which file to provide. Zero-shot prompts are exactly lm-eval's; with ``num_fewshot`` the
@@ -25,7 +25,7 @@ import yaml
 
 from mixtune.core import ConfigError
 from mixtune.eval.scorers import ScorerParams
-from mixtune.eval.tasks import ChoiceTask, GenerateTask
+from mixtune.eval.tasks import ChoiceTask, GenerateTask, LoglikelihoodTask
 
 SUPPORTED = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split",
              "fewshot_split", "training_split", "doc_to_text", "doc_to_target", "doc_to_choice", "description",
@@ -119,9 +119,11 @@ def from_lm_eval(path: str | Path) -> dict[str, GenerateTask | ChoiceTask]:
     kind = cfg.get("output_type", "generate_until")
     if kind == "multiple_choice":
         return {str(cfg["task"]): _choice_task(cfg, where, path.resolve().parent)}
+    if kind == "loglikelihood":
+        return {str(cfg["task"]): _loglikelihood_task(cfg, where, path.resolve().parent)}
     if kind != "generate_until":
-        raise ConfigError(f"{where}: output_type {kind!r}: lm-eval tasks are read for generate_until and "
-                          "multiple_choice")
+        raise ConfigError(f"{where}: output_type {kind!r}: lm-eval tasks are read for generate_until, "
+                          "multiple_choice and loglikelihood")
     gen = dict(cfg.get("generation_kwargs") or {})
     if gen.pop("do_sample", False) or gen.get("temperature", 0) not in (0, 0.0):
         raise ConfigError(f"{where}: generation_kwargs ask for sampling; lm-eval tasks are read greedy")
@@ -177,6 +179,26 @@ def _choice_task(cfg: dict, where: str, base: Path) -> ChoiceTask:
                       template="jinja", metric=metrics[0], target_delimiter=cfg.get("target_delimiter", " "),
                       preamble=cfg.get("description") or "",
                       version=int((cfg.get("metadata") or {}).get("version", 1)))
+
+
+def _loglikelihood_task(cfg: dict, where: str, base: Path) -> LoglikelihoodTask:
+    """An lm-eval ``loglikelihood`` task: the context is the description and ``doc_to_text``, the
+    continuation ``doc_to_target`` as it renders (lm-eval 0.4.13 puts no delimiter between them, so a
+    target template carries its own leading space); ``acc`` is the ability's score."""
+    entries = _metrics(cfg, where, "acc")
+    metrics = [m.get("metric") if isinstance(m, dict) else m for m in (cfg.get("metric_list") or entries)]
+    if set(metrics) - {"acc", "perplexity"}:
+        raise ConfigError(f"{where}: metric_list {metrics}: loglikelihood tasks are read with acc and perplexity")
+    if cfg.get("num_fewshot") or cfg.get("filter_list") or cfg.get("generation_kwargs"):
+        raise ConfigError(f"{where}: num_fewshot, filter_list and generation_kwargs are not read for loglikelihood")
+    text, target = cfg.get("doc_to_text"), cfg.get("doc_to_target")
+    if not isinstance(text, str) or not isinstance(target, str):
+        raise ConfigError(f"{where}: doc_to_text and doc_to_target must be a field name or a Jinja template "
+                          "(functions, !function, are not read)")
+    split = cfg.get("test_split") or cfg.get("validation_split") or "test"
+    return LoglikelihoodTask(path=_data_file(cfg, split, where, base), prompt=_as_template(text), target=target,
+                             template="jinja", target_delimiter="", preamble=cfg.get("description") or "",
+                             version=int((cfg.get("metadata") or {}).get("version", 1)))
 
 
 def _fewshot(cfg: dict, where: str) -> tuple[int, str | None]:

@@ -178,13 +178,42 @@ class ChoiceTask(Strict):
     _paths = field_validator("path", "fewshot_path")(existing_path)
 
 
+class LoglikelihoodTask(Strict):
+    """An ability scored by whether the model's greedy continuation of a context is the target
+    (LAMBADA style; lm-evaluation-harness's ``output_type: loglikelihood``): the score is ``acc``,
+    lm-eval's ``is_greedy``; each item's log-likelihood of the target is kept (and lm-eval's
+    ``perplexity``, exp of minus their mean, is in the lm-eval results JSON)."""
+
+    kind: Literal["loglikelihood"] = "loglikelihood"
+    """Score the target's log-likelihood after the context; nothing is generated."""
+    path: Path
+    """The records (relative to the task file)."""
+    split: str = "test"
+    """For a saved ``DatasetDict``: which split to score."""
+    prompt: str = "{text}"
+    """The context, a template over the record (``str.format``, or Jinja with ``template: jinja``)."""
+    target: str = "target"
+    """The field with the continuation (with ``template: jinja``, a field or a template)."""
+    target_delimiter: str = " "
+    """Put between the context and the target (lm-eval's default)."""
+    template: Literal["format", "jinja"] = "format"
+    """How ``prompt`` (and a ``target`` that is not a field) are filled."""
+    preamble: str = ""
+    """Text put verbatim before every context (lm-eval's ``description``)."""
+    version: int = 1
+    """Bump when you change the task."""
+
+    _paths = field_validator("path")(existing_path)
+
+
 def _kind(v) -> str:
     """A task's ``kind``, ``generate`` when it is left out."""
     return v.get("kind", "generate") if isinstance(v, dict) else getattr(v, "kind", "generate")
 
 
 TaskConfig = Annotated[Union[Annotated[GenerateTask, Tag("generate")], Annotated[CodeTask, Tag("code")],
-                             Annotated[ChoiceTask, Tag("multiple_choice")]], Discriminator(_kind)]
+                             Annotated[ChoiceTask, Tag("multiple_choice")],
+                             Annotated[LoglikelihoodTask, Tag("loglikelihood")]], Discriminator(_kind)]
 
 
 class TaskFile(Strict):
@@ -335,6 +364,8 @@ def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: in
         return run_code_task(name, task, model, tokenizer, n=n, batch_size=batch_size, progress=progress)
     if isinstance(task, ChoiceTask):
         return run_choice_task(name, task, model, tokenizer, n=n, batch_size=batch_size)
+    if isinstance(task, LoglikelihoodTask):
+        return run_loglikelihood_task(name, task, model, tokenizer, n=n, batch_size=batch_size)
     items = load_items(task, n)
     prompts = render_prompts(task, items, tokenizer)
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
@@ -494,5 +525,24 @@ def run_choice_task(name: str, task: ChoiceTask, model, tokenizer, *, n: int | N
                                                                              res.acc_norm, per_item)])
 
 
-__all__ = ["ChoiceTask", "CodeTask", "GenerateTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
-           "choice_item", "run_choice_task", "run_code_task", "run_task", "score_output", "tasks_in"]
+def run_loglikelihood_task(name: str, task: LoglikelihoodTask, model, tokenizer, *, n: int | None, batch_size: int):
+    """``acc`` (lm-eval's ``is_greedy``: every target token is the model's argmax) on the first ``n``
+    records; each item keeps the target's log-likelihood (:func:`mixtune.eval.choice.continuation_loglikelihoods`)."""
+    from mixtune.eval.choice import continuation_loglikelihoods
+    from mixtune.eval.run import AbilityScore
+
+    items = load_items(task, n)
+    pairs = []
+    for where, record in items:
+        target = _value(record, task.target, where, task.template)
+        pairs.append((task.preamble + _fill(task.prompt, record, where, task.template),
+                      task.target_delimiter + str(target)))
+    res = continuation_loglikelihoods(model, tokenizer, pairs, batch_size=batch_size)
+    acc = [float(greedy) for _, greedy in res]
+    return AbilityScore(name, sum(acc) / len(acc), len(acc), task.version,
+                        examples=[{"where": w, "prompt": c, "target": t, "loglikelihood": ll, "is_greedy": g,
+                                   "score": a} for (w, _), (c, t), (ll, g), a in zip(items, pairs, res, acc)])
+
+
+__all__ = ["ChoiceTask", "CodeTask", "GenerateTask", "LoglikelihoodTask", "TaskConfig", "TaskFile", "fingerprint", "load_items", "load_tasks", "render_prompts",
+           "choice_item", "run_choice_task", "run_loglikelihood_task", "run_code_task", "run_task", "score_output", "tasks_in"]
