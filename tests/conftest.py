@@ -15,3 +15,21 @@ def tiny_dir(tmp_path_factory):
     from mixtune.builtin import init_builtin
 
     return init_builtin(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sharp_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with its weight matrices x4, so choices are far from ties and some continuations
+    are greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    out = tmp_path_factory.mktemp("sharp")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out

@@ -117,22 +117,6 @@ def test_a_continuation_longer_than_the_model_is_a_data_error(tiny_dir):
 # --- parity with lm-evaluation-harness itself ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sharp_dir(tiny_dir, tmp_path_factory):
-    """The tiny model with weights x4, so choices are far from ties and some continuations are greedy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4)
-    out = tmp_path_factory.mktemp("sharp")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def lm_eval_run(sharp_dir, tmp_path_factory):
     """lm-eval's own HF backend on a local MMLU-style task YAML, offline, once per max_length."""
     lm_eval = pytest.importorskip("lm_eval")

@@ -122,19 +122,8 @@ MC = [("The sky on a clear day is", ["blue", "green", "loud", "square"], 0),
 
 
 @pytest.mark.parametrize("shots", [0, 1])
-def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(tiny_dir, tmp_path, shots):
-    import torch
-
-    from mixtune.models import load_model
-
-    # sharpened weights, so the choices are not near ties (as in tests/eval/test_choice.py)
-    model, tok = load_model(tiny_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)
-    sharp = tmp_path / "sharp"
-    model.save_pretrained(sharp)
-    tok.save_pretrained(sharp)
+def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(sharp_dir, tmp_path, shots):
+    sharp = sharp_dir  # sharpened weights, so the choices are not near ties
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
                                                for q, c, a in MC))
     (tmp_path / "mc_task.yaml").write_text(textwrap.dedent(f"""\

@@ -12,11 +12,12 @@ from mixtune.train.evaluation import best_value
 
 from tests.train.test_loop import recipe, weights
 
-EVAL = {"every": 4, "abilities": ["math", "general"], "n": 8, "keep_best": "mean"}
+EVAL = {"every": 4, "abilities": ["math", "general"], "n": 4, "keep_best": "mean"}
+ONE = EVAL | {"abilities": ["general"]}  # cheaper: untrained models generate the whole budget
 
 
 def evals_of(out):
-    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval/math" in e]
+    return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if any(k.startswith("eval/") for k in e)]
 
 
 def test_scores_are_logged_and_the_trained_weights_do_not_change(tiny_dir, tmp_path):
@@ -34,7 +35,7 @@ def test_scores_are_logged_and_the_trained_weights_do_not_change(tiny_dir, tmp_p
     assert entries[2]["stage_step"] == 6 and entries[3]["stage_step"] == 2
     # the score at a stage end is the score of the exported stage model
     model, tok = load_for_eval(scored[0])
-    again = evaluate(model, tok, ["math", "general"], n=8)
+    again = evaluate(model, tok, ["math", "general"], n=4)
     assert entries[2]["eval/math"] == again["math"].score and entries[2]["eval/general"] == again["general"].score
     # the best by the mean: the first step with the highest mean, its weights in best/
     means = [(e["eval/math"] + e["eval/general"]) / 2 for e in entries]
@@ -42,11 +43,11 @@ def test_scores_are_logged_and_the_trained_weights_do_not_change(tiny_dir, tmp_p
     best = json.loads((tmp_path / "scored" / "best" / "best.json").read_text())
     assert best["step"] == top["step"] and best["value"] == pytest.approx(max(means))
     model, tok = load_for_eval(tmp_path / "scored" / "best")
-    assert {a: s.score for a, s in evaluate(model, tok, ["math", "general"], n=8).items()} == best["scores"]
+    assert {a: s.score for a, s in evaluate(model, tok, ["math", "general"], n=4).items()} == best["scores"]
 
 
 def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_same_best(tiny_dir, tmp_path):
-    cfg = recipe(tiny_dir, eval=EVAL | {"keep_best": "math"}, save_every=3)
+    cfg = recipe(tiny_dir, eval=ONE | {"keep_best": "general"}, save_every=3)
     full = run_training(cfg, tiny_dir, tmp_path / "full", progress=False)
 
     def kill_at_10(step):
@@ -66,13 +67,13 @@ def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_same_best(tiny_di
 
 
 def test_lora_weights_are_scored_and_the_best_is_an_adapter(tiny_dir, tmp_path):
-    cfg = recipe(tiny_dir, method={"name": "lora", "r": 4}, lr=5e-3, eval=EVAL | {"every": 6})
+    cfg = recipe(tiny_dir, method={"name": "lora", "r": 4}, lr=5e-3, eval=ONE | {"every": 6})
     run_training(cfg, tiny_dir, tmp_path, progress=False)
     assert [e["step"] for e in evals_of(tmp_path)] == [0, 6, 12]
     assert (tmp_path / "best" / "adapter_config.json").exists()
     model, tok = load_for_eval(tmp_path / "best")
     best = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert {a: s.score for a, s in evaluate(model, tok, ["math", "general"], n=8).items()} == best["scores"]
+    assert {a: s.score for a, s in evaluate(model, tok, ["general"], n=4).items()} == best["scores"]
 
 
 def test_the_best_is_the_first_step_with_the_highest_value(tmp_path):
