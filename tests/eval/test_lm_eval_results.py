@@ -18,7 +18,7 @@ from mixtune.eval.tasks import ChoiceTask, CodeTask, GenerateTask
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a test extra (pip install -e '.[test]')")
 from lm_eval.api.metrics import mean_stderr  # noqa: E402
 from lm_eval.utils import handle_non_serializable, make_table  # noqa: E402
-from test_lm_eval_tasks import MC, task_yaml, write_data  # noqa: E402  (tests/eval, on pytest's path)
+from test_lm_eval_tasks import MC, mc_yaml, task_yaml, write_data  # noqa: E402  (tests/eval, on pytest's path)
 
 
 def table_tasks(res: dict) -> list[str]:
@@ -104,22 +104,7 @@ def test_the_same_results_and_layout_as_lm_eval(sharp_dir, tmp_path):
     write_data(rx, [(o.split() or ["?"])[0] if i == 1 else "no" for i, o in enumerate(outputs)])
     task_yaml(rx, "x_rx", "filter_list:\n  - name: first\n    filter:\n      - {function: regex, "
                           "regex_pattern: '(\\S+)'}\n      - {function: take_first}\n")
-    (mc / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
-                                         for q, c, a in MC))
-    (mc / "x_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: x_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {mc / 'mc.jsonl'}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-        doc_to_choice: choices
-        doc_to_target: answer
-        metadata:
-          version: 3
-        """))  # no metric_list: lm-eval's defaults, acc and acc_norm
+    mc_yaml(mc, "x_mc", "metadata:\n  version: 3\n")  # no metric_list: lm-eval's defaults, acc and acc_norm
     # and the gold choice is the model's pick for some questions, so acc is not 0 or 1 either
     names, tasks = parse_abilities(str(mc / "x_mc.yaml"))
     picks = [e["pred"] for e in evaluate(model, tok, names, n=6, tasks=tasks)["x_mc"].examples]

@@ -121,26 +121,30 @@ MC = [("The sky on a clear day is", ["blue", "green", "loud", "square"], 0),
       ("Cats often chase", ["mice", "clouds", "numbers", "laws"], 0)]
 
 
-@pytest.mark.parametrize("shots", [0, 1])
-def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(sharp_dir, tmp_path, shots):
-    sharp = sharp_dir  # sharpened weights, so the choices are not near ties
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
-                                               for q, c, a in MC))
-    (tmp_path / "mc_task.yaml").write_text(textwrap.dedent(f"""\
-        task: mc_task
+def mc_yaml(folder, name, extra=""):
+    """An lm-eval multiple_choice task over MC, written to ``folder``: ``mc.jsonl`` and ``NAME.yaml``."""
+    (folder / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                             for q, c, a in MC))
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        task: {name}
         dataset_path: json
         dataset_kwargs:
           data_files:
-            test: {tmp_path / 'mc.jsonl'}
+            test: {folder / 'mc.jsonl'}
         test_split: test
         output_type: multiple_choice
         doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
         doc_to_choice: choices
         doc_to_target: answer
-        metric_list:
-          - {{metric: acc}}
-          - {{metric: acc_norm}}
-        """))
+        """) + extra)
+    return path
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+def test_multiple_choice_tasks_give_lm_evals_choices_and_scores(sharp_dir, tmp_path, shots):
+    sharp = sharp_dir  # sharpened weights, so the choices are not near ties
+    mc_yaml(tmp_path, "mc_task", "metric_list:\n  - {metric: acc}\n  - {metric: acc_norm}\n")
     if shots:  # one solved example before each question: one record to draw, so both tools draw the same
         (tmp_path / "shot.jsonl").write_text(json.dumps({"question": "Birds can", "choices": ["rust", "fly"],
                                                          "answer": 1}) + "\n")
