@@ -62,6 +62,12 @@ def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_same_best(tiny_di
     assert [e["step"] for e in evals_of(tmp_path / "r")] == [0, 4, 6, 8, 12]
     a, b = (json.loads((p / "best" / "best.json").read_text()) for p in (tmp_path / "full", tmp_path / "r"))
     assert a == b
+    # a fresh run over the same folder evaluates everything again, not as the replaced run's
+    run_training(cfg, tiny_dir, tmp_path / "r", progress=False, resume=False)
+    first = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert first["note"].startswith("starting over: deleted")  # the log holds this run alone
+    assert [e["step"] for e in evals_of(tmp_path / "r")] == [0, 4, 6, 8, 12]
+    assert json.loads((tmp_path / "r" / "best" / "best.json").read_text()) == a
     for k, v in weights(full[-1]).items():
         assert torch.equal(v, weights(resumed[-1])[k]), k
 

@@ -185,11 +185,15 @@ def resume_point(acc, out_dir: Path, names: list[str], steps: list[int], keep: i
 
 
 def start_over(acc, out_dir: Path, names: list[str], log) -> None:
-    """A fresh run: delete the exports of stages ``names`` and the checkpoints a previous run left
-    in ``out_dir``, so that a later resume cannot take them for this run's."""
-    old = [p for p in [Path(out_dir) / "checkpoints", *(Path(out_dir) / "stages" / n for n in names)] if p.exists()]
-    if acc.is_main_process and old:
+    """A fresh run: delete the exports of stages ``names``, the checkpoints, the best weights
+    (``train.eval.keep_best``) and the log a previous run left in ``out_dir``, so that neither a later
+    resume nor this run's evaluations take them for this run's."""
+    old = [p for p in [Path(out_dir) / "checkpoints", Path(out_dir) / "best",
+                       *(Path(out_dir) / "stages" / n for n in names)] if p.exists()]
+    if acc.is_main_process:
+        log.path.unlink(missing_ok=True)  # its steps and evaluations are the replaced run's
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
-        log.note(f"starting over: deleted {', '.join(str(p) for p in old)}")
+        if old:
+            log.note(f"starting over: deleted {', '.join(str(p) for p in old)}")
     acc.wait_for_everyone()
