@@ -223,14 +223,11 @@ def train_cmd(
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
         if cfg.train.eval is not None:
             from mixtune.eval import during_training
+            from mixtune.train.evaluation import evaluation_steps
 
             e = cfg.train.eval
             during_training(e, data.tokenizer, base)  # unknown abilities and missing task files, now
-            ends, at = set(), 0
-            for plan in plans:
-                at += plan.steps
-                ends.add(at)
-            times = len({0, *range(e.every, at + 1, e.every), *ends})
+            times = len(evaluation_steps(e, [plan.steps for plan in plans]))
             console.print(f"evaluation during training: {times} evaluations (start, every {e.every} steps, stage "
                           f"ends) of {', '.join(e.abilities)} on {e.n} problems each"
                           + (f"; the best weights by {e.keep_best} kept in {out / 'best'}" if e.keep_best else ""))

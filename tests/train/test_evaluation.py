@@ -107,6 +107,14 @@ def test_the_best_is_the_first_step_with_the_highest_value(tmp_path):
     assert again.best == 0.5 and again.done == {0, 2, 4, 5, 6, 8}
 
 
+def test_the_steps_evaluated_are_the_start_every_n_and_the_stage_ends():
+    from mixtune.train.config import TrainEval
+    from mixtune.train.evaluation import evaluation_steps
+
+    assert evaluation_steps(TrainEval(every=4), [6, 6]) == [0, 4, 6, 8, 12]  # as the runs above log them
+    assert evaluation_steps(TrainEval(every=100), [3, 5]) == [0, 3, 8]
+
+
 def test_best_value_is_one_ability_or_the_weighted_mean():
     from mixtune.train.config import TrainEval
 

@@ -62,6 +62,17 @@ def best_value(cfg: TrainEval, scores: dict[str, float]) -> float:
     return sum(w[a] * s for a, s in scores.items()) / sum(w.values())
 
 
+def is_due(cfg: TrainEval, global_step: int, *, stage_end: bool) -> bool:
+    """Whether a run evaluates at ``global_step``: the start, every ``every`` steps, every stage's end."""
+    return global_step == 0 or global_step % cfg.every == 0 or stage_end
+
+
+def evaluation_steps(cfg: TrainEval, stage_steps: list[int]) -> list[int]:
+    """The global steps a run of stages of ``stage_steps`` steps each evaluates at (:func:`is_due`)."""
+    ends = {sum(stage_steps[:i + 1]) for i in range(len(stage_steps))}
+    return [g for g in range(sum(stage_steps) + 1) if is_due(cfg, g, stage_end=g in ends)]
+
+
 class DuringTraining:
     """The evaluations of one training run."""
 
@@ -84,8 +95,7 @@ class DuringTraining:
               export: Callable[[Path, dict], None]) -> None:
         """Evaluate at global step 0, every ``every`` steps and at the end of every stage (once per
         step); ``export(dest, best)`` writes the model to ``dest`` with ``best`` as ``best.json``."""
-        due = global_step == 0 or global_step % self.cfg.every == 0 or stage_end
-        if not due or global_step in self.done:
+        if not is_due(self.cfg, global_step, stage_end=stage_end) or global_step in self.done:
             return
         self.done.add(global_step)
         acc = self.acc
