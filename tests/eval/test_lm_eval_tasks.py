@@ -15,23 +15,24 @@ QUESTIONS = ["What is 2 + 3?", "Reverse the words: red blue", "What is 7 - 4?", 
              "Capitalise: hello"]
 
 
-def task_yaml(folder, name, extra=""):
+def lm_task(folder, name, data, body):
+    """An lm-eval task file ``folder/NAME.yaml`` over the local JSONL file ``folder/DATA`` (the test split),
+    then ``body`` (YAML, not indented)."""
     path = folder / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {folder / 'data.jsonl'}
-        test_split: test
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / data}\n"
+                    f"test_split: test\n" + body)
+    return path
+
+
+def task_yaml(folder, name, extra=""):
+    return lm_task(folder, name, "data.jsonl", textwrap.dedent("""\
         output_type: generate_until
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-        doc_to_target: "{{{{answer}}}}"
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_target: "{{answer}}"
         generation_kwargs:
           until: ["\\n"]
           max_gen_toks: 12
         """) + textwrap.dedent(extra))
-    return path
 
 
 def write_data(folder, answers):
@@ -125,20 +126,12 @@ def mc_yaml(folder, name, extra=""):
     """An lm-eval multiple_choice task over MC, written to ``folder``: ``mc.jsonl`` and ``NAME.yaml``."""
     (folder / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
                                              for q, c, a in MC))
-    path = folder / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {folder / 'mc.jsonl'}
-        test_split: test
+    return lm_task(folder, name, "mc.jsonl", textwrap.dedent("""\
         output_type: multiple_choice
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+        doc_to_text: "Question: {{question}}\\nAnswer:"
         doc_to_choice: choices
         doc_to_target: answer
-        """) + extra)
-    return path
+        """) + textwrap.dedent(extra))
 
 
 @pytest.mark.parametrize("shots", [0, 1])
@@ -186,17 +179,7 @@ def test_loglikelihood_tasks_give_lm_evals_loglikelihoods_greedy_and_perplexity(
         words += [next(c for c, (_, greedy) in zip(candidates, found) if greedy), None]
     rows = [{"text": p, "target": w if i % 2 == 0 else " zebra"} for i, (p, w) in enumerate(zip(prompts, words))]
     (tmp_path / "ll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "ll_task.yaml").write_text(textwrap.dedent(f"""\
-        task: ll_task
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {tmp_path / 'll.jsonl'}
-        test_split: test
-        output_type: loglikelihood
-        doc_to_text: text
-        doc_to_target: target
-        """))
+    lm_task(tmp_path, "ll_task", "ll.jsonl", "output_type: loglikelihood\ndoc_to_text: text\ndoc_to_target: target\n")
     names, tasks = parse_abilities(str(tmp_path / "ll_task.yaml"))
     ours = evaluate(model, tok, names, n=6, tasks=tasks)["ll_task"]
     samples, summary = lm_eval_samples(tiny_dir, tmp_path, "ll_task")
