@@ -216,17 +216,19 @@ def train_cmd(
 
         with console.status("preparing data ..."):  # data problems surface before anything is printed
             data = prepare_data(cfg, base, select_with=_selection_model(cfg))
+            if cfg.train.eval is not None:  # so do unknown abilities and missing task files
+                from mixtune.eval import during_training
+
+                during_training(cfg.train.eval, data.tokenizer, base)
         console.print(Text(dump_config(cfg)))
         _print_selection(data)
         plans = stage_plan(cfg, data)
         for st, plan in zip(data.stages, plans):
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
         if cfg.train.eval is not None:
-            from mixtune.eval import during_training
             from mixtune.train.evaluation import evaluation_steps
 
             e = cfg.train.eval
-            during_training(e, data.tokenizer, base)  # unknown abilities and missing task files, now
             times = len(evaluation_steps(e, [plan.steps for plan in plans]))
             console.print(f"evaluation during training: {times} evaluations (start, every {e.every} steps, stage "
                           f"ends) of {', '.join(e.abilities)} on {e.n} problems each"

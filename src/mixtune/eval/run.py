@@ -174,7 +174,10 @@ def during_training(cfg, tokenizer, base_dir: str | os.PathLike = ".") -> Callab
             that is not one of the abilities.
     """
     entries = [a if not a.endswith((".yaml", ".yml")) else str(Path(base_dir) / a) for a in cfg.abilities]
-    names, tasks = parse_abilities(",".join(entries))
+    try:
+        names, tasks = parse_abilities(",".join(entries))
+    except ConfigError as e:  # say which key it is
+        raise ConfigError(f"train.eval.abilities: {e}") from None
     for what, given in (("keep_best", [cfg.keep_best] if cfg.keep_best not in (None, "mean") else []),
                         ("weights", list(cfg.weights))):
         unknown = [a for a in given if a not in names]
