@@ -1,11 +1,12 @@
 """Wall time of mixtune's evaluation against lm-evaluation-harness's HF backend, same tasks and model.
 
-Three local lm-eval task files, read by both tools as they are (mixtune through
-``mixtune.eval.lm_eval_tasks``): two multiple-choice tasks of ``--questions`` distinct questions with a
-five-shot-long context and four choices (``acc``, ``acc_norm``) -- MMLU-style (``bench_mc``: each
-choice a number, one or two tokens) and HellaSwag-style (``bench_endings``: each choice a sentence
-ending of some 8-12 tokens) -- and a ``generate_until`` task of
-``--prompts`` prompts (greedy, ``until: ["\\n\\n"]``, ``max_gen_toks``; exact match). The model is
+Four local lm-eval task files, read by both tools as they are (mixtune through
+``mixtune.eval.lm_eval_tasks``): two multiple-choice tasks of ``--questions`` distinct questions after
+the same five-shot prompt, with four choices (``acc``, ``acc_norm``) -- MMLU-style (``bench_mc``:
+each choice a number, one or two tokens) and HellaSwag-style (``bench_endings``: each choice a
+sentence ending of some 8-12 tokens) -- and two ``generate_until`` tasks of ``--prompts`` prompts
+(greedy, ``until: ["\\n\\n"]``, ``max_gen_toks``; exact match), zero-shot (``bench_gen``) and
+GSM8K-style five-shot (``bench_gen_shots``: the same five solved problems before each). The model is
 the built-in one (``--size``), its weights sharpened so choices are not near ties. Both tools get
 the loaded model and the same batch size; each timing covers everything from the task file to the
 scores. The scores must agree (checked). Medians of ``--repeats``, interleaved.
@@ -45,6 +46,11 @@ def write_tasks(folder: Path, questions: int, prompts: int, max_gen: int) -> Non
     recs = ABILITIES.get("math").generate(prompts, split="test", seed=0)
     (folder / "gen.jsonl").write_text("".join(json.dumps({"question": r["messages"][0]["content"],
                                                           "answer": r["answer"]}) + "\n" for r in recs))
+    # GSM8K-style five-shot: the same five solved problems before each question
+    solved = "".join(f"Question: {r['messages'][0]['content']}\nAnswer: {r['answer']}\n\n"
+                     for r in ABILITIES.get("math").generate(5, split="train", seed=1))
+    (folder / "gen_shots.jsonl").write_text("".join(json.dumps({"question": solved + "Question: " + r["messages"][0][
+        "content"], "answer": r["answer"]}) + "\n" for r in recs))
     head = "dataset_path: json\ntest_split: test\n"
     (folder / "bench_mc.yaml").write_text(f"task: bench_mc\n{head}dataset_kwargs:\n  data_files:\n    test: "
                                           f"{folder / 'mc.jsonl'}\n" + textwrap.dedent("""\
@@ -69,6 +75,9 @@ def write_tasks(folder: Path, questions: int, prompts: int, max_gen: int) -> Non
         metric_list:
           - {{metric: exact_match}}
         """))
+    (folder / "bench_gen_shots.yaml").write_text((folder / "bench_gen.yaml").read_text().replace(
+        "bench_gen", "bench_gen_shots").replace("gen.jsonl", "gen_shots.jsonl").replace(
+        'doc_to_text: "Question: {{question}}', 'doc_to_text: "{{question}}'))
 
 
 def main() -> None:
@@ -102,7 +111,8 @@ def main() -> None:
     print(f"model builtin:{args.size} ({sum(p.numel() for p in model.parameters()):,} parameters), "
           f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
     for task, metric, n in (("bench_mc", "acc", args.questions), ("bench_endings", "acc", args.questions),
-                            ("bench_gen", "exact_match", args.prompts)):
+                            ("bench_gen", "exact_match", args.prompts),
+                            ("bench_gen_shots", "exact_match", args.prompts)):
         names, tasks = parse_abilities(str(work / f"{task}.yaml"))
         times = {"lm-eval": [], "mixtune": []}
         for _ in range(args.repeats):

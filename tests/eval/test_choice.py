@@ -18,6 +18,7 @@ from mixtune.eval.choice import (
     encode_pair,
     score_multiple_choice,
 )
+from mixtune.eval.prefix import MIN_SHARED_PREFIX, shared_prefix
 from mixtune.models import load_model
 
 # MMLU-style questions with choices of unequal length, so acc and acc_norm can disagree. Two contexts end
@@ -37,6 +38,10 @@ QUESTIONS = [
     ("Question: Which animal is a mammal?\nAnswer:", ["shark", "trout", "dolphin", "octopus"], 2),
 ]
 ITEMS = [ChoiceItem(q, c, g) for q, c, g in QUESTIONS]
+# the same questions after a shared few-shot prompt (the first two answered), as MMLU's 5-shot contexts are
+SHOTS = "The following are questions (with answers) about general knowledge.\n\n" + "".join(
+    f"{q} {c[g]}\n\n" for q, c, g in QUESTIONS[:2])
+SHOT_ITEMS = [ChoiceItem(SHOTS + q, c, g) for q, c, g in QUESTIONS]
 
 
 # --- acc / acc_norm on made-up log-likelihoods (lm-eval's process_results, by hand) ---------------
@@ -97,10 +102,26 @@ def test_trailing_context_whitespace_moves_into_the_continuation(tokenizer):
     assert encode_pair(tokenizer, "", " Paris") == ([tokenizer.bos_token_id], tokenizer.encode(" Paris"))
 
 
-@pytest.mark.parametrize("batch_size, max_length", [(16, None), (1, None), (5, 12)])
-def test_loglikelihoods_match_one_forward_per_request(tiny_dir, batch_size, max_length):
+def test_the_shared_prefix_leaves_every_context_a_token_and_is_long_or_nothing():
+    long = list(range(MIN_SHARED_PREFIX))
+    assert shared_prefix([long + [1, 2], long + [1, 3], long + [1]]) == tuple(long)  # [1] keeps its last token
+    assert shared_prefix([long + [1, 2], long + [1, 2, 5]]) == tuple(long + [1])
+    assert shared_prefix([long[1:] + [2, 1], long[1:] + [3, 1]]) == ()  # 15 tokens: not worth a pass
+    assert shared_prefix([long + [1, 2]]) == () and shared_prefix([[7] + long, long]) == ()
+
+
+@pytest.mark.parametrize("batch_size, max_length, shots", [(16, None, False), (1, None, False), (5, 12, False),
+                                                           (16, None, True), (5, None, True), (5, 40, True)])
+def test_loglikelihoods_match_one_forward_per_request(tiny_dir, batch_size, max_length, shots):
     model, tok = load_model(tiny_dir)
-    requests = [(it.context, " " + c) for it in ITEMS[:6] for c in it.choices] + [("", " alone"), ("abc", "d")]
+    if shots:  # every context starts with the few-shot prompt: it runs once, the contexts from its cache
+        requests = [(it.context, " " + c) for it in SHOT_ITEMS[:6] for c in it.choices]
+        truncated = [encode_pair(tok, c, x)[0][-(max_length or 1024) - 1 + len(encode_pair(tok, c, x)[1]):]
+                     for c, x in requests]
+        # cut from the left to 40 tokens, the contexts no longer start alike: the plain path
+        assert (len(shared_prefix(truncated)) >= MIN_SHARED_PREFIX) == (max_length is None)
+    else:
+        requests = [(it.context, " " + c) for it in ITEMS[:6] for c in it.choices] + [("", " alone"), ("abc", "d")]
     got = continuation_loglikelihoods(model, tok, requests, batch_size=batch_size, max_length=max_length)
     for (c, x), (ll, greedy) in zip(requests, got, strict=True):
         ref_ll, ref_greedy = reference_loglikelihood(model, *encode_pair(tok, c, x), max_length or 1024)
@@ -123,15 +144,16 @@ def lm_eval_run(sharp_dir, tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path_factory.mktemp("lm_eval_task")
-    (folder / "mmlu.json").write_text("".join(
-        json.dumps({"question": q, "choices": c, "answer": g}) + "\n" for q, c, g in QUESTIONS))
     (folder / "tasks").mkdir()
-    (folder / "tasks" / "mixtune_mc.yaml").write_text(textwrap.dedent(f"""\
-        task: mixtune_mc
+    for task, items in (("mixtune_mc", ITEMS), ("mixtune_mc_shots", SHOT_ITEMS)):
+        (folder / f"{task}.json").write_text("".join(json.dumps(
+            {"question": it.context, "choices": list(it.choices), "answer": it.gold}) + "\n" for it in items))
+        (folder / "tasks" / f"{task}.yaml").write_text(textwrap.dedent(f"""\
+        task: {task}
         dataset_path: json
         dataset_kwargs:
           data_files:
-            test: {folder / 'mmlu.json'}
+            test: {folder / f'{task}.json'}
           cache_dir: {folder / 'hf_cache'}
         test_split: test
         output_type: multiple_choice
@@ -147,10 +169,11 @@ def lm_eval_run(sharp_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
-        for max_length in (None, 16):  # 16 tokens: every request is cut from the left
+        # 16 tokens: every request is cut from the left; the few-shot contexts run from their prefix's cache
+        for task, max_length in (("mixtune_mc", None), ("mixtune_mc", 16), ("mixtune_mc_shots", None)):
             extra = f",max_length={max_length}" if max_length else ""
-            runs[max_length] = lm_eval.simple_evaluate(
-                model="hf", model_args=f"pretrained={sharp_dir},dtype=float32{extra}", tasks=["mixtune_mc"],
+            runs[task, max_length] = lm_eval.simple_evaluate(
+                model="hf", model_args=f"pretrained={sharp_dir},dtype=float32{extra}", tasks=[task],
                 task_manager=TaskManager(include_path=str(folder / "tasks"), include_defaults=False),
                 log_samples=True, batch_size=8, device="cpu")
     random.setstate(states[0])
@@ -158,13 +181,14 @@ def lm_eval_run(sharp_dir, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("max_length", [None, 16])
-def test_same_loglikelihoods_choices_and_scores_as_lm_eval(sharp_dir, lm_eval_run, max_length):
-    run = lm_eval_run[max_length]
-    samples = sorted(run["samples"]["mixtune_mc"], key=lambda s: s["doc_id"])
+@pytest.mark.parametrize("task, max_length", [("mixtune_mc", None), ("mixtune_mc", 16), ("mixtune_mc_shots", None)])
+def test_same_loglikelihoods_choices_and_scores_as_lm_eval(sharp_dir, lm_eval_run, task, max_length):
+    run = lm_eval_run[task, max_length]
+    items = SHOT_ITEMS if task == "mixtune_mc_shots" else ITEMS
+    samples = sorted(run["samples"][task], key=lambda s: s["doc_id"])
     model, tok = load_model(sharp_dir)
-    ours = score_multiple_choice(model, tok, ITEMS, batch_size=8, max_length=max_length)
-    requests = [(it.context, " " + c) for it in ITEMS for c in it.choices]
+    ours = score_multiple_choice(model, tok, items, batch_size=8, max_length=max_length)
+    requests = [(it.context, " " + c) for it in items for c in it.choices]
     greedy = [g for _, g in continuation_loglikelihoods(model, tok, requests, max_length=max_length)]
 
     assert [tuple(a) for s in samples for a in s["arguments"]] == requests  # the same requests
@@ -173,7 +197,7 @@ def test_same_loglikelihoods_choices_and_scores_as_lm_eval(sharp_dir, lm_eval_ru
     assert greedy == [g for s in samples for _, g in s["filtered_resps"]]
     assert ours.pred == [int(np.argmax(t)) for t in theirs]
     assert ours.acc == [s["acc"] for s in samples] and ours.acc_norm == [s["acc_norm"] for s in samples]
-    res = run["results"]["mixtune_mc"]
+    res = run["results"][task]
     assert ours.acc_mean == pytest.approx(res["acc,none"]) and ours.acc_norm_mean == pytest.approx(res["acc_norm,none"])
     assert ours.acc_stderr == pytest.approx(res["acc_stderr,none"])
     assert ours.acc_norm_stderr == pytest.approx(res["acc_norm_stderr,none"])

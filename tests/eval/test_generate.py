@@ -28,6 +28,28 @@ def test_batched_and_unbatched_greedy_outputs_are_identical(tiny_dir, tokenizer)
     assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=5) == one  # ragged batches too
 
 
+def test_few_shot_prompts_read_their_shared_prefix_once_and_generate_as_alone(tiny_dir, tokenizer, monkeypatch):
+    import importlib
+
+    from mixtune.eval.prefix import MIN_SHARED_PREFIX
+
+    gen_module = importlib.import_module("mixtune.eval.generate")  # the module; mixtune.eval.generate is the function
+
+    model = sharpened(tiny_dir)
+    shots = "".join(f"Q: what is {i} plus {i}?\nA: {2 * i}\n\n" for i in range(4))
+    prompts = [f"{shots}Q: what is {i} plus {i % 3}?\nA:" for i in range(7)] + [shots + "Q: and 1000 plus 1?\nA:"]
+    one = [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]  # alone: nothing shared
+    shared = []
+    real = gen_module.prefix_cache
+    monkeypatch.setattr(gen_module, "prefix_cache", lambda m, s: shared.append(len(s)) or real(m, s))
+    assert generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == one
+    assert len(shared) == 1 and shared[0] >= MIN_SHARED_PREFIX  # read once, for all three batches
+    assert len(set(one)) > 1
+    kw = dict(num_samples=2, temperature=1.0, seed=3, max_new_tokens=12)
+    assert sample(model, tokenizer, prompts, batch_size=5, **kw) == [sample(model, tokenizer, [p], **kw)[0]
+                                                                     for p in prompts]
+
+
 def test_stop_strings_cut_the_output(tiny_dir, tokenizer):
     model = sharpened(tiny_dir)
     prompt = prompt_text(ABILITIES.get("math").generate(1)[0]["messages"], tokenizer)

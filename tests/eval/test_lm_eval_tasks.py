@@ -10,6 +10,7 @@ import pytest
 from mixtune.core import ConfigError
 from mixtune.eval import evaluate, load_for_eval, parse_abilities
 from mixtune.eval.lm_eval_tasks import from_lm_eval
+from mixtune.eval.prefix import shared_prefix
 
 QUESTIONS = ["What is 2 + 3?", "Reverse the words: red blue", "What is 7 - 4?", "Sort: c a b", "Count: x x x",
              "Capitalise: hello"]
@@ -99,7 +100,10 @@ def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
     for name, extra in [("plain_em", ""),
                         ("nocase_em", "metric_list:\n  - {metric: exact_match, ignore_case: true}\n"),
                         ("regex_em", "filter_list:\n  - name: first\n    filter:\n      - {function: regex, "
-                                     "regex_pattern: '(\\S+)'}\n      - {function: take_first}\n")]:
+                                     "regex_pattern: '(\\S+)'}\n      - {function: take_first}\n"),
+                        # a description before every prompt: mixtune reads it once and continues from its cache
+                        ("described_em", "description: \"The following are short questions about words and "
+                                         "numbers, each answered in one line.\\n\\n\"\n")]:
         path = task_yaml(tmp_path, name, extra)
         names, tasks = parse_abilities(str(path))
         ours = evaluate(model, tok, names, n=6, tasks=tasks)[name]
@@ -107,6 +111,8 @@ def test_same_generations_and_exact_match_as_lm_eval(tiny_dir, tmp_path):
         assert [s["arguments"][0][0] for s in samples] == [e["prompt"] for e in ours.examples]  # the same prompts
         assert [s["resps"][0][0] for s in samples] == [e["output"] for e in ours.examples]      # greedy generations
         assert [s["exact_match"] for s in samples] == [e["score"] for e in ours.examples], name
+        prompts = [tok(e["prompt"], add_special_tokens=False)["input_ids"] for e in ours.examples]
+        assert bool(shared_prefix(prompts)) == (name == "described_em")  # the cached-prefix path, where meant
         (mean,) = [v for k, v in summary.items() if k.startswith("exact_match,") and "stderr" not in k]
         assert mean == pytest.approx(ours.score)
     # the case-sensitive task misses the upper-cased answer that the case-insensitive one counts

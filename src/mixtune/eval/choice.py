@@ -10,7 +10,6 @@ Log-softmax is taken in float32 (lm-eval takes it in the model's dtype: the same
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mixtune.core import DataError
+from mixtune.eval.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
@@ -124,8 +124,10 @@ def continuation_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, 
     over the continuation positions; ``is_greedy`` is whether ``argmax z_j == x_j`` for every ``j``.
 
     Requests with the same (truncated) context tokens share one pass over the context; their
-    continuations then run from its KV cache. Contexts are left-padded, so only the last context
-    position goes through the output head.
+    continuations then run from its KV cache. When all contexts start with the same tokens (a
+    few-shot prompt, a task description: at least 16 tokens), that prefix runs once and every
+    context continues from its cache. Contexts are padded on the left of what follows the shared
+    prefix, so only the last context position goes through the output head.
 
     Args:
         model: a Hugging Face causal LM (eval mode is set here).
@@ -159,27 +161,31 @@ def continuation_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     params = inspect.signature(model.forward).parameters
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
+    cache_kw = cache_arg(model)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     # longest contexts first: each batch pads little and memory peaks at once
     order = sorted(groups, key=lambda c: (-len(c), c))
+    shared = shared_prefix(order)
     with torch.inference_mode():
+        start_cache = prefix_cache(model, shared)
         for start in range(0, len(order), batch_size):
-            _score_batch(model, order[start:start + batch_size], groups, out, pad_id, device, keep, cache_arg,
-                         batch_size)
+            _score_batch(model, order[start:start + batch_size], groups, out, pad_id, device, keep, cache_kw,
+                         batch_size, shared, start_cache)
     return out
 
 
-def _score_batch(model, ctxs, groups, out, pad_id, device, keep, cache_arg, batch_size) -> None:
-    """One context pass (left-padded), then the continuations from its KV cache, ``batch_size`` rows at a
-    time; fills ``out``."""
-    lc = max(len(c) for c in ctxs)
-    ids = torch.tensor([[pad_id] * (lc - len(c)) + list(c) for c in ctxs], device=device)  # (B, Lc)
-    mask = torch.tensor([[0] * (lc - len(c)) + [1] * len(c) for c in ctxs], device=device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real positions 0..len-1 despite left padding
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+
+
+def _score_batch(model, ctxs, groups, out, pad_id, device, keep, cache_kw, batch_size, shared,
+                 start_cache) -> None:
+    """One context pass (from the shared prefix's cache, if any, then left-padded), then the continuations
+    from its KV cache, ``batch_size`` rows at a time; fills ``out``."""
+    ids, mask, pos = pad_after(shared, ctxs, pad_id, device)  # (B, Lc) after the shared prefix, if any
+    past = {cache_kw: cache_rows(start_cache, torch.zeros(len(ctxs), dtype=torch.long, device=device))} \
+        if shared else {}
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep, **past)
     first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # (B, V): predicts continuation token 0
-    cache = getattr(res, cache_arg)
+    cache = getattr(res, cache_kw)
     rows = [(b, i, cont) for b, c in enumerate(ctxs) for i, cont in groups[c]]
     one = [r for r in rows if len(r[2]) == 1]  # scored by the context pass alone
     tails = sorted((r for r in rows if len(r[2]) > 1), key=lambda r: len(r[2]))  # need the continuation read
@@ -189,15 +195,13 @@ def _score_batch(model, ctxs, groups, out, pad_id, device, keep, cache_arg, batc
         chunk = tails[start:start + batch_size]
         lk = max(len(cont) - 1 for _, _, cont in chunk)
         which = torch.tensor([b for b, _, _ in chunk], device=device)
-        rows_cache = copy.copy(cache)  # a new cache object: reorder_cache replaces, not edits, the tensors
-        rows_cache.layers = [copy.copy(layer) for layer in cache.layers]
-        rows_cache.reorder_cache(which)  # one cache row per continuation, copied from its context's row
+        rows_cache = cache_rows(cache, which)  # one cache row per continuation, copied from its context's row
         x = torch.tensor([cont[:-1] + [pad_id] * (lk + 1 - len(cont)) for _, _, cont in chunk], device=device)
         xmask = torch.tensor([[1] * (len(cont) - 1) + [0] * (lk + 1 - len(cont)) for _, _, cont in chunk],
                              device=device)
         xpos = mask.sum(-1)[which, None] + torch.arange(lk, device=device)  # continue after each context
         later = model(input_ids=x, attention_mask=torch.cat([mask[which], xmask], dim=1), position_ids=xpos,
-                      use_cache=True, **{cache_arg: rows_cache}).logits
+                      use_cache=True, **{cache_kw: rows_cache}).logits
         later = torch.log_softmax(later.float(), dim=-1)  # (R, Lk, V): predicts continuation tokens 1..
         for r, (b, i, cont) in enumerate(chunk):
             logp = torch.cat([first[b, None], later[r, :len(cont) - 1]])  # (len(cont), V)

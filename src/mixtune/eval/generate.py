@@ -1,5 +1,8 @@
 """Batched generation: left padding, KV cache, per-example stop at EOS or a stop string.
 
+Prompts sorted by length share batches; a prefix every prompt starts with (a few-shot prompt) runs
+once and each batch continues from its cache (:mod:`mixtune.eval.prefix`).
+
 Greedy by default. Sampling (temperature, top-k, top-p, several samples per prompt) runs on the
 same batched ``model.generate`` path: a logits processor draws each row's next token from that
 row's own seeded stream and hands ``generate`` a one-hot score, so its greedy argmax takes the
@@ -25,6 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mixtune.core import ConfigError
+from mixtune.eval.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 64,
@@ -40,7 +44,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
 
     Args:
         model: a causal LM (eval mode is set here).
-        tokenizer: its tokenizer; padding is put on the left for generation.
+        tokenizer: its tokenizer.
         prompts: rendered prompts (special tokens included, e.g. by :func:`mixtune.data.format.prompt_text`).
         max_new_tokens: generation budget per example.
         batch_size: prompts per forward pass.
@@ -193,7 +197,6 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
             top_p: float, seed: int) -> list[list[str]]:
     """Completions (prompt i, sample j) in batches of ``batch_size`` rows; greedy when temperature is 0."""
     model.eval()
-    tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # rows sorted by prompt length (a prompt's samples stay together); stable, so ties keep input order
     rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)),
@@ -201,26 +204,33 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
     out: list[list[str]] = [[""] * num_samples for _ in prompts]
     left = [num_samples] * len(prompts)
     device = next(model.parameters()).device
+    tokens = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    shared = shared_prefix(tokens)
+    with torch.inference_mode():
+        start_cache = prefix_cache(model, shared)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask, _ = pad_after(shared, [tokens[i] for i, _ in batch], pad_id, device)
+        past = {}
+        if shared:  # the batch continues from the shared prefix's cache: [shared][pad...][own tokens]
+            ids = torch.cat([torch.tensor([shared], device=device).expand(len(batch), -1), ids], dim=1)
+            past = {cache_arg(model): cache_rows(start_cache, torch.zeros(len(batch), dtype=torch.long,
+                                                                           device=device))}
         processors = None
         if temperature > 0:
             uniforms = torch.stack([
                 torch.rand(max_new_tokens, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(stream_seed(seed, j, prompts[i])))
                 for i, j in batch])  # (B, max_new_tokens)
-            processors = LogitsProcessorList([
-                _SeededDraw(uniforms, enc["input_ids"].shape[1], temperature, top_k, top_p)])
+            processors = LogitsProcessorList([_SeededDraw(uniforms, ids.shape[1], temperature, top_k, top_p)])
         with torch.inference_mode():
-            ids = model.generate(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                use_cache=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
                 stop_strings=list(stop) or None, tokenizer=tokenizer if stop else None,
-                temperature=None, top_p=None, top_k=None, logits_processor=processors,
+                temperature=None, top_p=None, top_k=None, logits_processor=processors, **past,
             )
-        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
         done = 0
         for (i, j), text in zip(batch, texts):
             for s in stop:
