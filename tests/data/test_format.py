@@ -43,6 +43,48 @@ def test_default_template_for_tokenizers_without_one(tokenizer):
     assert tokenize_record(RECORD, bare) == tokenize_record(RECORD, tokenizer)
 
 
+def test_a_tokenizer_without_a_chat_template_is_warned_about_once(tokenizer, caplog):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with caplog.at_level("WARNING", logger="mixtune.data.format"):
+        tokenize_records([RECORD, RECORD], bare)
+        prompt_text(RECORD["messages"], bare)
+    warned = [r.getMessage() for r in caplog.records if "no chat template" in r.getMessage()]
+    assert len(warned) == 1 and "mixtune's default format" in warned[0]
+    caplog.clear()
+    tokenize_record(RECORD, tokenizer)  # a tokenizer with its own template: no warning
+    assert not [r for r in caplog.records if "no chat template" in r.getMessage()]
+
+
+# A ChatML template as Qwen2.5-Instruct's behaves (written here): a default system turn when the
+# conversation has none, and a generation prompt that opens the assistant turn.
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one word."])
+def test_the_models_own_template_renders_as_apply_chat_template_and_trains_each_reply(tokenizer, system):
+    import copy
+
+    chatml = copy.deepcopy(tokenizer)
+    chatml.chat_template = CHATML
+    turns = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]
+    messages = ([{"role": "system", "content": system}] if system else []) + turns
+    text, spans = render_with_spans(messages, chatml)
+    assert text == chatml.apply_chat_template(messages, tokenize=False)
+    assert [text[a:b] for a, b in spans] == ["Paris.<|im_end|>\n", "Rome.<|im_end|>\n"]
+    ex = tokenize_record({"messages": messages}, chatml)
+    assert chatml.decode(ex.input_ids) == text
+    assert trained_text(ex, chatml) == "Paris.<|im_end|>\nRome.<|im_end|>\n"
+    assert prompt_text(messages[:-1], chatml) == chatml.apply_chat_template(messages[:-1], tokenize=False,
+                                                                            add_generation_prompt=True)
+
+
 def test_prompt_is_the_training_prefix(tokenizer):
     text, spans = render_with_spans(RECORD["messages"], tokenizer)
     prompt = prompt_text(RECORD["messages"], tokenizer)

@@ -102,7 +102,7 @@ def test_corrupt_parquet_and_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="source 's': .*nope.jsonl: no such file"):
         load_source("s", src(path=tmp_path / "nope.jsonl"))
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"unsupported file type '.csv'; expected .jsonl, .parquet"):
+    with pytest.raises(DataError, match=r"unsupported file type '.csv'; expected .jsonl, .json, .parquet"):
         load_source("s", src(path=tmp_path / "d.csv"))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="contains no records"):
@@ -243,3 +243,86 @@ def test_pack_error_names_the_file_line_of_the_long_record(tmp_path):
     mixing = {"name": "multi_task", "mixing": {"name": "stratified", "validation": 1}}
     with pytest.raises(DataError, match=rf"^{tmp_path / 'd.jsonl'}:3 has \d+ tokens, longer than seq_len = 64"):
         prepare_data(validate(Recipe, recipe.model_dump() | {"strategy": mixing}), tmp_path)
+
+
+# --- the formats people download, with their real field names ----------------------------------
+
+def test_sharegpt_conversations_with_a_system_prompt_and_several_turns(tmp_path):
+    """ShareGPT as the Vicuna / SlimOrca / OpenHermes files have it: "conversations" of {"from", "value"}."""
+    p = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"id": "a1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                       {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "2+2?"},
+                                       {"from": "gpt", "value": "4"}]},
+        {"conversations": [{"from": "user", "value": "Hey"}, {"from": "chatgpt", "value": "Hi!"}], "system": "Kind."},
+    ])
+    a, b = load_source("s", src(path=p))
+    assert a["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4"}]
+    assert a["id"] == "a1" and "conversations" not in a
+    assert b["messages"][0] == {"role": "system", "content": "Kind."} and "system" not in b
+    bad = write_jsonl(tmp_path / "tool.jsonl", [{"conversations": [{"from": "human", "value": "x"},
+                                                                  {"from": "observation", "value": "y"}]}])
+    with pytest.raises(DataError, match=r"tool.jsonl:1: conversations\[1\].from = 'observation'; expected one of human"):
+        load_source("s", src(path=bad))
+    shape = write_jsonl(tmp_path / "shape.jsonl", [{"conversations": [{"speaker": "human", "text": "x"}]}])
+    with pytest.raises(DataError, match=r'shape.jsonl:1: conversations\[0\] must be an object with "from" and "value"'):
+        load_source("s", src(path=shape))
+
+
+def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name "},
+                                                        {"type": "text", "text": "a colour."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    p = write_jsonl(tmp_path / "parts.jsonl", [parts, image])
+    with pytest.raises(DataError, match=r"parts.jsonl:2: messages\[0\].content\[0\] is a 'image_url' part"):
+        load_source("s", src(path=p))
+    write_jsonl(p, [parts])
+    assert load_source("s", src(path=p))[0]["messages"] == [{"role": "user", "content": "Name a colour."},
+                                                           {"role": "assistant", "content": "Blue."}]
+
+
+def test_a_json_array_file_as_the_alpaca_dataset_ships(tmp_path):
+    """alpaca_data.json: one indented JSON array of {"instruction", "input", "output"}."""
+    rows = [{"instruction": "Give three tips.", "input": "", "output": "1. Eat. 2. Move. 3. Sleep."},
+            {"instruction": "Translate.", "input": "bonjour", "output": "hello"},
+            {"instruction": "Add.", "input": "2, 2", "output": "4", "system": "You are a calculator."}]
+    p = tmp_path / "alpaca_data.json"
+    p.write_text(json.dumps(rows, indent=4))
+    recs = load_source("alpaca", src(path=p))
+    assert [r["messages"][-1]["content"] for r in recs] == ["1. Eat. 2. Move. 3. Sleep.", "hello", "4"]
+    assert recs[0]["messages"][0] == {"role": "user", "content": "Give three tips."}  # empty input: no blank line
+    assert recs[2]["messages"][0] == {"role": "system", "content": "You are a calculator."}
+    # errors name the line where the record starts
+    rows[1] = {"instruction": "Translate.", "text": "bonjour"}
+    p.write_text(json.dumps(rows, indent=4))
+    with pytest.raises(DataError, match=r"alpaca_data.json:7: no conversation found; keys present: instruction, text"):
+        load_source("alpaca", src(path=p))
+    p.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c" "completion": "d"}\n]')
+    with pytest.raises(DataError, match=r"alpaca_data.json:3: not valid JSON at column 18: expecting ',' delimiter "
+                                        r"\(record 2 of the array\)"):
+        load_source("alpaca", src(path=p))
+    p.write_text('{"data": []}')
+    with pytest.raises(DataError, match=r"expected a JSON array of records .* found one object"):
+        load_source("alpaca", src(path=p))
+    p.write_text("[]")
+    with pytest.raises(DataError, match="contains no records"):
+        load_source("alpaca", src(path=p))
+
+
+def test_a_json_file_of_json_lines_is_read_as_jsonl(tmp_path):
+    p = write_jsonl(tmp_path / "data.json", [CHAT, {"prompt": "2+2?", "completion": "4"}])
+    assert [len(r["messages"]) for r in load_source("s", src(path=p))] == [2, 2]
+
+
+def test_the_source_system_prompt_goes_first_where_a_record_has_none(tmp_path):
+    own = {"messages": [{"role": "system", "content": "Mine."}] + CHAT["messages"]}
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT, own])
+    a, b = load_source("s", src(path=p, system="Answer in French."))
+    assert a["messages"][0] == {"role": "system", "content": "Answer in French."} and len(a["messages"]) == 3
+    assert b["messages"] == own["messages"]
+    both = write_jsonl(tmp_path / "both.jsonl", [own | {"system": "Other."}])
+    with pytest.raises(DataError, match=r'both.jsonl:1: both a "system" field and a system turn'):
+        load_source("s", src(path=both))

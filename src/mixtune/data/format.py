@@ -1,8 +1,9 @@
 """Render chat records to tokens, mask labels to assistant turns, and pack examples into rows.
 
 **Rendering.** A record is rendered with the tokenizer's own chat template when
-it has one, else with mixtune's default (the built-in model's format,
-:data:`mixtune.models.CHAT_TEMPLATE`)::
+it has one (the text is exactly ``tokenizer.apply_chat_template``'s), else with
+mixtune's default (the built-in model's format, :data:`mixtune.models.CHAT_TEMPLATE`),
+with a warning, since another tokenizer splits its markers into several tokens::
 
     <bos><|user|>\\n{question}<eos>\\n<|assistant|>\\n{answer}<eos>\\n
 
@@ -27,6 +28,7 @@ of every example is -100, so no token is trained to predict across a boundary.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +40,7 @@ from mixtune.core import DataError, Strict
 from mixtune.models import CHAT_TEMPLATE
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 class FormatConfig(Strict):
@@ -59,8 +62,20 @@ class Example:
     """Same length as ``input_ids``; -100 where no loss is taken."""
 
 
+_WARNED: set[int] = set()  # tokenizers already warned about having no chat template
+
+
 def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        template = CHAT_TEMPLATE
+        if id(tokenizer) not in _WARNED:
+            _WARNED.add(id(tokenizer))
+            pieces = len(tokenizer.tokenize("<|user|>"))
+            log.warning(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has "
+                        f"no chat template: conversations are rendered in mixtune's default format (<|user|> ... "
+                        f"<|assistant|> ...), whose marker <|user|> it splits into {pieces} token(s). For an instruct model, use its own tokenizer (with "
+                        f"chat_template in tokenizer_config.json); for a base model this default is fine")
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
     )

@@ -1,20 +1,33 @@
-"""Read data sources into chat records: JSONL, Parquet, a saved ``datasets`` folder, or the built-in suite.
+"""Read data sources into chat records: JSONL, a JSON array, Parquet, a saved ``datasets`` folder, or the built-in suite.
 
 Every record comes out as ``{"messages": [{"role", "content"}, ...], "ability": str, ...}``;
-other keys (``answer``, ``id`` ...) are kept as they are. A record may arrive in any of
-three shapes, recognised by its keys:
+other keys (``answer``, ``id`` ...) are kept as they are. A record may arrive in any of the
+shapes people download, recognised by its keys:
 
-============================  =================================================
-keys                          becomes
-============================  =================================================
-``messages``                  itself (roles ``system``/``user``/``assistant``)
-``prompt`` + ``completion``   one user turn, one assistant turn
-``instruction`` + ``output``  user turn = instruction (+ blank line + ``input``
-(+ optional ``input``)        when present), assistant turn = output
-============================  =================================================
+================================  =================================================
+keys                              becomes
+================================  =================================================
+``messages``                      itself (roles ``system``/``user``/``assistant``); a
+                                  turn's ``content`` may be a string or OpenAI's list
+                                  of parts (``[{"type": "text", "text": ...}]``: the
+                                  text parts joined, as chat templates render them)
+``conversations`` (ShareGPT)      one turn per ``{"from", "value"}`` (or ``{"role",
+                                  "content"}``): ``human``/``user`` -> user, ``gpt``/
+                                  ``chatgpt``/``assistant``/``model`` -> assistant,
+                                  ``system`` -> system
+``prompt`` + ``completion``       one user turn, one assistant turn
+``instruction`` + ``output``      user turn = instruction (+ blank line + ``input``
+(+ optional ``input``; Alpaca)    when present), assistant turn = output
+================================  =================================================
 
-``ability`` defaults to the source's ``ability`` setting, else the source name.
-A record that fits none of these is an error naming the file and line or row.
+A string ``system`` field (ShareGPT's and many Alpaca variants' system prompt) becomes the first
+turn; so does the source's ``system`` setting, for records that have no system turn. Multi-turn
+conversations keep every turn, and every assistant turn is trained.
+
+Files: ``.jsonl`` (one record per line), ``.json`` (an array of records, as the Alpaca dataset
+ships; a ``.json`` file holding JSON Lines is read as such), ``.parquet``, or a ``save_to_disk``
+folder. ``ability`` defaults to the source's ``ability`` setting, else the source name. A record
+that fits none of these is an error naming the file and line or row.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +59,8 @@ class SourceConfig(Strict):
     builtin: str | None = None
     """Name of a built-in ability (``math``, ``code``, ``general``); exclusive with ``path``."""
     path: Path | None = None
-    """A ``.jsonl`` or ``.parquet`` file, or a folder written by ``datasets``' ``save_to_disk``.
+    """A ``.jsonl``, ``.json`` (an array of records) or ``.parquet`` file, or a folder written by
+    ``datasets``' ``save_to_disk``.
     Relative paths are taken from the recipe's folder."""
     n: int | None = Field(default=None, ge=1)
     """Built-in only: how many distinct problems to generate (default 1000)."""
@@ -57,6 +72,8 @@ class SourceConfig(Strict):
     """Built-in only: generator seed (default: the recipe's seed)."""
     ability: str | None = None
     """Ability tag for records that carry none (default: the source name)."""
+    system: str | None = None
+    """A system prompt for records that have no system turn (put first; trained on never)."""
     condition: str | None = None
     """C-RLFT class tag of this source (e.g. ``GPT4`` for expert data): it opens every turn of its
     records in training; evaluate with the same tag (``eval.condition``) to ask for that class."""
@@ -132,7 +149,7 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[di
     jsonl = path.suffix == ".jsonl" and not path.is_dir()  # a JSONL line is measured as it is read
     records, where, empty = [], [], []
     for at, obj in rows:
-        record = normalise_record(obj, at, default_ability=ability)
+        record = normalise_record(obj, at, default_ability=ability, system=cfg.system)
         if not jsonl:
             _check_size(record["messages"], at, name, cfg.max_record_bytes)
         turn = next((i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"
@@ -174,9 +191,11 @@ def read_rows(path: Path, *, split: str = "train", max_record_bytes: int = MAX_R
         return _read_saved_dataset(path, split)
     if path.suffix == ".jsonl":
         return _read_jsonl(path, name, max_record_bytes)
+    if path.suffix == ".json":
+        return _read_json(path, name, max_record_bytes)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    raise DataError(f"source {name!r}: {path}: unsupported file type {path.suffix!r}; expected .jsonl, "
+    raise DataError(f"source {name!r}: {path}: unsupported file type {path.suffix!r}; expected .jsonl, .json, "
                     f".parquet or a folder saved with datasets' save_to_disk")
 
 
@@ -222,6 +241,72 @@ def _read_jsonl(path: Path, name: str, limit: int) -> list[tuple[str, Any]]:
     return rows
 
 
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _read_json(path: Path, name: str, limit: int) -> list[tuple[str, Any]]:
+    """``(file:line, object)`` per element of a ``.json`` file holding one array of records (the line
+    is where the element starts). A file of several values one per line is JSON Lines under a
+    ``.json`` name, and is read as such.
+
+    Raises:
+        DataError: not UTF-8, not valid JSON (file, line and column), not an array, or an element
+            longer than ``limit`` bytes.
+    """
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{at}: not UTF-8: byte 0x{raw[e.start]:02x} cannot "
+                        f"be decoded; JSON is read as UTF-8, so re-encode the file (e.g. iconv -f latin1 "
+                        f"-t utf-8)") from None
+    decoder = json.JSONDecoder()
+
+    def value(pos: int, what: str) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            problem = _json_problem(e, text.splitlines()[e.lineno - 1] if text else "")
+            raise DataError(f"{path}:{e.lineno}: {problem}{what}") from None
+
+    pos = _SPACE.match(text).end()
+    if pos == len(text):
+        return []
+    if text[pos] != "[":
+        _, end = value(pos, "")
+        rest = _SPACE.match(text, end).end()
+        if rest < len(text) and "\n" in text[end:rest]:
+            return _read_jsonl(path, name, limit)  # JSON Lines named .json
+        found = "one object" if text[pos] == "{" else "one value"
+        raise DataError(f"{path}: expected a JSON array of records ([{{...}}, {{...}}]) or one record per line, "
+                        f"found {found}")
+    rows: list[tuple[str, Any]] = []
+    pos = _SPACE.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            line = text.count("\n", 0, pos) + 1 if not rows else line + text.count("\n", last, pos)
+            obj, end = value(pos, f" (record {len(rows) + 1} of the array)")
+            if end - pos > limit // 4 and len(text[pos:end].encode("utf-8", "surrogatepass")) > limit:
+                raise DataError(f"{path}:{line}: record longer than max_record_bytes = {limit:,} bytes; shorten "
+                                f"or remove it, or raise sources.{name}.max_record_bytes")
+            rows.append((f"{path}:{line}", obj))
+            last, pos = pos, _SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _SPACE.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON after record {len(rows)} of "
+                            f"the array: expected ',' or the closing ']'")
+    if _SPACE.match(text, pos).end() != len(text):
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: more text after the array's closing ']'")
+    return rows
+
+
 def _json_problem(e: json.JSONDecodeError, line: str) -> str:
     """What is wrong with one JSONL line, at the column where reading it failed (1-based)."""
     if e.msg.startswith("Unterminated string"):  # json names where the string opened, not where it broke
@@ -260,13 +345,24 @@ def _read_saved_dataset(path: Path, split: str) -> list[tuple[str, Any]]:
     return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
 
 
-def normalise_record(obj: Any, where: str, *, default_ability: str) -> dict:
-    """One raw record in any accepted shape -> a chat record. ``where`` names it in errors."""
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "system": "system"}
+"""ShareGPT's ``from`` values and the role each becomes."""
+
+
+def normalise_record(obj: Any, where: str, *, default_ability: str, system: str | None = None) -> dict:
+    """One raw record in any accepted shape -> a chat record. ``where`` names it in errors; ``system``
+    is put first when the record has no system turn (see the module docstring)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object with a conversation, found {type(obj).__name__}")
     if "messages" in obj:
-        messages = obj["messages"]
+        messages = [m | {"content": _text_of(m["content"], where, f"messages[{i}].content")}
+                    if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                    for i, m in enumerate(obj["messages"])] if isinstance(obj["messages"], list) else obj["messages"]
         rest = {k: v for k, v in obj.items() if k != "messages"}
+    elif "conversations" in obj:
+        messages = _sharegpt(obj["conversations"], where)
+        rest = {k: v for k, v in obj.items() if k != "conversations"}
     elif "prompt" in obj and "completion" in obj:
         messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
         rest = {k: v for k, v in obj.items() if k not in ("prompt", "completion")}
@@ -278,14 +374,57 @@ def normalise_record(obj: Any, where: str, *, default_ability: str) -> dict:
     else:
         raise DataError(
             f"{where}: no conversation found; keys present: {', '.join(map(str, obj)) or '(none)'}. Expected "
-            f'"messages" (a list of {{"role", "content"}}), or "prompt" + "completion", or "instruction" + "output"'
+            f'"messages" (a list of {{"role", "content"}}), "conversations" (ShareGPT), "prompt" + "completion", '
+            f'or "instruction" + "output"'
         )
+    own = rest.pop("system", None)
+    if own is not None and not isinstance(own, str):
+        raise DataError(f"{where}: \"system\" must be a string (the system prompt), found {type(own).__name__}")
+    if isinstance(messages, list) and (own or system) and not any(
+            isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": own or system}] + messages
+    elif own and isinstance(messages, list):
+        raise DataError(f"{where}: both a \"system\" field and a system turn; keep one")
     _check_messages(messages, where)
     ability = rest.get("ability", default_ability)
     if not isinstance(ability, str) or not ability:
         raise DataError(f"{where}: \"ability\" must be a non-empty string, found {ability!r}")
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     return rest | {"messages": clean, "ability": ability}
+
+
+def _text_of(parts: list, where: str, key: str) -> str:
+    """The text of OpenAI-style content parts, joined without a separator (as chat templates render a
+    list of text parts); a part of another type (an image, audio) is an error naming it."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"{where}: {key}[{j}] is a {kind!r} part; mixtune trains text models, so content parts "
+                            f'must be {{"type": "text", "text": ...}}')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _sharegpt(turns: Any, where: str) -> list[dict]:
+    """ShareGPT's ``conversations`` as messages (:data:`SHAREGPT_ROLES`)."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: \"conversations\" must be a non-empty list of turns, found {turns!r:.80}")
+    out = []
+    for i, t in enumerate(turns):
+        if isinstance(t, dict) and "from" in t and "value" in t:
+            who, text = t["from"], t["value"]
+        elif isinstance(t, dict) and "role" in t and "content" in t:
+            who, text = t["role"], t["content"]
+        else:
+            raise DataError(f'{where}: conversations[{i}] must be an object with "from" and "value" (ShareGPT), '
+                            f"found {t!r:.80}")
+        if who not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{i}].from = {who!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)} (tool and function turns are not trained)")
+        out.append({"role": SHAREGPT_ROLES[who],
+                    "content": _text_of(text, where, f"conversations[{i}].value") if isinstance(text, list) else text})
+    return out
 
 
 def _check_messages(messages: Any, where: str) -> None:
@@ -305,5 +444,5 @@ def _check_messages(messages: Any, where: str) -> None:
                         f"{', '.join(m['role'] for m in messages)})")
 
 
-__all__ = ["MAX_RECORD_BYTES", "ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record",
+__all__ = ["MAX_RECORD_BYTES", "ROLES", "SHAREGPT_ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record",
            "read_rows"]
