@@ -196,3 +196,22 @@ def test_c_rlft_condition_opens_every_turn_and_is_never_trained(tokenizer):
     assert prompt_text(messages, tokenizer, "GPT4").endswith("<|assistant|>\nGPT4 ")  # the inference condition
     assert prompt_text(messages, tokenizer) == prompt_text(messages, tokenizer, None)
     assert "GPT4" not in prompt_text(messages, tokenizer)
+
+
+def test_raw_text_is_trained_on_every_token_and_long_documents_are_cut_into_rows(tokenizer):
+    doc = "Steel is an alloy of iron and carbon. " * 6
+    chat, text = tokenize_records([RECORD, {"text": doc}], tokenizer)
+    assert not chat.divisible and text.divisible
+    assert text.input_ids == tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]  # the document, then EOS
+    assert text.labels == text.input_ids  # every token trained
+    ids, seq = text.input_ids, len(text.input_ids) // 3 + 1  # two full rows and a shorter piece
+    packed = pack([text, chat], seq, pad_id=0, long_examples="truncate")
+    assert packed.truncated == 1 and packed.dropped == 0  # only the conversation is cut short; the text is divided
+    pieces = []
+    for r in range(packed.input_ids.shape[0]):
+        mine = packed.example_ids[r] == 0
+        if mine.any():
+            assert packed.position_ids[r][mine].tolist() == list(range(int(mine.sum())))  # a piece starts at 0
+            pieces.append((packed.input_ids[r][mine].tolist(), packed.labels[r][mine].tolist()))
+    assert sorted(p for p, _ in pieces) == sorted([ids[:seq], ids[seq:2 * seq], ids[2 * seq:]])
+    assert all(lab == [IGNORE] + p[1:] for p, lab in pieces)  # every token but a row's first is trained

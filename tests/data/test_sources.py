@@ -3,7 +3,8 @@ import json
 import pytest
 
 from mixtune.core import ConfigError, DataError, validate
-from mixtune.data.sources import SourceConfig, load_source
+from mixtune.data.format import IGNORE
+from mixtune.data.sources import SourceConfig, is_text_record, load_source
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "answer": "x"}
 
@@ -296,9 +297,9 @@ def test_a_json_array_file_as_the_alpaca_dataset_ships(tmp_path):
     assert recs[0]["messages"][0] == {"role": "user", "content": "Give three tips."}  # empty input: no blank line
     assert recs[2]["messages"][0] == {"role": "system", "content": "You are a calculator."}
     # errors name the line where the record starts
-    rows[1] = {"instruction": "Translate.", "text": "bonjour"}
+    rows[1] = {"instruction": "Translate.", "response": "hello"}
     p.write_text(json.dumps(rows, indent=4))
-    with pytest.raises(DataError, match=r"alpaca_data.json:7: no conversation found; keys present: instruction, text"):
+    with pytest.raises(DataError, match=r"alpaca_data.json:7: no conversation found; keys present: instruction, response"):
         load_source("alpaca", src(path=p))
     p.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c" "completion": "d"}\n]')
     with pytest.raises(DataError, match=r"alpaca_data.json:3: not valid JSON at column 18: expecting ',' delimiter "
@@ -326,3 +327,49 @@ def test_the_source_system_prompt_goes_first_where_a_record_has_none(tmp_path):
     both = write_jsonl(tmp_path / "both.jsonl", [own | {"system": "Other."}])
     with pytest.raises(DataError, match=r'both.jsonl:1: both a "system" field and a system turn'):
         load_source("s", src(path=both))
+
+
+def test_raw_text_records_for_continued_pretraining(tmp_path):
+    p = write_jsonl(tmp_path / "domain.jsonl", [{"text": "Alloys are mixtures of metals.", "url": "u1"},
+                                                {"text": "Steel is iron and carbon."}])
+    a, b = load_source("domain", src(path=p))
+    assert a == {"text": "Alloys are mixtures of metals.", "url": "u1", "ability": "domain"}
+    assert is_text_record(a) and not is_text_record(load_source("s", src(path=write_jsonl(tmp_path / "c.jsonl",
+                                                                                          [CHAT])))[0])
+    write_jsonl(p, [{"text": "fine"}, {"text": "   "}])
+    with pytest.raises(DataError, match=r"domain.jsonl:2: \"text\" is empty \('   '\), nothing to train on"):
+        load_source("domain", src(path=p))
+    assert len(load_source("domain", src(path=p, empty_turns="drop"))) == 1
+    write_jsonl(p, [{"text": ["a", "b"]}])
+    with pytest.raises(DataError, match=r"domain.jsonl:1: \"text\" must be a string \(raw text\), found list"):
+        load_source("domain", src(path=p))
+    write_jsonl(p, [{"text": "x"}])
+    with pytest.raises(DataError, match=r"domain.jsonl:1: a raw-text record in source 'domain', which sets condition"):
+        load_source("domain", src(path=p, condition="GPT4"))
+
+
+def test_domain_text_then_dmt_a_raw_text_stage_trains_every_token(tmp_path):
+    """Continued pretraining on domain text as the first stage, then DMT on conversations (issue #15's example)."""
+    from mixtune.pipeline import prepare_data
+    from mixtune.recipe import Recipe
+
+    docs = [{"text": f"Document {i}. " + "Alloys are mixtures of metals. " * (1 + 2 * (i % 5))} for i in range(12)]
+    write_jsonl(tmp_path / "domain.jsonl", docs)
+    recipe = validate(Recipe, {
+        "model": "builtin:tiny", "format": {"seq_len": 128},
+        "sources": {"domain": {"path": "domain.jsonl"}, "math": {"builtin": "math", "n": 20},
+                    "code": {"builtin": "code", "n": 20}},
+        "prefix": [{"name": "domain-text", "mixture": {"sources": {"domain": {}}}, "steps": 2}],
+        "strategy": {"name": "dmt", "k": 0.25, "general": "code"}})
+    data = prepare_data(recipe, tmp_path)
+    first = data.stages[0]
+    assert first.config.name == "domain-text" and len(data.stages) == 3
+    real = first.packed.example_ids >= 0
+    starts = real & (first.packed.position_ids == 0)
+    # every real token is trained except the first of each piece; long documents fill several rows
+    assert bool(((first.packed.labels != IGNORE) == (real & ~starts)).all())
+    assert int(starts.sum()) > len(docs)
+    tokens = sum(len(ex.input_ids) for ex in first.examples)
+    assert first.packed.n_tokens == tokens  # nothing dropped or truncated
+    later = data.stages[1].packed
+    assert bool(((later.labels != IGNORE) & (later.example_ids >= 0)).any())  # the conversations train as before

@@ -60,6 +60,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     """Same length as ``input_ids``; -100 where no loss is taken."""
+    divisible: bool = False
+    """Raw text (continued pretraining): when longer than a row, cut into row-long pieces instead of
+    being an error, dropped or truncated."""
 
 
 _WARNED: set[int] = set()  # tokenizers already warned about having no chat template
@@ -130,12 +133,27 @@ def tokenize_records(records: Sequence[dict], tokenizer) -> list[Example]:
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("label masking needs a fast (Rust) tokenizer with offset mapping; this one is slow")
-    rendered = [render_with_spans(r["messages"], tokenizer, r.get("condition")) for r in records]
+    chats = [i for i, r in enumerate(records) if "messages" in r]
+    texts = [i for i, r in enumerate(records) if "messages" not in r]
+    out: list[Example | None] = [None] * len(records)
+    rendered = [render_with_spans(records[i]["messages"], tokenizer, records[i].get("condition")) for i in chats]
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    out = []
-    for (_, spans), enc in zip(rendered, encodings):
+    for i, (_, spans), enc in zip(chats, rendered, encodings):
         labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(enc.ids, enc.offsets)]
-        out.append(Example(input_ids=list(enc.ids), labels=labels))
+        out[i] = Example(input_ids=list(enc.ids), labels=labels)
+    for i, ids in zip(texts, raw_text_ids([records[i]["text"] for i in texts], tokenizer)):
+        out[i] = Example(input_ids=ids, labels=list(ids), divisible=True)
+    return out  # type: ignore[return-value]
+
+
+def raw_text_ids(texts: Sequence[str], tokenizer) -> list[list[int]]:
+    """Token ids of raw-text records (continued pretraining): the tokenizer's own special tokens
+    (BOS for Llama-style tokenizers, none for GPT-2's), the text, then EOS, so packed documents are
+    separated as in pretraining. Every token is trained."""
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for enc in tokenizer(list(texts))["input_ids"] if texts else []:
+        out.append(list(enc) + ([eos] if eos is not None and (not enc or enc[-1] != eos) else []))
     return out
 
 
@@ -173,6 +191,9 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
          long_examples: str = "error", where: Sequence[str] | None = None) -> Packed:
     """Pack examples into rows of ``seq_len`` tokens by best fit decreasing.
 
+    A raw-text example (``divisible``) longer than ``seq_len`` is first cut into pieces of
+    ``seq_len`` tokens (the last one shorter), each placed like an example of its own.
+
     Args:
         examples: tokenized examples.
         seq_len: row length.
@@ -186,9 +207,14 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
         DataError: an example is longer than ``seq_len`` and ``long_examples`` is ``error``.
     """
     sources = list(sources) if sources is not None else [0] * len(examples)
-    lengths, dropped, truncated = [], 0, 0
+    pieces: list[tuple[int, int]] = []  # (example, first token) of each piece to place
     for i, ex in enumerate(examples):
-        n = len(ex.input_ids)
+        cut = ex.divisible and len(ex.input_ids) > seq_len
+        pieces.extend((i, start) for start in (range(0, len(ex.input_ids), seq_len) if cut else [0]))
+    lengths, dropped, truncated = [], 0, 0
+    for i, start in pieces:
+        ex = examples[i]
+        n = len(ex.input_ids) - start if not ex.divisible else min(seq_len, len(ex.input_ids) - start)
         if n > seq_len:
             if long_examples == "error":
                 name = where[i] if where else f"example {i + 1}"
@@ -207,7 +233,7 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
     rows: list[list[int]] = []
     by_space: dict[int, list[int]] = {}
     spaces: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda j: (-lengths[j], j)):
+    for i in sorted(range(len(pieces)), key=lambda j: (-lengths[j], j)):
         n = lengths[i]
         if n == 0:
             continue
@@ -237,11 +263,11 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
     example_ids = torch.full(shape, -1, dtype=torch.long)
     for r, members in enumerate(rows):
         at = 0
-        for i in members:
-            n = lengths[i]
+        for k in members:
+            (i, start), n = pieces[k], lengths[k]
             sl = slice(at, at + n)
-            input_ids[r, sl] = torch.tensor(examples[i].input_ids[:n])
-            labels[r, sl] = torch.tensor(examples[i].labels[:n])
+            input_ids[r, sl] = torch.tensor(examples[i].input_ids[start:start + n])
+            labels[r, sl] = torch.tensor(examples[i].labels[start:start + n])
             labels[r, at] = IGNORE  # never predict across the boundary with the previous example
             position_ids[r, sl] = torch.arange(n)
             source_ids[r, sl] = sources[i]

@@ -55,6 +55,9 @@ def response_logprobs(records: list[dict], model, tokenizer, *, batch_size: int 
     """
     keys, rendered = [], []
     for r in records:
+        if "messages" not in r:
+            raise DataError("selection scores a conversation's last assistant turn; a raw-text record "
+                            "(continued pretraining) has none, so leave `select` off its source")
         if not r["messages"] or r["messages"][-1]["role"] != "assistant":
             raise DataError("selection scores the last assistant turn; a record does not end with one")
         text, spans = render_with_spans(r["messages"], tokenizer)

@@ -18,6 +18,10 @@ keys                              becomes
 ``prompt`` + ``completion``       one user turn, one assistant turn
 ``instruction`` + ``output``      user turn = instruction (+ blank line + ``input``
 (+ optional ``input``; Alpaca)    when present), assistant turn = output
+
+``text`` (raw text, no turns)     itself, ``{"text": ..., "ability": ...}``: continued
+                                  pretraining, trained on every token (documents longer
+                                  than ``format.seq_len`` are cut into rows)
 ================================  =================================================
 
 A string ``system`` field (ShareGPT's and many Alpaca variants' system prompt) becomes the first
@@ -130,7 +134,14 @@ def load_source_located(name: str, cfg: SourceConfig, *, seed: int = 0,
     ``file row i`` for Parquet and ``datasets`` folders, ``source 'name' record i`` (1-based) for
     a built-in source."""
     records, where = _load(name, cfg, seed=seed, base_dir=base_dir)
-    return ([r | {"condition": cfg.condition} for r in records] if cfg.condition else records), where
+    if cfg.condition:
+        text = next((at for r, at in zip(records, where) if is_text_record(r)), None)
+        if text is not None:
+            raise DataError(f"{text}: a raw-text record in source {name!r}, which sets condition "
+                            f"{cfg.condition!r}; a C-RLFT tag opens conversation turns, so keep raw text in a "
+                            f"source of its own")
+        records = [r | {"condition": cfg.condition} for r in records]
+    return records, where
 
 
 def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[dict], list[str]]:
@@ -150,19 +161,18 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[di
     records, where, empty = [], [], []
     for at, obj in rows:
         record = normalise_record(obj, at, default_ability=ability, system=cfg.system)
+        turns = record.get("messages") or [{"role": "assistant", "content": record["text"]}]
         if not jsonl:
-            _check_size(record["messages"], at, name, cfg.max_record_bytes)
-        turn = next((i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"
-                     and not m["content"].strip()), None)
+            _check_size(turns, at, name, cfg.max_record_bytes)
+        turn = next((i for i, m in enumerate(turns) if m["role"] == "assistant" and not m["content"].strip()), None)
         if turn is None:
             records.append(record)
             where.append(at)
         elif cfg.empty_turns == "error":
-            raise DataError(
-                f"{at}: messages[{turn}] is an empty assistant turn (content "
-                f"{record['messages'][turn]['content']!r}), nothing to train on; fill or remove the "
-                f"record, or set sources.{name}.empty_turns: drop to drop such records"
-            )
+            what = (f"messages[{turn}] is an empty assistant turn (content {turns[turn]['content']!r})"
+                    if "messages" in record else f"\"text\" is empty ({record['text']!r})")
+            raise DataError(f"{at}: {what}, nothing to train on; fill or remove the record, or set "
+                            f"sources.{name}.empty_turns: drop to drop such records")
         else:
             empty.append(at)
     if empty:
@@ -371,11 +381,13 @@ def normalise_record(obj: Any, where: str, *, default_ability: str, system: str 
         user = obj["instruction"] if not extra else f"{obj['instruction']}\n\n{extra}"
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
         rest = {k: v for k, v in obj.items() if k not in ("instruction", "input", "output")}
+    elif "text" in obj:
+        return _text_record(obj, where, default_ability)
     else:
         raise DataError(
             f"{where}: no conversation found; keys present: {', '.join(map(str, obj)) or '(none)'}. Expected "
             f'"messages" (a list of {{"role", "content"}}), "conversations" (ShareGPT), "prompt" + "completion", '
-            f'or "instruction" + "output"'
+            f'"instruction" + "output", or "text" (raw text, for continued pretraining)'
         )
     own = rest.pop("system", None)
     if own is not None and not isinstance(own, str):
@@ -391,6 +403,24 @@ def normalise_record(obj: Any, where: str, *, default_ability: str, system: str 
         raise DataError(f"{where}: \"ability\" must be a non-empty string, found {ability!r}")
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     return rest | {"messages": clean, "ability": ability}
+
+
+def _text_record(obj: dict, where: str, default_ability: str) -> dict:
+    """A raw-text record (continued pretraining), checked: ``{"text": str, "ability": str, ...}``."""
+    if not isinstance(obj["text"], str):
+        raise DataError(f"{where}: \"text\" must be a string (raw text), found {type(obj['text']).__name__}")
+    if "system" in obj:
+        raise DataError(f"{where}: a raw-text record has no turns, so its \"system\" field has nowhere to go; "
+                        f"drop it, or write the record as a conversation")
+    ability = obj.get("ability", default_ability)
+    if not isinstance(ability, str) or not ability:
+        raise DataError(f"{where}: \"ability\" must be a non-empty string, found {ability!r}")
+    return obj | {"ability": ability}
+
+
+def is_text_record(record: dict) -> bool:
+    """Whether a normalised record is raw text (continued pretraining) rather than a conversation."""
+    return "messages" not in record
 
 
 def _text_of(parts: list, where: str, key: str) -> str:
@@ -445,4 +475,4 @@ def _check_messages(messages: Any, where: str) -> None:
 
 
 __all__ = ["MAX_RECORD_BYTES", "ROLES", "SHAREGPT_ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record",
-           "read_rows"]
+           "is_text_record", "read_rows"]
