@@ -78,3 +78,10 @@ def test_a_recipe_source_selects_with_the_starting_model(tiny_dir, tmp_path, mon
     assert data.selected == {"c": (4, 2)}
     assert sum(st.packed.input_ids.shape[0] for st in data.stages) >= 1
     assert list((tmp_path / "cache" / "mixtune" / "select").glob("*.json"))
+
+
+def test_raw_text_records_cannot_be_selected(tokenizer):
+    from mixtune.core import DataError
+
+    with pytest.raises(DataError, match="a raw-text record \\(continued pretraining\\) has none"):
+        response_logprobs([{"text": "Alloys are mixtures.", "ability": "domain"}], None, tokenizer)
