@@ -124,7 +124,7 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
                     CliRunner().invoke(app, ["data", "generate", "general", "-n", "50", "-o", src["path"]],
                                        catch_exceptions=False)
             recipe = data
-        elif kind == "recipe fragment":
+        elif kind in ("recipe fragment", "study"):  # a study block: completed with the recipe's sources
             recipe = BASE_RECIPE | data
         else:
             recipe = BASE_RECIPE | {"train": data}

@@ -376,7 +376,7 @@ def eval_cmd(
 @app.command(cls=_Command, name="study")
 def study_cmd(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Study YAML: sources, strategies, specialists, "
-                                                                   "seeds, amounts (keys: docs/recipes.md).")],
+                                                                   "merges, seeds, amounts (keys: docs/recipes.md).")],
     overrides: Overrides = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Study folder (default: runs/NAME).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their stages; train nothing.")] = False,
@@ -388,6 +388,7 @@ def study_cmd(
     """
     from mixtune.core import load_config, output_folder, parse_overrides
     from mixtune.study import StudyConfig, expand, stage_keys
+    from mixtune.study_merges import expand_merges
 
     _quiet_transformers()
     cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []),
@@ -396,16 +397,28 @@ def study_cmd(
     output_folder(out, create=not dry_run)
     if dry_run:
         runs = expand(cfg)
-        table = Table(title=f"{recipe.name}: {len(runs)} runs")
+        merges = expand_merges(cfg, runs)
+        table = Table(title=f"{recipe.name}: {len(runs)} runs" + (f", {len(merges)} merges" if merges else ""))
         for col in ("run", "stages", "method"):
             table.add_column(col)
         for r in runs:
             table.add_row(escape(r.id), " > ".join(st.name for st in r.stages) or "(the starting model)",
                           (r.method or cfg.train.method.model_dump())["name"] if r.stages else "-")
+        for mr in merges:
+            m = cfg.merges[mr.entry]
+            what = f"merge {m.method} of {' + '.join(r.name for r in mr.inputs)}" + (
+                f" on {mr.base.name}" if mr.base is not None else "")
+            table.add_row(escape(mr.id), escape(what), "searched on validation" if m.search else "-")
         console.print(table)
         distinct = {k for r in runs for k in stage_keys(cfg, r)}
+        searched = sum(1 for m in cfg.merges if m.search) * len(cfg.seeds) * len(cfg.amounts)
+        scored = len(runs) + sum(1 for mr in merges if not cfg.merges[mr.entry].search) + searched
         console.print(f"{len(distinct)} distinct stages to train (shared prefixes train once); "
-                      f"{len(runs)} models scored on {', '.join(cfg.eval.abilities)} ({cfg.eval.n} problems each)")
+                      f"{scored} models scored on {', '.join(cfg.eval.abilities)} ({cfg.eval.n} problems each)")
+        if merges:
+            console.print(f"{len(merges)} merges" + (
+                f"; {searched} searches each score their grid on validation problems apart from the test problems "
+                "and score the chosen point" if searched else ""))
         return
     _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
                notes=[f"mixtune study {recipe}"])

@@ -5,7 +5,9 @@ specialists, seeds and data amounts. Every run is a list of stages (the study's 
 stages, then the strategy's). A stage is identified by a hash of everything that decides its
 weights: the model, seed, amount, sources, format and training settings, and the stage configs
 up to and including it. Runs that share a prefix (mixed-sequential and every DMT k share stage 1;
-a specialist and sequential training share their first stage) train it once.
+a specialist and sequential training share their first stage) train it once. ``merges`` merge
+trained runs (a grid of parameters, or the point a search on validation problems picks) into runs
+of their own, scored beside the trained ones (:mod:`mixtune.study_merges`).
 
 Scores are keyed by everything that decides them (:func:`eval_key`): the model's key, the
 ability's name and version (and its content hash, for an ability with one, such as a task file),
@@ -26,13 +28,14 @@ Layout of ``DIR``::
 
     results.sqlite   stages, runs, evals (one row per score: model x ability x evaluation settings x
                      metric, with its standard error), items (per-problem scores of each), losses,
+                     searches (each merge search's grid points: validation scores and the choice),
                      and meta: the first invocation's title, notes, machine and start time, and the
                      minutes of every invocation summed (a rerun or ``mixtune report`` keeps them)
     scores.csv       one row per run x ability x metric for the study's current ``eval`` settings,
                      with the score's standard error (``se``), the evaluation settings (``eval_seed``,
                      ``difficulty``, ``condition``, ``eval_key``), the run's parameters, seed and model
                      folder (``model_dir``, relative to ``DIR``) and readable link (``link``)
-    models/<key>/    the model after each trained stage
+    models/<key>/    the model after each trained stage, and each merge (``merge-<hash>``)
     evals/<eval key>/  scores.json and outputs.jsonl (every problem's prompt, output and score)
     runs/<name>      a relative link to the model each run ends with, ``runs/dmt-k0.125 ->
                      ../models/<key>``; see :func:`link_names` for the names
@@ -55,7 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mixtune.core import ConfigError, Strict, atomic_write_text, dump_config
 from mixtune.data.abilities import ABILITIES
@@ -63,6 +67,7 @@ from mixtune.data.format import FormatConfig
 from mixtune.data.sources import SourceConfig
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
+from mixtune.study_merges import MergeEntry, check_merges
 from mixtune.train.config import RUN_OPTIONS, TrainConfig
 from mixtune.train.methods import MethodConfig
 
@@ -116,8 +121,33 @@ class StudyConfig(Strict):
     """Seeds; every run is repeated once per seed."""
     amounts: list[float] = [1.0]
     """Share of every non-prefix source to use (data-scaling curves when several)."""
+    merges: list[MergeEntry] = []
+    """Merged models of the study's runs, scored beside them, e.g. ``{method: ties_paper, of:
+    [specialist:math, specialist:code], grid: {density: [0.2, 0.5]}, search: {n: 50}}``
+    (see :mod:`mixtune.study_merges`)."""
     eval: EvalConfig = EvalConfig()
     """What every model is scored on."""
+
+    @model_validator(mode="after")
+    def _merges(self) -> StudyConfig:
+        if not self.merges:
+            return self
+        problems = check_merges(self, [r.name for r in expand(self)])
+        if problems:  # each at its own key (merges.0.of.1), so the message gives its line
+            raise ValidationError.from_exception_data("StudyConfig", [
+                InitErrorDetails(type=PydanticCustomError("merge_run", "{msg}", {"msg": msg}), loc=loc,
+                                 input=_at(self.model_dump(by_alias=True), loc)) for loc, msg in problems])
+        return self
+
+
+def _at(data, loc: tuple):
+    """The value at ``loc`` in nested dicts and lists (None where absent)."""
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 @dataclass(frozen=True)
@@ -316,6 +346,8 @@ CREATE TABLE IF NOT EXISTS mixing (stage_key TEXT, step INTEGER, source TEXT, pr
 CREATE TABLE IF NOT EXISTS val_losses (stage_key TEXT, source TEXT, loss REAL, PRIMARY KEY (stage_key, source));
 CREATE TABLE IF NOT EXISTS train_evals (stage_key TEXT, step INTEGER, ability TEXT, score REAL);
 CREATE TABLE IF NOT EXISTS planned (key TEXT PRIMARY KEY, steps INTEGER);
+CREATE TABLE IF NOT EXISTS searches (run_id TEXT, point INTEGER, name TEXT, params TEXT, model_key TEXT, scores TEXT,
+    objective REAL, chosen INTEGER, PRIMARY KEY (run_id, point));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -429,13 +461,12 @@ class Study:
                            invocations=meta.get("invocations", 0) + 1)
 
     def _run(self, on_stage) -> None:
+        from mixtune.study_merges import run_merges
+
         runs = expand(self.cfg)
         for r in runs:
-            keys = stage_keys(self.cfg, r)
-            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?)",
-                            (r.id, r.name, r.strategy, json.dumps(r.params), r.seed, r.amount, json.dumps(keys),
-                             self._final_key(r)))
-        self.db.commit()
+            self.record_run(r.id, r.name, r.strategy, r.params, r.seed, r.amount, self._final_key(r),
+                            stage_keys(self.cfg, r))
         distinct = list(dict.fromkeys(k for r in runs for k in stage_keys(self.cfg, r)))  # in training order
         todo = [k for k in distinct if not self._trained(k)]
         steps = self._planned_steps(runs, todo)
@@ -446,6 +477,7 @@ class Study:
             self._train_run(r, on_stage)
         for r in runs:
             self._evaluate(self._final_key(r), r)
+        run_merges(self, runs)
         self.export_csv()
         self.link_runs()
 
@@ -478,6 +510,22 @@ class Study:
 
     def _trained(self, key: str) -> bool:
         return (self.model_dir(key) / "mixtune.yaml").exists()
+
+    def merged(self, key: str) -> bool:
+        """Whether merge ``key``'s model is written (a merge writes its folder whole or not at all)."""
+        return (self.model_dir(key) / "merge.yaml").exists()
+
+    def final_model(self, run: Run) -> Path:
+        """The folder of the model ``run`` ends with (its starting model when it has no stages)."""
+        key = self._final_key(run)
+        return self.model_path(key) if self._trained(key) else self._start_model(run)
+
+    def record_run(self, run_id: str, name: str, strategy: str, params: dict, seed: int, amount: float,
+                   final_key: str, keys: list[str] = ()) -> None:
+        """Store a run (a trained one with its stage ``keys``, or a merge) under ``run_id``."""
+        self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?)",
+                        (run_id, name, strategy, json.dumps(params), seed, amount, json.dumps(list(keys)), final_key))
+        self.db.commit()
 
     def model_path(self, key: str) -> Path:
         """The model after stage ``key``: its ``merged/`` full model when the method wrote one, else the
@@ -641,9 +689,10 @@ class Study:
         study's current evaluation settings."""
         return {a: eval_key(model_key, self._eval_settings(a)) for a in self.abilities}
 
-    def _evaluate(self, key: str, run: Run) -> None:
-        from mixtune.eval import evaluate, load_for_eval, write_results
-        from mixtune.report.paired import standard_error
+    def _evaluate(self, key: str, run) -> None:
+        """Score model ``key`` (of ``run``, a :class:`Run` or a merge's) where it has no score under the
+        study's evaluation settings."""
+        from mixtune.eval import evaluate, load_for_eval
 
         e = self.cfg.eval
         wanted = self._eval_keys(key)
@@ -655,23 +704,70 @@ class Study:
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
-        model_dir = self.model_path(key) if self._trained(key) else self._start_model(run)
+        model_dir = self.model_dir(key) if self.merged(key) else self.final_model(run)
         model, tokenizer = load_for_eval(model_dir)
         scores = evaluate(model, tokenizer, missing, n=e.n, seed=e.seed, difficulty=e.difficulty,
                           batch_size=e.batch_size, condition=e.condition, tasks=self.tasks)
         for a, sc in scores.items():
-            settings, ek = self._eval_settings(a), wanted[a]
-            per_item = [float(x["score"]) for x in sc.examples]
-            assert len(per_item) == sc.n, f"{a}: {len(per_item)} per-problem scores for n = {sc.n}"
-            write_results({a: sc}, self.out / "evals" / ek,
-                          {"model": str(model_dir), "model_key": key, "run": run.id, "eval_key": ek,
-                           "settings": settings})
-            self.db.execute("DELETE FROM items WHERE eval_key = ?", (ek,))
-            self.db.executemany("INSERT INTO items VALUES (?,?,?)", [(ek, i, x) for i, x in enumerate(per_item)])
-            self.db.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
-                ek, "accuracy", key, a, eval_key(None, settings), json.dumps(settings, sort_keys=True), sc.score,
-                standard_error(per_item), sc.n, sc.version, int(sc.higher_is_better)))
+            self._store_score(wanted[a], key, self._eval_settings(a), sc, model_dir, run.id)
         self.db.commit()
+
+    def _store_score(self, ek: str, key: str, settings: dict, sc, model_dir: Path, run_id: str) -> None:
+        """Store ``sc`` (an :class:`~mixtune.eval.AbilityScore` of model ``key`` under ``settings``) as
+        score ``ek``: ``evals/<ek>/``, its per-problem scores in ``items`` and its row in ``evals``."""
+        from mixtune.eval import write_results
+        from mixtune.report.paired import standard_error
+
+        per_item = [float(x["score"]) for x in sc.examples]
+        assert len(per_item) == sc.n, f"{sc.ability}: {len(per_item)} per-problem scores for n = {sc.n}"
+        write_results({sc.ability: sc}, self.out / "evals" / ek,
+                      {"model": str(model_dir), "model_key": key, "run": run_id, "eval_key": ek, "settings": settings})
+        self.db.execute("DELETE FROM items WHERE eval_key = ?", (ek,))
+        self.db.executemany("INSERT INTO items VALUES (?,?,?)", [(ek, i, x) for i, x in enumerate(per_item)])
+        self.db.execute("INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
+            ek, "accuracy", key, sc.ability, eval_key(None, settings), json.dumps(settings, sort_keys=True), sc.score,
+            standard_error(per_item), sc.n, sc.version, int(sc.higher_is_better)))
+
+    def validation_scores(self, key: str | None, model_dir: Path, run_id: str, search) -> dict[str, float]:
+        """Per ability, the score of model ``key`` (in ``model_dir``) on the validation problems of
+        ``search`` (:func:`mixtune.study_merges.validation_problems`), stored as test scores are, under
+        their own :func:`eval_key`; evaluated only when not stored. ``key`` None: not stored."""
+        from mixtune import study_merges
+
+        e = self.cfg.eval
+        settings = {a: study_merges.validation_settings(e, search, a) for a in self.abilities}
+        keys = {a: eval_key(key, settings[a]) for a in self.abilities}
+        have = {a: v for a in self.abilities if key is not None for (v,) in self.db.execute(
+            "SELECT value FROM evals WHERE eval_key = ? AND metric = 'accuracy'", (keys[a],))}
+        missing = [a for a in self.abilities if a not in have]
+        if missing:
+            self.log(f"{run_id}: evaluating {', '.join(missing)} on {search.n} validation problems each")
+            records = {a: study_merges.validation_problems(e, search, a) for a in missing}
+            got = study_merges.score_validation(model_dir, records, batch_size=e.batch_size, condition=e.condition)
+            for a, sc in got.items():
+                if key is not None:
+                    self._store_score(keys[a], key, settings[a], sc, model_dir, run_id)
+                have[a] = sc.score
+            self.db.commit()
+        return {a: have[a] for a in self.abilities}
+
+    def store_search(self, run_id: str, rows: list[tuple]) -> None:
+        """Replace the search table of ``run_id``: ``(run_id, point, name, params, model_key, scores,
+        objective, chosen)`` per grid point (per candidate, for a greedy soup)."""
+        self.db.execute("DELETE FROM searches WHERE run_id = ?", (run_id,))
+        self.db.executemany("INSERT INTO searches VALUES (?,?,?,?,?,?,?,?)", rows)
+        self.db.commit()
+
+    def searches(self) -> list[dict]:
+        """Every merge search: ``run`` (its run id), and per point its ``name``, ``params``, ``model_key``,
+        validation ``scores`` per ability, ``objective`` and ``chosen``."""
+        out: dict[str, list[dict]] = {}
+        for run_id, name, params, key, scores, obj, chosen in self.db.execute(
+                "SELECT run_id, name, params, model_key, scores, objective, chosen FROM searches "
+                "ORDER BY run_id, point"):
+            out.setdefault(run_id, []).append({"name": name, "params": json.loads(params), "model_key": key,
+                                               "scores": json.loads(scores), "objective": obj, "chosen": bool(chosen)})
+        return [{"run": r, "points": p} for r, p in out.items()]
 
     # -- results ----------------------------------------------------------------------------
 
@@ -827,4 +923,4 @@ class Study:
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
                             abilities=list(self.abilities), verdict=verdict, items=self.item_scores(),
-                            during={n: p for n, p in during.items() if p})
+                            during={n: p for n, p in during.items() if p}, searches=self.searches())

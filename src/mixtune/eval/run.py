@@ -71,18 +71,25 @@ def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int 
 
             out[name] = run_task(name, tasks[name], model, tokenizer, n=n, batch_size=batch_size, progress=progress)
             continue
-        ability = ABILITIES.get(name)
-        records = ability.generate(n, seed=seed, split="test", difficulty=difficulty)
-        prompts = [prompt_text(r["messages"], tokenizer, condition) for r in records]
-        outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
-                           max_new_tokens=max_tokens_for(records, tokenizer), progress=progress)
-        scores = [ability.score(o, r) for o, r in zip(outputs, records)]
-        out[name] = AbilityScore(
-            name, sum(scores) / len(scores), len(scores), ability.version,
-            examples=[{"prompt": r["messages"][0]["content"], "output": o, "answer": r["answer"], "score": s}
-                      for r, o, s in zip(records, outputs, scores)],
-        )
+        records = ABILITIES.get(name).generate(n, seed=seed, split="test", difficulty=difficulty)
+        out[name] = score_records(model, tokenizer, name, records, batch_size=batch_size, progress=progress,
+                                  condition=condition)
     return out
+
+
+def score_records(model, tokenizer, ability: str, records: list[dict], *, batch_size: int = 64, progress=None,
+                  condition: str | None = None) -> AbilityScore:
+    """Score ``model`` on given problems of a built-in ability (e.g. a validation sample): greedy,
+    prompted with the chat template (and ``condition``), budgeted by :func:`max_tokens_for`, each
+    output scored by the ability."""
+    impl = ABILITIES.get(ability)
+    prompts = [prompt_text(r["messages"], tokenizer, condition) for r in records]
+    outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
+                       max_new_tokens=max_tokens_for(records, tokenizer), progress=progress)
+    scores = [impl.score(o, r) for o, r in zip(outputs, records)]
+    return AbilityScore(ability, sum(scores) / len(scores), len(scores), impl.version,
+                        examples=[{"prompt": r["messages"][0]["content"], "output": o, "answer": r["answer"],
+                                   "score": s} for r, o, s in zip(records, outputs, scores)])
 
 
 def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):

@@ -77,11 +77,35 @@ def paired_rows(items: dict[str, dict[str, list[float]]], runs: list[str], abili
     return out
 
 
+def search_tables(searches: list[dict], abilities: list[str]) -> list[str]:
+    """HTML of each merge-parameter search: every point's validation score per ability and the mean
+    that chose, the chosen point marked (for a greedy soup, each candidate, marked when kept)."""
+    if not searches:
+        return []
+    parts = ["<h2>Merge-parameter search</h2><p class=muted>Each grid point scored on validation problems "
+             "(held-out problems apart from the test problems above); the point with the best mean (weighted "
+             "where the search says so) was chosen and scored on the test problems. For a greedy soup: each "
+             "candidate's validation scores, chosen = kept in the soup.</p>"]
+    for s in searches:
+        cols = [a for a in abilities if any(a in p["scores"] for p in s["points"])]
+        parts.append(f"<p><b>{html.escape(s['run'].split('|')[0])}</b> <span class=muted>"
+                     f"{html.escape(s['run'])}</span></p><table><tr><th>point</th>"
+                     + "".join(f"<th>{html.escape(a)}</th>" for a in cols) + "<th>mean</th><th>chosen</th></tr>")
+        for p in s["points"]:
+            mark = "<b>✓</b>" if p["chosen"] else ""
+            parts.append(f"<tr><td>{html.escape(p['name'])}</td>"
+                         + "".join(f"<td>{p['scores'][a]:.3f}</td>" if a in p["scores"] else "<td></td>" for a in cols)
+                         + f"<td>{p['objective']:.3f}</td><td>{mark}</td></tr>")
+        parts.append("</table>")
+    return parts
+
+
 def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, float]]], out: Path, *,
                  title: str, notes: list[str] = (), sources: list[str] = (), mixing: dict | None = None,
                  val_losses: dict[str, dict[str, float]] | None = None, abilities: list[str] = (),
                  verdict: list[str] = (), items: dict[str, dict[str, list[float]]] | None = None,
-                 during: dict[str, list[tuple[int, str, str, float]]] | None = None) -> Path:
+                 during: dict[str, list[tuple[int, str, str, float]]] | None = None,
+                 searches: list[dict] = ()) -> Path:
     """Write the report from study results.
 
     Args:
@@ -105,6 +129,9 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
             against ``base`` (:func:`paired_rows`).
         during: per run trained with ``train.eval``, ``(step, stage, ability, score)`` as ``curves``:
             the scores of evaluations during training.
+        searches: merge-parameter searches, as :meth:`mixtune.study.Study.searches` returns: per
+            search its ``run`` id and ``points`` (``name``, validation ``scores`` per ability,
+            ``objective``, ``chosen``): a table each, under the scores.
     """
     if not rows:
         return atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -168,6 +195,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                      "p-value of a paired test on the same problems follows (McNemar's exact test on the "
                      "problems where the two disagree).</p><ul>"
                      + "".join(f"<li>{html.escape(line)}</li>" for line in verdict) + "</ul>")
+    parts += search_tables(searches, abilities)
     errors = sd if len(seeds) > 1 else error_bars(m, problems, se)
     bars = plots.ability_bars(runs, abilities, m, errors, palette=palette)
     parts.append("<h2>Abilities per run</h2><p class=muted>Error bars: "

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,30 +88,45 @@ class Ability:
         Raises:
             DataError: the split holds fewer than ``n`` distinct problems at this difficulty.
         """
+        return [to_record(self.name, p, self.instruction)
+                for p in self.problems(n, seed=seed, split=split, difficulty=difficulty)]
+
+    def problems(self, n: int, *, seed: int = 0, split: Split = "train", difficulty: int = 1,
+                 stream: str | None = None, exclude: Collection[str] = ()) -> list[Problem]:
+        """The :class:`Problem` s of :meth:`generate`, in its order.
+
+        ``stream`` names the random stream instead of ``split`` (``validation``: other problems of the
+        held-out split than the test ones drawn with the same seed), and problems whose key is in
+        ``exclude`` are skipped, so a sample can be kept apart from another by structure.
+
+        Raises:
+            DataError: the split holds fewer than ``n`` distinct problems at this difficulty.
+        """
         if split not in ("train", "test"):
             raise DataError(f"ability {self.name}: split must be 'train' or 'test', got {split!r}")
         if not 1 <= difficulty <= MAX_DIFFICULTY:
             raise DataError(f"ability {self.name}: difficulty must be 1..{MAX_DIFFICULTY}, got {difficulty!r}")
         if n < 0:
             raise DataError(f"ability {self.name}: n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}|{split}|{difficulty}|{seed}")
+        rng = random.Random(f"{self.name}|{stream or split}|{difficulty}|{seed}")
         seen: set[str] = set()
-        records: list[dict] = []
+        out: list[Problem] = []
         misses = 0
-        while len(records) < n:
+        while len(out) < n:
             p = self.make_problem(rng, difficulty)
-            if (self.held_out and split_of(self.name, p.key) != split) or p.key in seen:
+            if (self.held_out and split_of(self.name, p.key) != split) or p.key in seen or p.key in exclude:
                 misses += 1
                 # Give up only when new problems have become very rare: the space is exhausted.
-                if misses > 1000 + 50 * len(records):
+                if misses > 1000 + 50 * len(out):
+                    besides = f" besides the {len(exclude)} set apart" if exclude else ""
                     raise DataError(
-                        f"ability {self.name}: found only {len(records)} distinct {split} problems at "
+                        f"ability {self.name}: found only {len(out)} distinct {split} problems{besides} at "
                         f"difficulty {difficulty}, {n} were asked; ask for fewer or raise the difficulty"
                     )
                 continue
             seen.add(p.key)
-            records.append(to_record(self.name, p, self.instruction))
-        return records
+            out.append(p)
+        return out
 
     def score(self, output: Any, record: dict) -> float:
         """1.0 when the answer extracted from ``output`` matches the record's gold answer, else 0.0."""
