@@ -170,18 +170,13 @@ def _print_stage(st, title: str, steps: int | None = None) -> None:
         + (f"; {steps:,} optimizer steps" if steps is not None else "")
     )
     mx = st.config.mixing
-    if mx is not None:
-        m = len(st.groups.names)
+    if st.groups is not None:
+        from mixtune.strategy.mixing import MIXING_MODES
+
         line = f"mixing {mx.name}: {mx.validation} examples per source held out for validation losses"
-        if mx.name == "static":
-            line += "; proportions " + ", ".join(f"{g} {mx.weights.get(g, 0) / sum(mx.weights.values()):.2f}"
-                                                 for g in st.groups.names)
-        if mx.name == "aioli":
-            probe = mx.probe_rounds * m * mx.probe_steps
-            rounds = -(-steps // mx.round_steps) if steps else None
-            line += (f"; rounds of {mx.round_steps} steps{f' ({rounds} rounds)' if rounds else ''}, each starting with "
-                     f"{mx.probe_rounds} x {m} sources x {mx.probe_steps} probe steps = {probe} steps "
-                     f"({probe / mx.round_steps:.0%} of the round) and {mx.probe_rounds * m + 1} validation passes")
+        describe = MIXING_MODES.get(mx.name).describe
+        if describe is not None:
+            line += "; " + describe(mx, st.groups.names, steps)
         console.print(line)
 
 

@@ -14,7 +14,8 @@ from mixtune.data.sources import load_source_located
 from mixtune.models import load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
-from mixtune.train.loop import Groups, StageData, stage_steps, train
+from mixtune.strategy.mixing import Groups, grouped
+from mixtune.train.loop import StageData, stage_steps, train
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class PreparedStage:
     examples: list[Example]
     packed: Packed
     groups: Groups | None = None
-    """With ``mixing``: the training rows of each source and its held-out validation rows."""
+    """With a grouped ``mixing`` mode: the training rows of each source and its held-out validation rows."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
         cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
         examples = [cache[p] for p in mixture.picks]
         where = [origin[id(loaded[n][i])] for n, i in mixture.picks]
-        if stage.mixing is None:
+        if not grouped(stage.mixing):
             packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
                           sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
                           where=where)

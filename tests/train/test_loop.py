@@ -7,7 +7,6 @@ from safetensors.torch import load_file
 from mixtune.core import validate
 from mixtune.pipeline import run_training
 from mixtune.recipe import Recipe
-from mixtune.train.loop import BatchOrder
 
 
 def recipe(tiny_dir, **train) -> Recipe:
@@ -28,14 +27,6 @@ def weights(folder):
 
 def run(tiny_dir, out, **train):
     return run_training(recipe(tiny_dir, **train), tiny_dir, out, progress=False)
-
-
-def test_batch_order_walks_each_epoch_once_and_is_seeded():
-    order = BatchOrder(n_rows=10, batch_size=4, seed=0, stage=1)
-    first = [r for step in range(5) for r in order.rows(step)]  # 20 rows = 2 epochs
-    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
-    assert first == [r for step in range(5) for r in BatchOrder(10, 4, 0, 1).rows(step)]
-    assert first != [r for step in range(5) for r in BatchOrder(10, 4, 0, 2).rows(step)]
 
 
 def test_training_writes_stages_log_and_lowers_each_source_loss(tiny_dir, tmp_path):

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mixtune.core import ConfigError, Registry, Strict
 from mixtune.data.mixture import MixtureConfig, Take
-from mixtune.strategy.online import MixingConfig
+from mixtune.strategy.mixing import MixingConfig, check_mixing
 
 Schedule = Literal["cosine", "linear", "constant"]
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -49,8 +49,8 @@ class StageConfig(Strict):
     schedule: Schedule | None = None
     """Learning-rate schedule for this stage (default: the training section's)."""
     mixing: MixingConfig | None = None
-    """Draw batches by proportions over the stage's sources, fixed or learned online (Aioli);
-    default: the stage's rows shuffled together. See :mod:`mixtune.strategy.online`."""
+    """How the stage's sources are mixed into batches: a mixing mode, e.g. ``{name: stratified}``
+    or ``{name: aioli}`` (default: the stage's rows shuffled together). See docs/methods.md."""
 
     @field_validator("name")
     @classmethod
@@ -63,6 +63,7 @@ class StageConfig(Strict):
     def _length(self) -> StageConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps and epochs")
+        check_mixing(self.mixing, list(self.mixture.sources))  # e.g. static weights of sources not in the stage
         return self
 
 
@@ -101,12 +102,17 @@ def _all(names: list[str]) -> MixtureConfig:
 class MultiTaskParams(Strict):
     name: Literal["multi_task"] = "multi_task"
     mixing: MixingConfig | None = None
-    """Proportions of the sources in each batch: stratified, static or Aioli (default: all rows shuffled)."""
+    """How the sources are mixed into batches, e.g. ``{name: stratified}``, ``{name: static, weights:
+    ...}`` or ``{name: aioli}`` (default: all rows shuffled together). See docs/methods.md."""
 
 
 @register("multi_task", MultiTaskParams)
 def multi_task(p: MultiTaskParams, sources: list[str]) -> list[StageConfig]:
     """Multi-task learning (Dong et al., 2024, arXiv:2310.05492): SFT on the union of all sources."""
+    try:  # checked here so the message names the key (the stage below is built from code)
+        check_mixing(p.mixing, sources)
+    except ValueError as e:
+        raise ConfigError(f"strategy.{e}") from None
     return [StageConfig(name="multi_task", mixture=_all(sources), mixing=p.mixing)]
 
 

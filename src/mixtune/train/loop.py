@@ -11,9 +11,11 @@ tokens' weighted losses (times the number of processes, which DDP divides back o
 gradient of a step is therefore exactly the global batch's loss, whatever the micro-batch size,
 gradient accumulation or number of processes.
 
-**Data order** is a function of (seed, stage, step) only: a stage's rows are walked through one
-seeded permutation per epoch, and the RNG is reseeded at every stage start; every stream is a
-named one (:mod:`mixtune.core.seeds`), indexed by the stage's position in the whole run. A run resumes after
+**Data order** is a function of (seed, stage, step) only: the stage's mixing mode
+(:mod:`mixtune.strategy.mixing`; ``shuffled`` without ``mixing``: one seeded permutation of the rows
+per epoch) chooses each step's rows, may ask for validation losses and may reweight the loss, and
+the RNG is reseeded at every stage start; every stream is a named one (:mod:`mixtune.core.seeds`),
+indexed by the stage's position in the whole run. A run resumes after
 its last exported stage, or from a newer checkpoint inside the next one; there the step counter
 says where the data is, and trained weights, optimizer, scheduler and RNG state come back through
 ``accelerator.load_state`` (:mod:`mixtune.train.checkpoint`).
@@ -33,26 +35,20 @@ import numpy as np
 import torch
 
 from mixtune.core import ConfigError, atomic_write_text
-from mixtune.core.seeds import rng, seed_int, torch_generator
+from mixtune.core.seeds import seed_int, torch_generator
 from mixtune.data.format import Packed
 from mixtune.strategy import Schedule
-from mixtune.strategy.online import MixingConfig, OnlineMixer, batch_counts
+from mixtune.strategy.mixing import Groups, Mixer, MixingConfig, StageRows, make_mixer
 from mixtune.train.checkpoint import (Progress, check_checkpoint, drop_checkpoints, export_stage, resume_point,
                                       save_checkpoint, start_over)
 from mixtune.train.config import TrainConfig
 from mixtune.train.evaluation import DuringTraining, Scorer
-from mixtune.train.losses import mask_thought, masked_thought_rate, per_source, token_losses, token_weights
+from mixtune.train.losses import (LossMode, mask_thought, masked_thought_rate, per_source, token_losses,
+                                  token_weights)
 from mixtune.train.methods import TUNERS
 from mixtune.train.methods.base import load_full
 
-
-@dataclass(frozen=True)
-class Groups:
-    """A mixed stage's sources: the rows of each (in ``StageData.packed``) and its validation rows."""
-
-    names: list[str]
-    rows: list[torch.Tensor]
-    val: list[Packed]
+ROW_FIELDS = ("input_ids", "labels", "position_ids", "source_ids")
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,9 @@ class StageData:
     lr: float
     schedule: Schedule
     mixing: MixingConfig | None = None
+    """The stage's mixing mode (None: ``shuffled``)."""
     groups: Groups | None = None
+    """Grouped mixing modes: the stage's sources packed apart, with validation rows."""
 
 
 def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: float | None) -> int:
@@ -73,55 +71,6 @@ def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: flo
     if steps or cfg.steps:
         return steps or cfg.steps  # type: ignore[return-value]
     return max(1, math.ceil((epochs or cfg.epochs) * n_rows / cfg.batch_size))
-
-
-class BatchOrder:
-    """Global batches of row indices: epoch e walks the rows in permutation(seed, stage, e)."""
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int, stage: int) -> None:
-        self.n_rows, self.batch_size, self.seed, self.stage = n_rows, batch_size, seed, stage
-        self._perms: dict[int, np.ndarray] = {}
-
-    def rows(self, step: int) -> list[int]:
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, i = divmod(pos, self.n_rows)
-            if epoch not in self._perms:
-                self._perms = {epoch: rng(self.seed, "batch-order", self.stage, epoch).permutation(self.n_rows)}
-            out.append(int(self._perms[epoch][i]))
-        return out
-
-
-class MixedBatches:
-    """Global batches of a mixed stage: each step's proportions (from its :class:`OnlineMixer`)
-    become row counts per source, and each source's rows are walked through one seeded
-    permutation per pass over them."""
-
-    def __init__(self, stage: StageData, batch_size: int, seed: int, index: int) -> None:
-        self.groups, self.batch_size, self.seed, self.index = stage.groups, batch_size, seed, index
-        self.mixer = OnlineMixer(stage.mixing, stage.groups.names, seed, index,
-                                 natural=[len(r) for r in stage.groups.rows])
-        self.used = [0] * len(stage.groups.names)
-        self.carry = np.zeros(len(stage.groups.names))
-
-    def rows(self, step: int) -> list[int]:
-        out = []
-        counts, self.carry = batch_counts(self.mixer.mixture(step), self.batch_size, self.carry)
-        for g, count in enumerate(counts):
-            pool = self.groups.rows[g]
-            for _ in range(int(count)):
-                epoch, i = divmod(self.used[g], len(pool))
-                perm = rng(self.seed, "mixed-batches", self.index, self.groups.names[g], epoch).permutation(len(pool))
-                out.append(int(pool[perm[i]]))
-                self.used[g] += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"used": self.used, "carry": self.carry.tolist(), "mixer": self.mixer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.used, self.carry = state["used"], np.array(state["carry"])
-        self.mixer.load_state_dict(state["mixer"])
 
 
 @torch.no_grad()
@@ -145,7 +94,7 @@ def validation_losses(model, val: list[Packed], acc) -> np.ndarray:
     model.eval()
     out = []
     for packed in val:
-        rows = {k: getattr(packed, k) for k in ("input_ids", "labels", "position_ids", "source_ids")}
+        rows = {k: getattr(packed, k) for k in ROW_FIELDS}
         sums, counts = batch_losses(model, rows, 16, int(packed.source_ids.max()) + 1, acc)
         out.append(float(sums.sum() / counts.sum().clamp(min=1)))
     model.train()
@@ -207,37 +156,21 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             ``mixtune.eval.during_training`` builds it).
     """
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     acc = accelerator or make_accelerator(cfg.precision)
     set_seed(seed)
     out_dir = Path(out_dir)
     tuner, params = TUNERS.get(cfg.method.name), cfg.method
-    world = acc.num_processes
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ConfigError(f"train.batch_size = {cfg.batch_size} must be a multiple of micro_batch_size x processes "
-                          f"= {cfg.micro_batch_size} x {world}")
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    rule = LossRule.of(cfg, acc.num_processes, source_names, tokenizer)
+    if cfg.eval is not None and evaluator is None:
+        raise ConfigError("train.eval is set but nothing scores the model: pass an evaluator "
+                          "(mixtune.eval.during_training builds one)")
 
     # 1) the method decides what trains
     model = tuner.prepare(model, params, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
-
-    by_source = {}
-    for field in ("task_weights", "rewards"):
-        unknown = set(getattr(cfg, field)) - set(source_names)
-        if unknown:
-            raise ConfigError(f"train.{field} names {sorted(unknown)}, not sources ({', '.join(source_names)})")
-        given = getattr(cfg, field)
-        by_source[field] = torch.tensor([given.get(n, 1.0) for n in source_names]) if given else None
-    mask_id = None
-    if cfg.masked_thought is not None and cfg.masked_thought.mask_token is not None:
-        mask_id = tokenizer.convert_tokens_to_ids(cfg.masked_thought.mask_token)
-        if mask_id is None or mask_id == tokenizer.unk_token_id:
-            raise ConfigError(f"train.masked_thought.mask_token {cfg.masked_thought.mask_token!r} is not in the "
-                              "tokenizer's vocabulary")
 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
     names, lengths = [st.name for st in stages], [st.steps for st in stages]
@@ -248,10 +181,6 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         at, ckpt = Progress(), None
     if 0 < at.stage < len(stages):  # the last export holds what trained so far (a checkpoint adds the stage's part)
         (tuner.load_export or load_full)(model, params, out_dir / "stages" / stages[at.stage - 1].name)
-
-    if cfg.eval is not None and evaluator is None:
-        raise ConfigError("train.eval is set but nothing scores the model: pass an evaluator "
-                          "(mixtune.eval.during_training builds one)")
     evals = (DuringTraining(cfg.eval, evaluator, acc=acc, log=log, tokenizer=tokenizer, out_dir=out_dir)
              if cfg.eval is not None else None)
 
@@ -260,48 +189,21 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         if s < at.stage:
             exported.append(out_dir / "stages" / stage.name)
             continue
-        # 3) what trains in this stage (a method may re-select it), a fresh optimizer and schedule
-        bare = acc.unwrap_model(model)
-        if tuner.start_stage is not None:
-            tuner.start_stage(bare, params, seed, first_stage + s)
-        trainable = [p for p in bare.parameters() if p.requires_grad]
-        if tuner.optimizer is not None:
-            optimizer = tuner.optimizer(bare, params, stage.lr, cfg.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
-        n_all = sum(p.numel() for p in bare.parameters())
-        n_train = (optimizer.trainable_entries() if hasattr(optimizer, "trainable_entries")  # sparse: entries, not tensors
-                   else sum(p.numel() for p in trainable))
-        state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 8 * n_train  # AdamW: 2 fp32 moments
-        log.note(f"stage {stage.name}: method {params.name}, {n_train:,} of {n_all:,} parameters train "
-                 f"({n_train / n_all:.2%}); optimizer state {state / 2**20:.2f} MiB; precision {acc.mixed_precision}; "
-                 f"{world} process(es), accumulation {accum}")
-        log.write({"stage": stage.name, "trainable_params": n_train, "total_params": n_all, "optimizer_bytes": state})
-        scheduler = get_scheduler("constant_with_warmup" if stage.schedule == "constant" else stage.schedule,
-                                  optimizer, num_warmup_steps=round(cfg.warmup * stage.steps),
-                                  num_training_steps=stage.steps)
-        acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
-        model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
-        set_seed(seed_int(seed, "stage", first_stage + s))  # so a stage resumed from an export runs as it did
+        # 3) what trains in this stage (a method may re-select it), a fresh optimizer and schedule; the
+        # stage's mixing mode chooses every batch's rows and may reweight the loss
+        index = first_stage + s
+        model, optimizer, scheduler, trainable = start_stage(acc, model, tuner, params, stage, cfg, seed, index, log)
+        set_seed(seed_int(seed, "stage", index))  # so a stage resumed from an export runs as it did
+        mixer = make_mixer(stage.mixing, StageRows(stage.packed.input_ids.shape[0], cfg.batch_size, seed, index,
+                                                   stage.groups))
         start = 0
         if ckpt is not None and s == at.stage:
             check_checkpoint(ckpt, model)
             acc.load_state(str(ckpt), strict=False)  # it holds only the weights that train (and the RNG state)
+            if (ckpt / "mixer.json").exists():
+                mixer.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
             start = at.step
-        reference = None
-        if stage.mixing is None:
-            order = BatchOrder(stage.packed.input_ids.shape[0], cfg.batch_size, seed, first_stage + s)
-        else:
-            order = MixedBatches(stage, cfg.batch_size, seed, first_stage + s)
-            if ckpt is not None and s == at.stage and (ckpt / "mixer.json").exists():
-                order.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
-            group_ids = torch.tensor([source_names.index(g) for g in stage.groups.names])
-            if stage.mixing.name == "doremi":  # the fixed reference model DoReMi measures excess loss against
-                from mixtune.models import load_model
-
-                reference = load_model(stage.mixing.reference)[0].to(acc.device).eval()
-        model.train()
-        window = Window(len(source_names))
+        runner = StepRunner(acc, model, cfg, rule, tuner, stage, source_names, mixer)
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
 
         def export_best(dest: Path, best: dict) -> None:
@@ -314,102 +216,212 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=0, stage_end=False,
                         export=export_best)
         for step in range(start, stage.steps):
-            # 4) one optimizer step over the global batch (a mixed stage may first want validation losses)
-            if stage.mixing is not None and order.mixer.wants_eval(step, after=False):
-                order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=False)
-            rows = order.rows(step)
-            batch = {k: getattr(stage.packed, k)[rows] for k in ("input_ids", "labels", "position_ids", "source_ids")}
-            loss_mode, task_w = cfg.loss, by_source["task_weights"]
-            alpha = order.mixer.loss_weights() if stage.mixing is not None else None
-            if alpha is not None:  # DoReMi / CoBa: sum_i w_i x (group i's mean token loss)
-                loss_mode, task_w = "case3", torch.zeros(len(source_names), dtype=torch.float64)
-                task_w[group_ids] = torch.from_numpy(alpha)
-            weights = token_weights(batch["labels"], batch["source_ids"], stage.packed.example_ids[rows], loss_mode,
-                                    task_w, by_source["rewards"]).float()
-            step_sums = torch.zeros(len(source_names), dtype=torch.float64)
-            step_counts = torch.zeros(len(source_names), dtype=torch.float64)
+            # 4) one optimizer step over the global batch the mixer chose, then what the mixer observes
+            runner.validate(step, after=False)
+            rows = mixer.rows(step)
+            batch = {k: getattr(stage.packed, k)[rows] for k in ROW_FIELDS}
+            weights = rule.weights(batch, stage.packed.example_ids[rows], mixer.loss_weights(), runner.group_ids)
             if cfg.masked_thought is not None:
                 mt = cfg.masked_thought
-                rate = masked_thought_rate(step, stage.steps, mt.rate, mt.warmup)
-                gen = torch_generator(seed, "masked-thought", first_stage + s, step)
-                batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"], rate, gen,
-                                                  vocab_size=acc.unwrap_model(model).config.vocab_size, mask_id=mask_id)
-            for g in range(accum):
-                first = (g * world + acc.process_index) * cfg.micro_batch_size
-                mb = {k: v[first:first + cfg.micro_batch_size].to(acc.device) for k, v in batch.items()}
-                mb_weights = weights[first:first + cfg.micro_batch_size].to(acc.device)
-                sync = g == accum - 1
-                if tuner.before_forward is not None:
-                    tuner.before_forward(acc.unwrap_model(model), mb)
-                with nullcontext() if sync else acc.no_sync(model):
-                    logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
-                    ce = token_losses(logits, mb["labels"])  # (m, L-1)
-                    loss = (ce * mb_weights).sum() * world  # the global batch's loss, in this micro-batch's share
-                    if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
-                        aux = tuner.aux_loss(acc.unwrap_model(model))
-                        if aux is not None:
-                            loss = loss + aux / accum
-                            window.aux += float(aux.detach()) / accum
-                    acc.backward(loss)
-                sums, counts = per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(),
-                                          len(source_names))
-                window.add(sums, counts)
-                step_sums += sums
-                step_counts += counts
-                if tuner.batch_stats is not None:
-                    window.add_stats(tuner.batch_stats(acc.unwrap_model(model), mb["source_ids"].cpu(),
-                                                       len(source_names)))
+                batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"],
+                                                  masked_thought_rate(step, stage.steps, mt.rate, mt.warmup),
+                                                  torch_generator(seed, "masked-thought", index, step),
+                                                  vocab_size=acc.unwrap_model(model).config.vocab_size,
+                                                  mask_id=rule.mask_id)
+            step_sums, step_counts = runner.forward_backward(batch, weights)
             grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
-            if reference is not None:
-                if world > 1:  # this process saw only its micro-batches
-                    step_sums = acc.reduce(step_sums.to(acc.device), reduction="sum").cpu()
-                    step_counts = acc.reduce(step_counts.to(acc.device), reduction="sum").cpu()
-                ref_sums, ref_counts = batch_losses(reference, batch, cfg.micro_batch_size, len(source_names), acc)
-                order.mixer.observe_excess(step, (step_sums / step_counts)[group_ids].numpy(),
-                                           (ref_sums / ref_counts)[group_ids].numpy())
-            if stage.mixing is not None and order.mixer.wants_eval(step, after=True):
-                order.mixer.observe(step, validation_losses(model, stage.groups.val, acc), after=True)
+            runner.observe_batch(step, batch, step_sums, step_counts)
+            runner.validate(step, after=True)
             tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
             bar.advance(tokens)
-            window.tokens += tokens
-            window.steps += tuner.aux_loss is not None
+            runner.window.tokens += tokens
+            runner.window.steps += tuner.aux_loss is not None
 
-            # 5) log, checkpoint
+            # 5) log, evaluate, checkpoint
             if at.step % cfg.log_every == 0 or at.step == stage.steps:
-                entry = window.flush(acc, source_names)
-                entry |= {"step": at.global_step, "stage": stage.name, "stage_step": at.step,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None}
-                if stage.mixing is not None:  # the proportions in use, and at the end each source's validation loss
-                    shares = order.mixer.loss_weights()
-                    shares = order.mixer.mixture(step) if shares is None else shares  # DoReMi: the loss weights
-                    entry |= {f"mix/{g}": float(v) for g, v in zip(stage.groups.names, shares)}
-                    if at.step == stage.steps:
-                        val = validation_losses(model, stage.groups.val, acc)
-                        entry |= {f"val_loss/{g}": float(v) for g, v in zip(stage.groups.names, val)}
+                entry = runner.log_entry(step, at, scheduler.get_last_lr()[0], grad_norm)
                 log.write(entry)
                 bar.show_loss(entry["loss"])
             if evals is not None:
                 evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=at.step,
                             stage_end=at.step == stage.steps, export=export_best)
             if cfg.save_every and at.global_step % cfg.save_every == 0 and at.step < stage.steps:
-                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text,
-                                mixer=order.state_dict() if stage.mixing is not None else None)
+                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text, mixer=mixer.state_dict())
             if on_step is not None:
                 on_step(at.global_step)
         bar.close()
         # 6) the stage's model, in the form the ecosystem loads; it supersedes the stage's checkpoints
-        if stage.mixing is not None and order.mixer.history:
-            log.write({"stage": stage.name, "mixing_rounds": order.mixer.history, "groups": stage.groups.names})
-        if reference is not None:  # DoReMi's answer: the time-averaged weights, for a static run
-            log.write({"stage": stage.name, "doremi_average": order.mixer.average_alpha().tolist(),
-                       "groups": stage.groups.names})
+        if summary := mixer.summary():  # e.g. Aioli's rounds, DoReMi's averaged weights
+            log.write({"stage": stage.name} | summary)
         exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
         drop_checkpoints(acc, out_dir, at.global_step, cfg.keep_checkpoints)
     return exported
+
+
+@dataclass(frozen=True)
+class LossRule:
+    """How a global batch's token losses become its loss: the recipe's loss mode, per-source task
+    weights and rewards (:func:`~mixtune.train.losses.token_weights`), the accumulation that makes
+    up the batch, and Masked Thought's mask token."""
+
+    mode: LossMode
+    task_weights: torch.Tensor | None
+    rewards: torch.Tensor | None
+    accum: int
+    n_sources: int
+    mask_id: int | None = None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world: int, source_names: list[str], tokenizer) -> LossRule:
+        """The recipe's rule; raises :class:`ConfigError` for settings that do not fit the sources,
+        tokenizer or number of processes."""
+        if cfg.batch_size % (cfg.micro_batch_size * world):
+            raise ConfigError(f"train.batch_size = {cfg.batch_size} must be a multiple of micro_batch_size x "
+                              f"processes = {cfg.micro_batch_size} x {world}")
+        by_source = {}
+        for field in ("task_weights", "rewards"):
+            given = getattr(cfg, field)
+            unknown = set(given) - set(source_names)
+            if unknown:
+                raise ConfigError(f"train.{field} names {sorted(unknown)}, not sources ({', '.join(source_names)})")
+            by_source[field] = torch.tensor([given.get(n, 1.0) for n in source_names]) if given else None
+        mask_id = None
+        if cfg.masked_thought is not None and cfg.masked_thought.mask_token is not None:
+            mask_id = tokenizer.convert_tokens_to_ids(cfg.masked_thought.mask_token)
+            if mask_id is None or mask_id == tokenizer.unk_token_id:
+                raise ConfigError(f"train.masked_thought.mask_token {cfg.masked_thought.mask_token!r} is not in the "
+                                  "tokenizer's vocabulary")
+        return cls(cfg.loss, by_source["task_weights"], by_source["rewards"],
+                   cfg.batch_size // (cfg.micro_batch_size * world), len(source_names), mask_id)
+
+    def weights(self, batch: dict, examples: torch.Tensor, mixed: np.ndarray | None,
+                group_ids: torch.Tensor | None) -> torch.Tensor:
+        """Each trained token's weight; with a mixing mode's per-group weights w (DoReMi, CoBa) the
+        loss is sum_i w_i x (group i's mean token loss), MFTCoder's case3 with task weights w."""
+        mode, task_w = self.mode, self.task_weights
+        if mixed is not None:
+            mode, task_w = "case3", torch.zeros(self.n_sources, dtype=torch.float64)
+            task_w[group_ids] = torch.from_numpy(mixed)
+        return token_weights(batch["labels"], batch["source_ids"], examples, mode, task_w, self.rewards).float()
+
+
+def start_stage(acc, model, tuner, params, stage: StageData, cfg: TrainConfig, seed: int, index: int, log):
+    """A stage's start: the method's re-selection (HFT), its optimizer (AdamW unless the method
+    brings one) and schedule, prepared by accelerate; logs what trains.
+
+    Returns:
+        (prepared model, optimizer, scheduler, the trainable parameters).
+    """
+    from transformers import get_scheduler
+
+    bare = acc.unwrap_model(model)
+    if tuner.start_stage is not None:
+        tuner.start_stage(bare, params, seed, index)
+    trainable = [p for p in bare.parameters() if p.requires_grad]
+    if tuner.optimizer is not None:
+        optimizer = tuner.optimizer(bare, params, stage.lr, cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
+    n_all = sum(p.numel() for p in bare.parameters())
+    n_train = (optimizer.trainable_entries() if hasattr(optimizer, "trainable_entries")  # sparse: entries, not tensors
+               else sum(p.numel() for p in trainable))
+    state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 8 * n_train  # AdamW: 2 fp32 moments
+    world = acc.num_processes
+    log.note(f"stage {stage.name}: method {params.name}, {n_train:,} of {n_all:,} parameters train "
+             f"({n_train / n_all:.2%}); optimizer state {state / 2**20:.2f} MiB; precision {acc.mixed_precision}; "
+             f"{world} process(es), accumulation {cfg.batch_size // (cfg.micro_batch_size * world)}")
+    log.write({"stage": stage.name, "trainable_params": n_train, "total_params": n_all, "optimizer_bytes": state})
+    scheduler = get_scheduler("constant_with_warmup" if stage.schedule == "constant" else stage.schedule,
+                              optimizer, num_warmup_steps=round(cfg.warmup * stage.steps),
+                              num_training_steps=stage.steps)
+    acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
+    model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
+    return model, optimizer, scheduler, trainable
+
+
+class StepRunner:
+    """The parts of one stage's optimizer step that need the model: the forward and backward passes
+    over the micro-batches, and the losses the stage's mixer asks for (validation losses, DoReMi's
+    reference losses on the batch). Owns the stage's log window."""
+
+    def __init__(self, acc, model, cfg: TrainConfig, rule: LossRule, tuner, stage: StageData,
+                 source_names: list[str], mixer: Mixer) -> None:
+        self.acc, self.model, self.cfg, self.rule, self.tuner = acc, model, cfg, rule, tuner
+        self.stage, self.source_names, self.mixer = stage, source_names, mixer
+        self.group_ids = (torch.tensor([source_names.index(g) for g in stage.groups.names])
+                          if stage.groups is not None else None)
+        self.reference = None
+        if mixer.reference is not None:  # the fixed model DoReMi measures excess loss against
+            from mixtune.models import load_model
+
+            self.reference = load_model(mixer.reference)[0].to(acc.device).eval()
+        model.train()
+        self.window = Window(len(source_names))
+
+    def forward_backward(self, batch: dict, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's micro-batches of the global batch, forward and backward (gradients synchronised
+        on the last); returns this process's per-source token-loss sums and counts."""
+        acc, cfg, tuner, model, world = self.acc, self.cfg, self.tuner, self.model, self.acc.num_processes
+        n, accum, window = self.rule.n_sources, self.rule.accum, self.window
+        step_sums = torch.zeros(n, dtype=torch.float64)
+        step_counts = torch.zeros(n, dtype=torch.float64)
+        for g in range(accum):
+            first = (g * world + acc.process_index) * cfg.micro_batch_size
+            mb = {k: v[first:first + cfg.micro_batch_size].to(acc.device) for k, v in batch.items()}
+            mb_weights = weights[first:first + cfg.micro_batch_size].to(acc.device)
+            if tuner.before_forward is not None:
+                tuner.before_forward(acc.unwrap_model(model), mb)
+            with nullcontext() if g == accum - 1 else acc.no_sync(model):
+                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+                ce = token_losses(logits, mb["labels"])  # (m, L-1)
+                loss = (ce * mb_weights).sum() * world  # the global batch's loss, in this micro-batch's share
+                if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
+                    aux = tuner.aux_loss(acc.unwrap_model(model))
+                    if aux is not None:
+                        loss = loss + aux / accum
+                        window.aux += float(aux.detach()) / accum
+                acc.backward(loss)
+            sums, counts = per_source(ce.detach().cpu(), mb["labels"].cpu(), mb["source_ids"].cpu(), n)
+            window.add(sums, counts)
+            step_sums += sums
+            step_counts += counts
+            if tuner.batch_stats is not None:
+                window.add_stats(tuner.batch_stats(acc.unwrap_model(model), mb["source_ids"].cpu(), n))
+        return step_sums, step_counts
+
+    def validate(self, step: int, *, after: bool) -> None:
+        """The groups' validation losses to the mixer, when it wants them before or after ``step``."""
+        if self.mixer.wants_validation(step, after=after):
+            self.mixer.observe(step, validation_losses(self.model, self.stage.groups.val, self.acc), after=after)
+
+    def observe_batch(self, step: int, batch: dict, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """With a mixer's reference model: each group's mean loss on the step's batch under the model
+        (summed over processes) and under the reference."""
+        if self.reference is None:
+            return
+        acc, n = self.acc, self.rule.n_sources
+        if acc.num_processes > 1:  # this process saw only its micro-batches
+            sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+            counts = acc.reduce(counts.to(acc.device), reduction="sum").cpu()
+        ref_sums, ref_counts = batch_losses(self.reference, batch, self.cfg.micro_batch_size, n, acc)
+        self.mixer.observe_batch(step, (sums / counts)[self.group_ids].numpy(),
+                                 (ref_sums / ref_counts)[self.group_ids].numpy())
+
+    def log_entry(self, step: int, at: Progress, lr: float, grad_norm) -> dict:
+        """The log line: losses per source over the window, lr, grad norm, the mixer's entries and, at
+        the end of a grouped stage, each group's validation loss."""
+        entry = self.window.flush(self.acc, self.source_names)
+        entry |= {"step": at.global_step, "stage": self.stage.name, "stage_step": at.step, "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        entry |= self.mixer.log(step)
+        if self.stage.groups is not None and at.step == self.stage.steps:
+            val = validation_losses(self.model, self.stage.groups.val, self.acc)
+            entry |= {f"val_loss/{g}": float(v) for g, v in zip(self.stage.groups.names, val)}
+        return entry
 
 
 class Window:
