@@ -589,8 +589,8 @@ def demo(
     """Run the DMT comparison on the embedded default: the built-in tiny model and ability suite.
 
     Trains a base (pretraining on copying and number facts), one specialist per ability, multi-task, sequential,
-    mixed-sequential and DMT at two k values, scores every model on held-out problems, and writes
-    OUT/report.html. Offline, on CPU; resumable (run it again to continue).
+    mixed-sequential and DMT at two k values; merges the specialists (TIES and LiNeS, the scale searched on
+    validation problems); scores every model on held-out problems, and writes OUT/report.html. Offline, on CPU; resumable (run it again to continue).
     """
     from importlib.resources import files
 
@@ -601,7 +601,8 @@ def demo(
     recipe = Path(str(files("mixtune") / "recipes" / "demo.yaml"))
     # --quick checks the whole pipeline in CI time; its stages are too short to show the effects
     quick_overrides = ["train.steps=12", "prefix.0.steps=12", "eval.n=20", "sources.echo.n=300",
-                       *(f"sources.{s}.n=300" for s in ("math", "code", "general"))] if quick else []
+                       *(f"sources.{s}.n=300" for s in ("math", "code", "general")),
+                       "merges.0.search.n=10", "merges.1.search.n=10"] if quick else []
     cfg = load_config(StudyConfig, recipe, parse_overrides(quick_overrides))
     if dry_run:
         console.print(Text(dump_config(cfg)))

@@ -35,6 +35,22 @@ def test_demo_verdict_numbers_by_hand():
     assert dmt_verdict(flipped, 50)[1].startswith("sequential forgets what multi-task keeps: NO, the opposite (0.50")
 
 
+def test_merged_specialists_are_compared_with_sequential_training_and_dmt_by_hand():
+    merged = SCORES | {"ties": {"math": 0.5, "code": 0.3, "general": 0.4},   # 0.40
+                       "lines": {"math": 0.2, "code": 0.2, "general": 0.4}}  # 0.20
+    lines = dmt_verdict(merged, 50)
+    assert lines[0].endswith("DMT k=1/8 0.35, TIES merge 0.40, LiNeS merge 0.20")
+    # 0.40 vs 0.20: SE = sqrt((.24 + .16) / 100) = 0.0632; 0.20 > 2 SE = 0.126
+    assert lines[4] == ("merging the specialists (TIES) keeps more of them than sequential training: yes "
+                        "(0.40 vs 0.20, 2 SE = 0.13)")
+    # 0.40 vs 0.35: SE = sqrt((.24 + .2275) / 100) = 0.0684; 0.05 < 2 SE = 0.137
+    assert lines[5] == "  ... than DMT (k=1/8): not distinguishable from noise (0.40 vs 0.35, 2 SE = 0.14)"
+    # LiNeS 0.20 vs DMT 0.35: SE = sqrt((.16 + .2275) / 100) = 0.0622; 0.15 > 2 SE = 0.124: the opposite
+    assert lines[6].endswith("sequential training: not distinguishable from noise (0.20 vs 0.20, 2 SE = 0.11)")
+    assert lines[7] == "  ... than DMT (k=1/8): NO, the opposite (0.20 vs 0.35, 2 SE = 0.12)"
+    assert len(lines) == 8
+
+
 def test_quick_demo_has_no_verdict():
     zeros = {r: {"math": 0.0, "code": 0.0, "general": 0.0} for r in SCORES}
     lines = dmt_verdict(zeros, 20, quick=True)

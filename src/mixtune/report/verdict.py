@@ -18,6 +18,8 @@ QUICK = "--quick: stages too short for a verdict; run `mixtune demo` for the rea
 DMT_RUN = re.compile(r"dmt\(k=([0-9.e+-]+)\)")
 RUNS = ("multi_task", "sequential", "mixed_sequential", "dmt(k=0.125)")
 """The runs the verdict compares (the demo's; a study without them gets no verdict)."""
+MERGES = {"ties": "TIES", "lines": "LiNeS"}
+"""Merged-specialist runs the verdict also compares, when present (the demo's ``merges:`` names)."""
 
 
 def compare(a: float, b: float, problems: int) -> tuple[int, str]:
@@ -51,9 +53,11 @@ def _paired(items: Mapping[str, Mapping[str, Sequence[float]]] | None, first: st
 
 
 def _label(run: str) -> str:
-    """``dmt(k=0.125)`` -> ``DMT k=1/8``; ``multi_task`` -> ``multi-task``."""
+    """``dmt(k=0.125)`` -> ``DMT k=1/8``; ``multi_task`` -> ``multi-task``; ``ties`` -> ``TIES merge``."""
     if m := DMT_RUN.fullmatch(run):
         return f"DMT k={Fraction(m[1]).limit_denominator(1024)}"
+    if run in MERGES:
+        return f"{MERGES[run]} merge"
     return run.replace("_", "-")
 
 
@@ -63,7 +67,8 @@ def dmt_verdict(scores: dict[str, dict[str, float]], n: int, *, quick: bool = Fa
 
     Args:
         scores: ``{run name: {ability: accuracy}}`` (one seed, full amount) with ``math``, ``code``
-            and ``general``.
+            and ``general``; merged runs named in :data:`MERGES` add two claims each (more kept
+            than sequential training? than DMT k=1/8?).
         n: held-out problems per ability. Math and code are pooled (2n problems per run).
         quick: a ``--quick`` run: the accuracy line, then :data:`QUICK` instead of the claims.
         items: ``{run name: {ability: per-problem scores}}``, the same problems in the same order for
@@ -75,6 +80,8 @@ def dmt_verdict(scores: dict[str, dict[str, float]], n: int, *, quick: bool = Fa
     avg = lambda run: (scores[run]["math"] + scores[run]["code"]) / 2  # noqa: E731
     shown = [r for r in ("multi_task", "sequential", "mixed_sequential") if r in scores]
     shown += sorted((r for r in scores if DMT_RUN.fullmatch(r)), key=lambda r: float(DMT_RUN.fullmatch(r)[1]))
+    merged = [r for r in MERGES if r in scores]
+    shown += merged
     lines = ["specialist accuracy (math, code mean): " + ", ".join(f"{_label(r)} {avg(r):.2f}" for r in shown)]
     if quick:
         return [*lines, QUICK]
@@ -88,4 +95,9 @@ def dmt_verdict(scores: dict[str, dict[str, float]], n: int, *, quick: bool = Fa
     lost, numbers = compare(scores["mixed_sequential"]["general"], scores["dmt(k=0.125)"]["general"], n)
     lines.append(f"while keeping general ability: {'NO' if lost == 1 else 'yes'} {numbers}"
                  + _paired(items, "mixed_sequential", "dmt(k=0.125)", ("general",)))
+    for run in merged:  # the other road: specialists trained apart, merged in weight space
+        lines.append(f"merging the specialists ({MERGES[run]}) keeps more of them than sequential training: "
+                     f"{_verdict(avg(run), avg('sequential'), 2 * n)}" + _paired(items, run, "sequential", pooled))
+        lines.append(f"  ... than DMT (k=1/8): {_verdict(avg(run), avg('dmt(k=0.125)'), 2 * n)}"
+                     + _paired(items, run, "dmt(k=0.125)", pooled))
     return lines
