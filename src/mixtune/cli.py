@@ -86,19 +86,81 @@ def _quiet_transformers() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+LISTS = ("abilities", "strategies", "methods", "mixing", "merges", "scorers")
+"""What ``mixtune list`` lists: one registry each."""
+
+
+_ABBREVIATIONS = {"Eq", "Eqs", "Sec", "Alg", "Fig", "al", "e.g", "i.e", "cf", "vs"}
+
+
+def _first_sentence(doc: str | None, limit: int = 200) -> str:
+    """A docstring's first sentence (up to ". " outside parentheses), on one line, at most ``limit`` characters."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        word = text[:i].rsplit(" ", 1)[-1]
+        if ch == "." and depth == 0 and (i + 1 == len(text) or text[i + 1] == " ") and word not in _ABBREVIATIONS:
+            text = text[:i + 1]
+            break
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def _registry_rows(what: str) -> tuple[str, list[tuple[str, str]]]:
+    """The title and ``(name, what it is)`` rows of one of :data:`LISTS`."""
+    if what == "strategies":
+        from mixtune.strategy.stages import STRATEGIES
+
+        return "Strategies (strategy: / strategies:)", [(n, _first_sentence(STRATEGIES.get(n).plan.__doc__))
+                                                         for n in STRATEGIES]
+    if what == "methods":
+        from mixtune.train.methods import TUNERS
+
+        return "Tuning methods (train.method)", [(n, _first_sentence(TUNERS.get(n).prepare.__doc__)) for n in TUNERS]
+    if what == "mixing":
+        from mixtune.strategy.mixing import MIXING_MODES
+
+        return "Mixing modes (stage mixing:)", [(n, _first_sentence(MIXING_MODES.get(n).params.__doc__))
+                                                 for n in MIXING_MODES]
+    if what == "merges":
+        from mixtune.merge.methods import MERGE_METHODS
+
+        return ("Merge methods (mixtune merge, a study's merges:; parameters: mixtune merge --list)",
+                [(n, _first_sentence(MERGE_METHODS.get(n).fn.__doc__)) for n in MERGE_METHODS])
+    from mixtune.eval.scorers import SCORERS
+
+    return "Scorers (a task file's scorer:)", [(n, _first_sentence(SCORERS.get(n).__doc__)) for n in SCORERS]
+
+
 @app.command(cls=_Command, name="list")
-def list_cmd() -> None:
-    """List the built-in abilities with their difficulty levels."""
+def list_cmd(
+    what: Annotated[Optional[str], typer.Argument(
+        metavar="[WHAT]", help=f"One of {', '.join(LISTS)} (default: all).")] = None,
+) -> None:
+    """List what mixtune has by name: built-in abilities (with their difficulty levels), strategies, tuning
+    methods, mixing modes, merge methods and scorers."""
     from mixtune.data.abilities import ABILITIES
 
-    table = Table(title="Built-in abilities", show_lines=True)
-    table.add_column("name", style="bold")
-    table.add_column("what")
-    table.add_column("difficulty levels")
-    for name in ABILITIES:
-        a = ABILITIES.get(name)
-        table.add_row(name, f"{a.description} (v{a.version})", "\n".join(f"{k}: {v}" for k, v in a.difficulties.items()))
-    console.print(table)
+    if what is not None and what not in LISTS:
+        raise typer.BadParameter(f"{what!r}; choose one of {', '.join(LISTS)}", param_hint="WHAT")
+    for kind in [what] if what else LISTS:
+        if kind == "abilities":
+            table = Table(title="Built-in abilities (builtin: sources, eval.abilities)", show_lines=True)
+            table.add_column("name", style="bold")
+            table.add_column("what")
+            table.add_column("difficulty levels")
+            for name in ABILITIES:
+                a = ABILITIES.get(name)
+                table.add_row(name, f"{a.description} (v{a.version})",
+                              "\n".join(f"{k}: {v}" for k, v in a.difficulties.items()))
+        else:
+            title, rows = _registry_rows(kind)
+            table = Table(title=title)
+            table.add_column("name", style="bold")
+            table.add_column("what")
+            for name, text in rows:
+                table.add_row(name, escape(text))
+        console.print(table)
 
 
 @data_app.command(cls=_Command, name="preview")

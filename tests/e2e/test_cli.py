@@ -36,6 +36,25 @@ def test_list_shows_abilities_and_levels():
         assert name in out
 
 
+def test_list_shows_every_registry_by_name():
+    from mixtune.eval.scorers import SCORERS
+    from mixtune.merge.methods import MERGE_METHODS
+    from mixtune.strategy.mixing import MIXING_MODES
+    from mixtune.strategy.stages import STRATEGIES
+    from mixtune.train.methods import TUNERS
+
+    out = mixtune("list").stdout
+    for title, registry in (("Strategies", STRATEGIES), ("Tuning methods", TUNERS), ("Mixing modes", MIXING_MODES),
+                            ("Merge methods", MERGE_METHODS), ("Scorers", SCORERS)):
+        assert title in out
+        assert all(f"│ {name} " in out for name in registry), title
+    assert "LoRA (Hu et al., 2021, arXiv:2106.09685), Eq. 3:" in out  # "Eq." does not end the sentence
+    only = mixtune("list", "mixing").stdout
+    assert "aioli" in only and "Strategies" not in only and "math" not in only
+    bad = mixtune("list", "mergers", check=False)
+    assert bad.returncode == 2 and "'mergers'; choose one of abilities, strategies, methods" in bad.stderr
+
+
 def test_every_example_recipe_previews():
     assert len(EXAMPLES) >= 1  # the check must see the shipped recipes
     for path in EXAMPLES:
