@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from mixtune.core import ConfigError, validate
+from mixtune.models import load_model
+from mixtune.models.structure import find_structure
 from mixtune.pipeline import run_training
 from mixtune.recipe import Recipe
 from mixtune.train.methods.hft import HftParams, select
@@ -36,35 +38,44 @@ def changed(before: dict, after: dict) -> set:
 
 # -- HFT ----------------------------------------------------------------------------------------
 
-NAMES = [f"model.layers.{i}.{part}.{m}.weight" for i in range(4)
-         for part, ms in [("self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-                          ("mlp", ["gate_proj", "up_proj", "down_proj"])] for m in ms]
-NAMES += ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight",
-          "model.layers.0.self_attn.q_proj.bias"]
+def tiny_llama(layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, vocab_size=32, attention_bias=True))
 
 
 def test_hft_trains_half_of_each_blocks_attention_and_half_of_all_ffn_matrices():
-    chosen = select(NAMES, HftParams(), seed=0, stage=0)
+    structure = find_structure(tiny_llama())
+    chosen = select(structure, HftParams(), seed=0, stage=0)
     per_block = [[n for n in chosen if f"layers.{i}." in n and n.endswith("weight")] for i in range(4)]
     for names in per_block:  # 2 of the 4 attention matrices in every block
         assert sum("self_attn" in n for n in names) == 2
     ffn = sorted(sum("mlp" in n for n in names) for names in per_block)
     assert ffn == [1, 1, 2, 2]  # 2 of 3 in half of the blocks, 1 of 3 in the other half: 6 of 12
-    assert not {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"} & chosen
+    assert all(".layers." in n for n in chosen)  # embeddings, norms and the head stay frozen
     # a bias follows its matrix
     assert ("model.layers.0.self_attn.q_proj.bias" in chosen) == ("model.layers.0.self_attn.q_proj.weight" in chosen)
-    assert select(NAMES, HftParams(), seed=0, stage=0) == chosen  # seeded
-    assert select(NAMES, HftParams(), seed=0, stage=1) != chosen  # a new half at the next stage
-    with pytest.raises(ConfigError, match="no block parameters"):
-        select(["encoder.weight"], HftParams(), 0, 0)
+    assert select(structure, HftParams(), seed=0, stage=0) == chosen  # seeded
+    assert select(structure, HftParams(), seed=0, stage=1) != chosen  # a new half at the next stage
+    # the former default names pick the same matrices as the structure does on a Llama
+    legacy = HftParams(attention=["q_proj", "k_proj", "v_proj", "o_proj"], ffn=["gate_proj", "up_proj", "down_proj"])
+    assert select(structure, legacy, seed=0, stage=0) == chosen
+    named = select(structure, HftParams(attention=["self_attn.q_proj", "v_proj"], ffn=["up_proj"]), 0, 0)
+    assert {n.split(".")[-2] for n in named} <= {"q_proj", "v_proj", "up_proj"}
+    with pytest.raises(ConfigError, match="has no matrix 'w_q'"):
+        select(structure, HftParams(attention=["w_q", "v_proj"]), 0, 0)
+    with pytest.raises(ConfigError, match="no decoder blocks"):
+        find_structure(torch.nn.Sequential(torch.nn.Linear(2, 2)), "hft")
 
 
 def test_hft_changes_only_its_half_each_stage_and_is_deterministic(tiny_dir, tmp_path):
     base = weights(tiny_dir)
     stage1, stage2 = run_training(recipe(tiny_dir, {"name": "hft"}), tiny_dir, tmp_path / "a", progress=False)
-    names = list(base)
+    structure = find_structure(load_model(tiny_dir)[0])
     for stage, before, after in [(0, base, weights(stage1)), (1, weights(stage1), weights(stage2))]:
-        assert changed(before, after) == select(names, HftParams(), seed=0, stage=stage)
+        assert changed(before, after) == select(structure, HftParams(), seed=0, stage=stage)
     again = run_training(recipe(tiny_dir, {"name": "hft"}), tiny_dir, tmp_path / "b", progress=False)
     assert not changed(weights(stage2), weights(again[-1]))
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
@@ -163,7 +174,6 @@ def test_peft_configs_are_checked_against_peft_classes(tiny_dir):
 def test_adapters_round_trip_onto_the_original_base(tiny_dir, tmp_path, method):
     from peft import PeftModel
 
-    from mixtune.models import load_model
 
     out = run_training(recipe(tiny_dir, method | {"merge": True}), tiny_dir, tmp_path, progress=False)
     folder = out[0]
@@ -215,7 +225,6 @@ def test_moe_lora_routes_top_k_and_mixes_by_renormalised_probabilities():
 
 
 def test_moe_lora_trains_only_experts_logs_routing_per_source_and_reloads(tiny_dir, tmp_path):
-    from mixtune.models import load_model
 
     from mixtune.eval import load_for_eval
 

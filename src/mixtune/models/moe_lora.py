@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mixtune.core import CheckpointError
+from mixtune.core import CheckpointError, ConfigError
+from mixtune.models.structure import GatedFFN, find_structure, gated_ffn
 
 CONFIG, WEIGHTS = "moe_lora.json", "moe_lora.safetensors"
 
@@ -47,12 +48,20 @@ class LoraLinear(torch.nn.Module):
 
 
 class MoeLoraMLP(torch.nn.Module):
-    """A gated FFN (gate, up, down projections) turned into a mixture of LoRA experts."""
+    """A gated FFN, down(act(gate x) * up x), turned into a mixture of LoRA experts. The frozen
+    projections keep their attribute names (``gate_proj``, ``up_proj``, ``down_proj``, or Phi-3's
+    fused ``gate_up_proj``), so the base's weights keep their keys; ``names`` says which is which
+    (default: Llama's)."""
 
-    def __init__(self, mlp, p) -> None:
+    def __init__(self, mlp, p, names: GatedFFN | None = None) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        hidden, inter = self.gate_proj.in_features, self.gate_proj.out_features
+        self.names = n = names or GatedFFN("mlp", "down_proj", "act_fn", gate="gate_proj", up="up_proj")
+        for attr in (n.gate, n.up, n.gate_up, n.down):
+            if attr is not None:
+                setattr(self, attr, getattr(mlp, attr))
+        self.act_fn = getattr(mlp, n.act)
+        down = getattr(self, n.down)
+        hidden, inter = down.out_features, down.in_features
         self.top_k, self.experts, self.scale = min(p.top_k, p.experts), p.experts, p.alpha / p.r
         self.router = torch.nn.Linear(hidden, p.experts, bias=False)
         torch.nn.init.normal_(self.router.weight, std=p.router_init_range)
@@ -61,6 +70,13 @@ class MoeLoraMLP(torch.nn.Module):
         self.down_A, self.down_B = _lora_pair(inter, hidden, p.r, p.experts)
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (router probabilities, top-k experts)
 
+    def base_gate_up(self, x):
+        """The frozen gate and up projections of ``x``, shared by every expert."""
+        n = self.names
+        if n.gate_up is not None:
+            return getattr(self, n.gate_up)(x).chunk(2, dim=-1)  # Phi-3: gate rows first, then up
+        return getattr(self, n.gate)(x), getattr(self, n.up)(x)
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -68,7 +84,8 @@ class MoeLoraMLP(torch.nn.Module):
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         mix = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)
         self.last = (probs, top_i)
-        base_gate, base_up = self.gate_proj(x), self.up_proj(x)  # shared by every expert
+        base_gate, base_up = self.base_gate_up(x)
+        down = getattr(self, self.names.down)
         out = torch.zeros_like(x)
         s = self.scale
         for e in range(self.experts):
@@ -79,37 +96,65 @@ class MoeLoraMLP(torch.nn.Module):
             g = base_gate[rows] + s * F.linear(F.linear(xe, self.gate_A[e]), self.gate_B[e])
             u = base_up[rows] + s * F.linear(F.linear(xe, self.up_A[e]), self.up_B[e])
             h = self.act_fn(g) * u
-            y = self.down_proj(h) + s * F.linear(F.linear(h, self.down_A[e]), self.down_B[e])
+            y = down(h) + s * F.linear(F.linear(h, self.down_A[e]), self.down_B[e])
             out.index_add_(0, rows, y * mix[rows, slot].unsqueeze(-1))
         return out.reshape(shape)
 
 
-def _blocks(model):
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise CheckpointError("moe_lora: the model has no `model.layers` (a Llama-style decoder is expected)")
-    return layers
+def _check_same_function(block, mlp, moe: MoeLoraMLP) -> None:
+    """With every B = 0 the mixture computes the FFN it replaces (the mixing weights sum to 1); any
+    other result means the FFN is not down(act(gate x) * up x) as read from its structure."""
+    w = moe.router.weight
+    base = getattr(moe, moe.names.down).weight.dtype
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, base)
+    low = base != w.dtype  # a bf16/fp16 base: compare under autocast, as it trains, at that precision
+    with torch.no_grad(), torch.autocast(w.device.type, dtype=base, enabled=low):
+        want, got = mlp(x).float(), moe(x).float()
+    moe.last = None
+    if not torch.allclose(want, got, rtol=1e-2 if low else 1e-3, atol=1e-2 if low else 1e-4):
+        raise ConfigError(f"moe_lora: {type(mlp).__name__} in {block.kind} ({block.name}) does not compute "
+                          "down(act(gate x) * up x) from the projections found; a gated FFN is expected")
 
 
 def attach(model, p):
     """Turn every block's FFN into a mixture of LoRA experts (and add the attention LoRAs); only
     they train. ``p`` has experts, top_k, r, alpha, router_init_range and attention. A model that
-    has them already (a later stage) keeps and trains its own."""
+    has them already (a later stage) keeps and trains its own. Blocks, their gated FFN and the
+    matrices ``p.attention`` names (paths relative to the block, or their last parts) come from
+    :func:`mixtune.models.structure.find_structure`; every block is checked before any changes.
+
+    Raises:
+        ConfigError: the model has no decoder blocks, a block's FFN is not gated (the message names
+            the block and its FFN matrices), or an attention name matches no nn.Linear of a block.
+    """
     if moe_modules(model):
         for name, param in model.named_parameters():
             param.requires_grad_(is_added(name))
         return model
+    plans = []
+    for block in find_structure(model, "moe_lora").blocks:
+        attention = [block.find(n, "attention", "moe_lora: train.method.attention") for n in p.attention]
+        if len({id(m) for m in attention}) < len(attention):
+            raise ConfigError(f"moe_lora: train.method.attention {p.attention} names one matrix of {block.kind} twice")
+        for m in attention:
+            if m.conv1d:
+                raise ConfigError(f"moe_lora: train.method.attention {m.path} in {block.kind} is a Conv1D; "
+                                  "expected an nn.Linear")
+        plans.append((block, gated_ffn(block, "moe_lora"), attention))
+    built = []  # initialised block by block, FFN then attention, in the order of earlier versions
+    for block, names, attention in plans:
+        mlp = getattr(block.module, names.attr)
+        moe = MoeLoraMLP(mlp, p, names).to(mlp.get_submodule(names.down).weight.device)
+        _check_same_function(block, mlp, moe)
+        built.append((block, names.attr, moe, [(m, LoraLinear(m.module, p.r, p.alpha).to(m.module.weight.device))
+                                               for m in attention]))
     for param in model.parameters():
         param.requires_grad_(False)
-    for layer in _blocks(model):
-        mlp = layer.mlp
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            raise CheckpointError("moe_lora: a block's mlp has no gate_proj/up_proj/down_proj (a gated FFN is expected)")
-        layer.mlp = MoeLoraMLP(mlp, p)
-        for name in p.attention:
-            if not isinstance(getattr(layer.self_attn, name, None), torch.nn.Linear):
-                raise CheckpointError(f"moe_lora: attention has no linear {name!r} (train.method.attention)")
-            setattr(layer.self_attn, name, LoraLinear(getattr(layer.self_attn, name), p.r, p.alpha))
+    for block, attr, moe, loras in built:
+        setattr(block.module, attr, moe)
+        for m, lora in loras:
+            parent, _, leaf = m.path.rpartition(".")
+            setattr(block.module.get_submodule(parent) if parent else block.module, leaf, lora)
     model.mixtune_moe_lora = p
     return model
 

@@ -4,12 +4,15 @@ their own optimizer or add a loss."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtune.core import CheckpointError, Registry, Strict
+from mixtune.core import CheckpointError, ConfigError, Registry, Strict
+
+log = logging.getLogger("mixtune.train")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,35 @@ TUNERS: Registry[Tuner] = Registry("tuning method")
 def register(name: str, params: type[Strict], *, prepare: Callable, export: Callable, **hooks) -> Tuner:
     """Register a method; its citation (if any) is the ``prepare`` docstring."""
     return TUNERS.add(name, Tuner(params, prepare, export, **hooks), doc=prepare.__doc__)
+
+
+def check_share(method: str, model, *, trained: int, intended: int, of: str, low: float = 1.0, high: float = 1.0,
+                why: str = "") -> float:
+    """Check that a method trains the share it promises, log it, and return it.
+
+    Args:
+        method: the method's name, for the message.
+        model: the prepared model (its parameter count goes in the log line).
+        trained: parameters (or, for a sparse method, entries) that train.
+        intended: what the share is measured against: every parameter (``full``), the adapters
+            (``lora``), the block matrices (``hft``), the principal entries (``lift``).
+        of: what ``intended`` counts, for the message (``block-matrix parameters``).
+        low, high: the share ``trained / intended`` the method promises (1, 1: exactly all of them).
+        why: the reason for the bounds, added to the error.
+
+    Raises:
+        ConfigError: the share is outside [low, high] or nothing trains: the method misread the model
+            (e.g. names that match almost nothing), which must never pass silently.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    share = trained / intended if intended else 0.0
+    span = f"{low:.0%}" if low == high else f"{low:.0%}-{high:.0%}" if low > 0 else f"above 0, up to {high:.0%}"
+    line = (f"{method}: {trained:,} train, {share:.1%} of {intended:,} {of} (intended {span}); "
+            f"{trained / max(total, 1):.2%} of the model's {total:,} parameters")
+    if trained == 0 or not low - 1e-9 <= share <= high + 1e-9:
+        raise ConfigError(f"{line}{'; ' + why if why else ''}")
+    log.info(line)
+    return share
 
 
 def save_full(model, out_dir: Path, state_dict: dict | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from mixtune.core import Strict
-from mixtune.train.methods.base import register, save_full
+from mixtune.train.methods.base import check_share, register, save_full
 
 
 class FullParams(Strict):
@@ -16,6 +16,9 @@ def prepare(model, p: FullParams, seed: int):
     """Full fine-tuning: all parameters require gradients."""
     for param in model.parameters():
         param.requires_grad_(True)
+    n = sum(p.numel() for p in model.parameters())
+    check_share("full", model, trained=sum(p.numel() for p in model.parameters() if p.requires_grad), intended=n,
+                of="parameters")
     return model
 
 

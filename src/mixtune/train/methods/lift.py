@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mixtune.core import ConfigError, Strict
-from mixtune.core.names import layer_index
-from mixtune.train.methods.base import register, save_full
+from mixtune.core import Strict
+from mixtune.models.structure import find_structure
+from mixtune.train.methods.base import check_share, register, save_full
 
 
 class LiftParams(Strict):
@@ -30,12 +30,18 @@ class LiftParams(Strict):
     """Adam's epsilon of the sparse optimizer."""
 
 
+def budget(weight: torch.Tensor, rank: int) -> int:
+    """K = min((m + n) * rank, m n): the entries of an m x n matrix that train."""
+    m, n = weight.shape
+    return min((m + n) * rank, m * n)
+
+
 def principal_mask(weight: torch.Tensor, rank: int, filter_rank: int, svd: str = "full") -> torch.Tensor:
     """Flat indices (sorted) of the principal weights of ``weight`` (LIFT, Liu et al., 2025,
     arXiv:2506.00772, Sec. 3): W_r = U_r S_r V_r^T, the rank-``filter_rank`` approximation, and the
     K = min((m + n) * rank, m n) entries of largest |W_r|."""
     m, n = weight.shape
-    k = min((m + n) * rank, m * n)
+    k = budget(weight, rank)
     w = weight.detach().float()
     if svd == "lowrank":
         u, s, v = torch.svd_lowrank(w, q=min(2 * filter_rank, m, n))
@@ -119,22 +125,19 @@ class SparseAdamW(torch.optim.Optimizer):
 
 
 def _targets(model) -> dict[str, torch.nn.Parameter]:
-    """Weights of the linear layers inside the transformer blocks."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and layer_index(name + ".") is not None:
-            out[name + ".weight"] = module.weight
-    return out
+    """Weights of every matrix inside the decoder blocks (``nn.Linear`` and ``Conv1D``, attention and
+    FFN alike, from :func:`mixtune.models.structure.find_structure`). A Conv1D weight is stored
+    transposed; its principal entries are the same entries either way (the SVD of W^T is that of W)."""
+    return {f"{m.name}.weight": m.module.weight for m in find_structure(model, "lift").matrices()}
 
 
 def prepare(model, p: LiftParams, seed: int):
     """LIFT (Liu et al., 2025, arXiv:2506.00772, Sec. 3; official SparseAdamW ``lift_sparse``):
     only the principal weights of each linear layer in the blocks train, the K = min((m + n) r, m n)
     largest entries of its rank-``filter_rank`` approximation, re-chosen every ``update_interval``
-    steps; embeddings, norms and the head are frozen."""
+    steps; embeddings, norms and the head are frozen. The block matrices come from the module
+    tree (GPT-2's Conv1D layers included)."""
     targets = _targets(model)
-    if not targets:
-        raise ConfigError("lift: the model has no linear layers inside numbered blocks (layers.N.)")
     chosen = {id(t) for t in targets.values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen)
@@ -142,9 +145,17 @@ def prepare(model, p: LiftParams, seed: int):
 
 
 def optimizer(model, p: LiftParams, lr: float, weight_decay: float) -> SparseAdamW:
-    params = [t for t in _targets(model).values() if t.requires_grad]
-    return SparseAdamW(params, select=lambda w: principal_mask(w, p.rank, p.filter_rank, p.svd), lr=lr,
-                       betas=p.betas, eps=p.eps, weight_decay=weight_decay, update_interval=p.update_interval)
+    """The sparse AdamW over every block matrix's principal entries; checks that they are K per
+    matrix, as many as a rank-``rank`` LoRA of every block matrix would train."""
+    targets = _targets(model)
+    params = [t for t in targets.values() if t.requires_grad]
+    opt = SparseAdamW(params, select=lambda w: principal_mask(w, p.rank, p.filter_rank, p.svd), lr=lr,
+                      betas=p.betas, eps=p.eps, weight_decay=weight_decay, update_interval=p.update_interval)
+    intended = sum(budget(t, p.rank) for t in targets.values())
+    check_share("lift", model, trained=opt.trainable_entries(), intended=intended,
+                of=f"principal entries (K per block matrix, {len(targets)} matrices)",
+                why="every block matrix trains its K principal entries")
+    return opt
 
 
 register("lift", LiftParams, prepare=prepare, export=lambda model, p, out, sd: save_full(model, out, sd),

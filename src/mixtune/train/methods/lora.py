@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mixtune.core import CheckpointError, ConfigError, Strict
-from mixtune.train.methods.base import register
+from mixtune.train.methods.base import check_share, register
 
 CONVERTED_INITS = ("pissa", "olora")
 """Initialisations that change the base weights: their adapters are converted on export so they
@@ -105,8 +105,9 @@ def _attach(model, config, where: str):
 
     try:
         peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:  # peft refuses a layer type with TypeError (LoHa on GPT-2's Conv1D)
+        kind = str(getattr(config.peft_type, "value", config.peft_type))
+        raise ConfigError(f"{where}: peft's {kind} cannot adapt {type(model).__name__}: {e}") from None
     init = str(getattr(config, "init_lora_weights", ""))
     if init.startswith(CONVERTED_INITS):  # keep the initial adapter, to convert the trained one on export
         initial = Path(tempfile.mkdtemp(prefix="mixtune-initial-adapter-"))
@@ -114,7 +115,24 @@ def _attach(model, config, where: str):
         peft_model.save_pretrained(str(initial))
         peft_model.peft_config["default"].init_lora_weights = config.init_lora_weights
         peft_model.mixtune_initial_adapter = initial
+    _check_adapters(peft_model, config)
     return peft_model
+
+
+def _check_adapters(peft_model, config) -> None:
+    """Only the adapter trains (its parameters carry the adapter's name, ``...lora_A.default.weight``),
+    all of it for LoRA; logged as a share of the adapter and of the model."""
+    adapter = peft_model.active_adapter
+    ours = {n: q for n, q in peft_model.named_parameters() if adapter in n.split(".")}
+    base = [n for n, q in peft_model.named_parameters() if q.requires_grad and n not in ours]
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if base:
+        raise ConfigError(f"train.method ({kind}): base parameters train besides the adapter "
+                          f"({', '.join(base[:3])})")
+    lora = kind == "LORA"  # other tuners may keep parts of their adapter fixed
+    check_share(kind.lower(), peft_model, trained=sum(q.numel() for q in ours.values() if q.requires_grad),
+                intended=sum(q.numel() for q in ours.values()), of=f"adapter {adapter!r} parameters",
+                low=1.0 if lora else 0.0, why="the adapter is what trains")
 
 
 def lora_config(p: LoraParams):

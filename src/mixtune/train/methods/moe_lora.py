@@ -18,8 +18,8 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from mixtune.core import CheckpointError, Strict
-from mixtune.models.moe_lora import CONFIG, WEIGHTS, attach, is_added, moe_modules, save
-from mixtune.train.methods.base import register
+from mixtune.models.moe_lora import CONFIG, WEIGHTS, LoraLinear, MoeLoraMLP, attach, is_added, moe_modules, save
+from mixtune.train.methods.base import check_share, register
 
 
 class MoeLoraParams(Strict):
@@ -48,7 +48,27 @@ def prepare(model, p: MoeLoraParams, seed: int):
     loss alpha * E * sum_e f_e P_e (f_e: share of tokens routed to e, P_e: mean router probability;
     Switch/Mixtral form, over every block's tokens at once). Defaults 8 experts, top-2, alpha 0.01."""
     torch.manual_seed(seed)
-    return attach(model, p)
+    model = attach(model, p)
+    check_share("moe_lora", model, trained=sum(q.numel() for q in model.parameters() if q.requires_grad),
+                intended=intended_size(model), of="expert, router and attention-LoRA parameters",
+                why="the experts, routers and attention LoRAs are what trains")
+    return model
+
+
+def intended_size(model) -> int:
+    """Parameters MixLoRA adds, from the layer shapes: per FFN of hidden size H and inner size I,
+    E experts x (LoRA of gate, up: r (H + I) each; of down: r (I + H)) + the router E H; per
+    attention LoRA r (in + out)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            out_f, in_f = m.weight.shape
+            n += m.lora_A.shape[0] * (in_f + out_f)
+        elif isinstance(m, MoeLoraMLP):
+            down = getattr(m, m.names.down)
+            hidden, inner, r = down.out_features, down.in_features, m.gate_A.shape[1]
+            n += m.experts * (3 * r * (hidden + inner) + hidden)
+    return n
 
 
 def before_forward(model, micro_batch: dict) -> None:
