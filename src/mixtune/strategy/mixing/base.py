@@ -181,6 +181,27 @@ class ProportionalRows:
         return state["mixer"]
 
 
+class FixedProportions(Mixer):
+    """A mode whose proportions ``p`` (set by the subclass) stay fixed for the whole stage."""
+
+    p: np.ndarray
+
+    def __init__(self, rows: StageRows) -> None:
+        self.draw, self.names = ProportionalRows(rows), rows.groups.names
+
+    def rows(self, step: int) -> list[int]:
+        return self.draw.rows(self.p)
+
+    def log(self, step: int) -> dict[str, float]:
+        return shares(self.names, self.p)
+
+    def state_dict(self) -> dict:
+        return self.draw.state_dict({})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draw.load_state_dict(state)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from mixtune.core import ConfigError, Strict
-from mixtune.strategy.mixing.base import Mixer, ProportionalRows, StageRows, register, shares
+from mixtune.strategy.mixing.base import FixedProportions, StageRows, register
 
 
 class StaticParams(Strict):
@@ -33,29 +33,17 @@ def describe(p: StaticParams, groups: list[str], steps: int | None) -> str:
     return "proportions " + ", ".join(f"{g} {p.weights.get(g, 0) / sum(p.weights.values()):.2f}" for g in groups)
 
 
-class Static(Mixer):
+class Static(FixedProportions):
     """Fixed proportions p_j = weights_j / sum(weights) (e.g. DoReMi's averaged alpha, or DMT's shares)."""
 
     def __init__(self, p: StaticParams, rows: StageRows) -> None:
-        self.draw, self.names = ProportionalRows(rows), rows.groups.names
+        super().__init__(rows)
         try:  # the recipe was checked against the stage's sources; one may still have no examples here
             check(p, self.names)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         w = np.array([p.weights.get(g, 0.0) for g in self.names], dtype=float)
         self.p = w / w.sum()
-
-    def rows(self, step: int) -> list[int]:
-        return self.draw.rows(self.p)
-
-    def log(self, step: int) -> dict[str, float]:
-        return shares(self.names, self.p)
-
-    def state_dict(self) -> dict:
-        return self.draw.state_dict({})
-
-    def load_state_dict(self, state: dict) -> None:
-        self.draw.load_state_dict(state)
 
 
 register("static", StaticParams, Static, check=check, describe=describe)
