@@ -122,16 +122,18 @@ def test_demo_quick_runs_the_whole_study_and_writes_the_report(tmp_path):
         rows = list(csv.DictReader(f))
     runs = {r["name"] for r in rows}
     assert runs == {"base", "specialist:math", "specialist:code", "specialist:general", "multi_task", "sequential",
-                    "mixed_sequential", "dmt(k=0.03125)", "dmt(k=0.125)"}
-    assert len(rows) == 9 * 3 and all(r["n"] == "20" for r in rows)
+                    "mixed_sequential", "dmt(k=0.03125)", "dmt(k=0.125)", "ties", "lines"}  # merges: the chosen points
+    assert len(rows) == 11 * 3 and all(r["n"] == "20" for r in rows)
+    assert "search chose ties(lambda=" in out and "search chose lines(lambda=" in out
     html = (demo / "report.html").read_text()
     assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 2
+    assert "Merge-parameter search" in html
     from mixtune.report.verdict import QUICK
 
     assert QUICK in out and "sequential forgets" not in out  # a quick run claims nothing
     assert QUICK in html
-    again = mixtune("demo", "--quick", "--out", demo).stdout  # resumable: nothing left to train
-    assert "(0 to train)" in again
+    again = mixtune("demo", "--quick", "--out", demo).stdout  # resumable: nothing left to train, merge or score
+    assert "(0 to train)" in again and "merging" not in again and "evaluating" not in again
 
 
 def test_train_dry_run_shows_exact_stage_counts_an_estimate_and_trains_nothing(tmp_path):
