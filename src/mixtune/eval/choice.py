@@ -10,7 +10,6 @@ Log-softmax is taken in float32 (lm-eval takes it in the model's dtype: the same
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mixtune.core import DataError
-from mixtune.eval.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
+from mixtune.eval.prefix import cache_arg, cache_rows, last_logits_only, pad_after, prefix_cache, shared_prefix
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
@@ -159,8 +158,7 @@ def continuation_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, 
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    params = inspect.signature(model.forward).parameters
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    keep = last_logits_only(model)
     cache_kw = cache_arg(model)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     # longest contexts first: each batch pads little and memory peaks at once
@@ -172,8 +170,6 @@ def continuation_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, 
             _score_batch(model, order[start:start + batch_size], groups, out, pad_id, device, keep, cache_kw,
                          batch_size, shared, start_cache)
     return out
-
-
 
 
 def _score_batch(model, ctxs, groups, out, pad_id, device, keep, cache_kw, batch_size, shared,

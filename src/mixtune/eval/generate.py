@@ -208,14 +208,14 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
     shared = shared_prefix(tokens)
     with torch.inference_mode():
         start_cache = prefix_cache(model, shared)
+    cache_kw = cache_arg(model)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         ids, mask, _ = pad_after(shared, [tokens[i] for i, _ in batch], pad_id, device)
         past = {}
         if shared:  # the batch continues from the shared prefix's cache: [shared][pad...][own tokens]
             ids = torch.cat([torch.tensor([shared], device=device).expand(len(batch), -1), ids], dim=1)
-            past = {cache_arg(model): cache_rows(start_cache, torch.zeros(len(batch), dtype=torch.long,
-                                                                           device=device))}
+            past = {cache_kw: cache_rows(start_cache, torch.zeros(len(batch), dtype=torch.long, device=device))}
         processors = None
         if temperature > 0:
             uniforms = torch.stack([

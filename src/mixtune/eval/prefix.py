@@ -35,13 +35,17 @@ def cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_logits_only(model) -> dict:
+    """The forward keyword that computes the output head at the last position only, where the model has it."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def prefix_cache(model, shared: Sequence[int]):
     """The KV cache after the model reads ``shared`` (a batch of one), or None when ``shared`` is empty."""
     if not shared:
         return None
     device = next(model.parameters()).device
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    res = model(input_ids=torch.tensor([list(shared)], device=device), use_cache=True, **keep)
+    res = model(input_ids=torch.tensor([list(shared)], device=device), use_cache=True, **last_logits_only(model))
     return getattr(res, cache_arg(model))
 
 
