@@ -70,7 +70,7 @@ def kind_of(data: dict) -> str:
         return "study"
     if "sources" in data:
         return "recipe"
-    if set(data) <= {"train", "stages", "strategy", "format", "mixture", "prefix", "seed"}:
+    if set(data) <= {"train", "run", "load", "stages", "strategy", "format", "mixture", "prefix", "seed"}:
         return "recipe fragment"
     if set(data) == {"method"}:
         return "method fragment"

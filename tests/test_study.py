@@ -42,8 +42,7 @@ def test_grid_expands_and_shares_stage_prefixes(tiny_dir):
     other = config(tiny_dir, train={"lr": 2e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4})
     assert stage_keys(other, expand(other)[1]) != keys["specialist:math"]
     # how a run goes (logging, checkpoints, evaluations during training) is not what it trains
-    quiet = config(tiny_dir, train={"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-                                    "log_every": 1, "save_every": 1, "keep_checkpoints": 3})
+    quiet = config(tiny_dir, run={"log_every": 1, "save_every": 1, "keep_checkpoints": 3})
     assert stage_keys(quiet, expand(quiet)[1]) == keys["specialist:math"]
 
 
@@ -112,12 +111,13 @@ def test_methods_axis_repeats_runs_per_method_and_trains_adapters_as_adapters(ti
     assert len(trained) == 1 + 3 * 2
     lora_final = keys["sequential [lora(r=2)]"][-1]
     assert (study.model_dir(lora_final) / "adapter_config.json").exists()
-    # saved as an adapter only (no merged full model unless the method says merge: true); its base is the
-    # previous stage, named relative to the adapter so the study folder can be moved whole
+    # saved as an adapter only (no merged full model unless the method says merge: true); the run's stages
+    # after the prefix go on training one adapter (as `mixtune train` does), so its base is the prefix's
+    # model, named relative to the adapter so the study folder can be moved whole
     assert not (study.model_dir(lora_final) / "merged").exists()
     assert study.model_path(lora_final) == study.model_dir(lora_final)
     base = json.loads((study.model_dir(lora_final) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base == f"../{keys['sequential [lora(r=2)]'][-2]}"
+    assert base == f"../{keys['sequential [lora(r=2)]'][0]}"
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     shutil.copytree(tmp_path, moved, symlinks=True)
     from mixtune.eval import load_for_eval
@@ -138,9 +138,9 @@ def test_scores_during_training_are_stored_plotted_and_change_no_stage_key(tiny_
     from mixtune.eval import evaluate, load_for_eval
 
     train = {"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32"}
-    during = train | {"eval": {"every": 1, "abilities": ["math"], "n": 2}}
+    during = {"eval": {"every": 1, "abilities": ["math"], "n": 2}}
     plain = config(tiny_dir, specialists=["math"], strategies=[], train=train)
-    cfg = config(tiny_dir, specialists=["math"], strategies=[], train=during)
+    cfg = config(tiny_dir, specialists=["math"], strategies=[], train=train, run=during)
     run = expand(cfg)[1]
     assert stage_keys(cfg, run) == stage_keys(plain, expand(plain)[1])  # it never changes the weights
     study = Study(cfg, tmp_path, progress=False, log=lambda m: None)
@@ -155,14 +155,15 @@ def test_scores_during_training_are_stored_plotted_and_change_no_stage_key(tiny_
     html = study.report().read_text()
     assert "<h2>Scores during training</h2>" in html and html.count("data:image/png;base64,") == 3
     with pytest.raises(ConfigError, match="keep_best is for `mixtune train`"):
-        Study(config(tiny_dir, train=during | {"eval": during["eval"] | {"keep_best": "math"}}), tmp_path / "b")
+        Study(config(tiny_dir, run={"eval": during["eval"] | {"keep_best": "math"}}), tmp_path / "b")
 
 
 @pytest.mark.parametrize("train", [{}, {"masked_thought": {"rate": 0.3}},
-                                   {"method": {"name": "hft"}}])
+                                   {"method": {"name": "hft"}}, {"method": {"name": "lora", "r": 4}}])
 def test_a_recipe_gives_the_same_weights_through_train_and_study(tiny_dir, tmp_path, train):
-    """Issue #16: a study trains one stage per call; its stage 2 must see stage 2's data order,
-    Masked Thought stream and method randomness, as `mixtune train` does."""
+    """Issue #16: a study trains one stage per node; its stage 2 must see stage 2's data order,
+    Masked Thought stream and method randomness, and (LoRA) go on training the adapter of stage 1,
+    as `mixtune train` does: both run the same node function."""
     from safetensors.torch import load_file
 
     from mixtune.pipeline import run_training
@@ -177,9 +178,35 @@ def test_a_recipe_gives_the_same_weights_through_train_and_study(tiny_dir, tmp_p
     (exported_1, exported_2) = run_training(recipe, tiny_dir, tmp_path / "train", progress=False)
     study = Study(cfg, tmp_path / "study", progress=False, log=lambda m: None)
     run = next(r for r in expand(cfg) if r.name.startswith("dmt"))
-    study._train_run(run, None)  # the run's stages only: the weights are what is compared
     keys = stage_keys(cfg, run)
+    study.graph()
+    for i in range(len(keys)):  # the run's stage nodes only: the weights are what is compared
+        study._train_stage(run, i)
+    name = "adapter_model.safetensors" if "lora" in str(train) else "model.safetensors"
     for key, folder in zip(keys, (exported_1, exported_2)):
-        mine, theirs = load_file(study.model_path(key) / "model.safetensors"), load_file(folder / "model.safetensors")
+        mine, theirs = load_file(study.model_dir(key) / name), load_file(folder / name)
         for k, v in theirs.items():
             assert torch.equal(v, mine[k]), (key, k)
+
+
+def test_jobs_run_independent_nodes_at_once_in_processes_with_the_same_results(tiny_dir, tmp_path):
+    """Issue #16 item 7: `--jobs 2` trains the two specialists (both need only the prefix) at once, in
+    other processes, and every model and score is what one process gives."""
+    from safetensors.torch import load_file
+
+    cfg = config(tiny_dir, specialists=["math", "general"], strategies=[], eval={"n": 2, "abilities": ["math"]})
+    one = Study(cfg, tmp_path / "one", progress=False, log=lambda m: None)
+    one.run()
+    log: list[str] = []
+    two = Study(cfg, tmp_path / "two", progress=False, log=log.append, jobs=2)
+    two.run()
+    assert any(m.startswith("graph: starting") and m.endswith("(2 running)") for m in log)
+    keys = {k for r in expand(cfg) for k in stage_keys(cfg, r)}
+    assert len(keys) == 3
+    for key in keys:
+        a, b = (load_file(s.model_dir(key) / "model.safetensors") for s in (one, two))
+        assert all(torch.equal(v, b[k]) for k, v in a.items()), key
+    assert [(r["run_id"], r["value"]) for r in one.results()] == [(r["run_id"], r["value"]) for r in two.results()]
+    log.clear()
+    Study(cfg, tmp_path / "two", progress=False, log=log.append, jobs=2).run()  # a rerun does nothing
+    assert not any("graph: starting" in m or "training" in m or "evaluating" in m for m in log)

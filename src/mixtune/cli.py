@@ -273,19 +273,19 @@ def train_cmd(
 
         with console.status("preparing data ..."):  # data problems surface before anything is printed
             data = prepare_data(cfg, base, select_with=_selection_model(cfg))
-            if cfg.train.eval is not None:  # so do unknown abilities and missing task files
+            if cfg.run.eval is not None:  # so do unknown abilities and missing task files
                 from mixtune.eval import during_training
 
-                during_training(cfg.train.eval, data.tokenizer, base)
+                during_training(cfg.run.eval, data.tokenizer, base)
         console.print(Text(dump_config(cfg)))
         _print_selection(data)
         plans = stage_plan(cfg, data)
         for st, plan in zip(data.stages, plans):
             _print_stage(st, f"stage {plan.name}: {plan.steps:,} steps, lr {plan.lr:g} {plan.schedule}", plan.steps)
-        if cfg.train.eval is not None:
+        if cfg.run.eval is not None:
             from mixtune.train.evaluation import evaluation_steps
 
-            e = cfg.train.eval
+            e = cfg.run.eval
             times = len(evaluation_steps(e, [plan.steps for plan in plans]))
             console.print(f"evaluation during training: {times} evaluations (start, every {e.every} steps, stage "
                           f"ends) of {', '.join(e.abilities)} on {e.n} problems each"
@@ -304,7 +304,7 @@ def train_cmd(
     if PartialState().is_main_process:
         console.print(f"trained {len(folders)} stage(s); models in {out / 'stages'}, log in {out / 'log.jsonl'}")
         best = out / "best" / "best.json"
-        if cfg.train.eval is not None and cfg.train.eval.keep_best and best.exists():
+        if cfg.run.eval is not None and cfg.run.eval.keep_best and best.exists():
             import json
 
             b = json.loads(best.read_text())
@@ -437,6 +437,10 @@ def study_cmd(
     overrides: Overrides = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Study folder (default: runs/NAME).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their stages; train nothing.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N",
+                                      help="Run up to N independent steps (stages, merges, evaluations) at once, in "
+                                           "separate local processes, each with cpu_count/N threads; results are "
+                                           "the same as with 1.")] = 1,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
 
@@ -478,10 +482,10 @@ def study_cmd(
                 "and score the chosen point" if searched else ""))
         return
     _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
-               notes=[f"mixtune study {recipe}"])
+               notes=[f"mixtune study {recipe}"], jobs=jobs)
 
 
-def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None):
+def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None, jobs: int = 1):
     """Run the study, write its report, print its scores; ``verdict`` turns ``{run name: {ability:
     accuracy}}`` (first seed, full amount) and the per-problem scores (:meth:`Study.item_scores`, for
     paired tests) into lines for the report (returned for the terminal).
@@ -491,7 +495,7 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], 
     from mixtune.study import Study
 
     t0 = time.perf_counter()
-    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"))
+    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"), jobs=jobs)
     study.describe(title=title, notes=notes)
     study.run()
     minutes = (time.perf_counter() - t0) / 60
@@ -647,6 +651,10 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the demo study.")] = Path("mixtune-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Short stages and few test problems (CI; ~2 min).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the demo's study recipe and stop.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N",
+                                      help="Run up to N independent steps (stages, merges, evaluations) at once, in "
+                                           "separate local processes, each with cpu_count/N threads; results are "
+                                           "the same as with 1.")] = 1,
 ) -> None:
     """Run the DMT comparison on the embedded default: the built-in tiny model and ability suite.
 
@@ -673,7 +681,7 @@ def demo(
     from mixtune.report import dmt_verdict
 
     _, _, lines = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
-                             notes=[f"mixtune demo{' --quick' if quick else ''}"],
+                             notes=[f"mixtune demo{' --quick' if quick else ''}"], jobs=jobs,
                              verdict=lambda scores, items: dmt_verdict(scores, cfg.eval.n, quick=quick, items=items))
     _explain_demo(lines)
 

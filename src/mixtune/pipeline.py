@@ -11,10 +11,12 @@ from mixtune.core import ConfigError, DataError, dump_config
 from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
 from mixtune.data.sources import load_source_located
-from mixtune.models import load_model, load_tokenizer
+from mixtune.graph import Node
+from mixtune.models import LoadConfig, load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
 from mixtune.strategy.mixing import Groups, grouped
+from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.loop import StageData, stage_steps, train
 
 
@@ -163,12 +165,13 @@ def select_sources(recipe: Recipe, loaded: dict[str, list[dict]], tokenizer, mod
 
 def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
     """Each prepared stage with its resolved length, learning rate and schedule."""
+    text = dump_config(recipe)
     out = []
     for st in data.stages:
         c = st.config
         steps = stage_steps(st.packed.input_ids.shape[0], recipe.train, steps=c.steps, epochs=c.epochs)
         out.append(StageData(c.name, st.packed, steps, c.lr or recipe.train.lr, c.schedule or recipe.train.schedule,
-                             c.mixing, st.groups))
+                             c.mixing, st.groups, text))
     return out
 
 
@@ -182,10 +185,86 @@ def start_model(model: str, *, seed: int, folder: Path) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class TrainNode:
+    """A graph node that trains one stage: the last of ``plans``, the stages of one training call
+    (a segment: one method, one starting model). The stages before it are done: their exports are
+    ``before``, which ``work/stages/`` holds or links to, so the loop resumes after them exactly as
+    a run killed between stages does (the same weights as training them in one go: tested)."""
+
+    key: str
+    start: Path
+    """The model the segment's first stage starts from (an adapter folder is applied in memory)."""
+    plans: tuple[StageData, ...]
+    before: tuple[Path, ...]
+    """Exported folders of ``plans[:-1]``."""
+    train: TrainConfig
+    options: RunOptions
+    seed: int
+    source_names: tuple[str, ...]
+    work: Path
+    """The loop's ``out_dir``: ``log.jsonl``, ``checkpoints/``, ``stages/<name>/``."""
+    first_stage: int = 0
+    """The position of ``plans[0]`` in the whole run (see :func:`mixtune.train.loop.train`)."""
+    base_name: str | None = None
+    """The base an exported adapter records (``model.name_or_path``); default: ``start``'s path."""
+    base_dir: Path = Path(".")
+    """Where ``options.eval``'s task files are looked up."""
+    load: LoadConfig = LoadConfig()
+    """How ``start`` is loaded (dtype, attention kernel, quantisation)."""
+
+
+def train_stage(node: TrainNode, *, accelerator=None, progress: bool = True, on_step=None) -> Path:
+    """Run a :class:`TrainNode`: load its starting model, link the exports it resumes after, train
+    its stage through the loop; returns the stage's exported folder (``work/stages/<name>``).
+    The one function that trains, for ``mixtune train`` and ``mixtune study`` alike."""
+    from mixtune.eval import load_for_eval
+    from mixtune.train.loop import make_accelerator
+
+    acc = accelerator or make_accelerator(node.train.precision)
+    if acc.is_main_process:
+        for plan, folder in zip(node.plans, node.before):
+            link = node.work / "stages" / plan.name
+            if not link.exists() and not link.is_symlink():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(Path(folder).resolve(), target_is_directory=True)
+    acc.wait_for_everyone()
+    model, tokenizer = load_for_eval(node.start, load=node.load)  # an adapter folder: applied to its base in memory
+    if node.base_name is not None:
+        model.name_or_path = node.base_name
+    evaluator = None
+    if node.options.eval is not None:
+        from mixtune.eval import during_training
+
+        evaluator = during_training(node.options.eval, tokenizer, node.base_dir)
+    exported = train(model, tokenizer, list(node.plans), node.train, node.work, options=node.options,
+                     source_names=list(node.source_names), seed=node.seed, accelerator=acc, resume=True,
+                     progress=progress, on_step=on_step, first_stage=node.first_stage, known=len(node.before),
+                     evaluator=evaluator)
+    return exported[-1]
+
+
+def recipe_graph(recipe: Recipe, data: PreparedData, start: Path, out_dir: Path,
+                 base_dir: Path = Path(".")) -> list[tuple[Node, TrainNode]]:
+    """``mixtune train``'s graph: one path, a node per stage, keyed by the stage's name."""
+    plans = stage_plan(recipe, data)
+    folders = [out_dir / "stages" / p.name for p in plans]
+    return [(Node(p.name, "train", (plans[i - 1].name,) if i else (), f"stage {i + 1}/{len(plans)} {p.name}"),
+             TrainNode(p.name, start, tuple(plans[:i + 1]), tuple(folders[:i]), recipe.train, recipe.run, recipe.seed,
+                       tuple(data.source_names), out_dir, base_dir=Path(base_dir), load=recipe.load))
+            for i, p in enumerate(plans)]
+
+
 def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool = True, progress: bool = True,
                  accelerator=None, on_step=None) -> list[Path]:
-    """Prepare the data, load the base model, train every stage; returns the stage model folders."""
-    from mixtune.train.loop import make_accelerator
+    """Prepare the data, build the base model, train every stage (a one-path graph, run by the
+    function a study's training nodes use); returns the stage model folders.
+
+    Without ``resume``, what an earlier run left in ``out_dir`` (stages, checkpoints, best weights,
+    log) is deleted first."""
+    from mixtune.graph import run_graph
+    from mixtune.train.checkpoint import exported_stages, start_over
+    from mixtune.train.loop import TrainLog, make_accelerator
 
     acc = accelerator or make_accelerator(recipe.train.precision)
     # every data problem is found before anything is written (selection needs the model: it comes after)
@@ -195,16 +274,22 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
         start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")  # built once, before the others look
     acc.wait_for_everyone()
     start = start_model(recipe.model, seed=recipe.seed, folder=out_dir / "base")
-    model, tokenizer = load_model(start)
-    data = data or prepare_data(recipe, base_dir, tokenizer=tokenizer, select_with=start)
-    evaluator = None
-    if recipe.train.eval is not None:
-        from mixtune.eval import during_training
+    if data is None:
+        from mixtune.models import load_tokenizer
 
-        evaluator = during_training(recipe.train.eval, tokenizer, base_dir)
-    return train(model, tokenizer, stage_plan(recipe, data), recipe.train, out_dir, source_names=data.source_names,
-                 seed=recipe.seed, accelerator=acc, config_text=dump_config(recipe), resume=resume,
-                 progress=progress, on_step=on_step, evaluator=evaluator)
+        data = prepare_data(recipe, base_dir, tokenizer=load_tokenizer(start), select_with=start)
+    nodes = recipe_graph(recipe, data, start, out_dir, base_dir)
+    log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
+    folders = [out_dir / "stages" / n.key for n, _ in nodes]
+    if not resume:
+        start_over(acc, out_dir, [n.key for n, _ in nodes], log)
+    elif done := exported_stages(folders):
+        log.note(f"resuming from {folders[done - 1]} (stage {done - 1}, step {nodes[done - 1][1].plans[-1].steps})"
+                 + (": every stage is trained" if done == len(nodes) else ""))
+    by_key = dict((n.key, t) for n, t in nodes)
+    run_graph([n for n, _ in nodes], done=lambda n: exported_stages([out_dir / "stages" / n.key]) == 1,
+              execute=lambda n: train_stage(by_key[n.key], accelerator=acc, progress=progress, on_step=on_step))
+    return folders
 
 
 class _Timed(Exception):
@@ -215,7 +300,7 @@ def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData],
                      cpu_limit_bytes: int = 2 * 2**30) -> float | str:
     """Seconds the recipe's training steps will take here, on one process: the median of a few real
     optimizer steps of the first stage (after one warm-up step), through the one loop, times the steps
-    of every stage. Validation passes of mixed stages, evaluations during training (``train.eval``)
+    of every stage. Validation passes of mixed stages, evaluations during training (``run.eval``)
     and exports are not counted. Returns a sentence
     instead when the model is too large to time on this CPU quickly.
     """
@@ -233,7 +318,7 @@ def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData],
                     f"`mixtune train RECIPE train.steps={steps}`")
     work = Path(tempfile.mkdtemp(prefix="mixtune-estimate-"))
     try:
-        model, tokenizer = load_model(start_model(recipe.model, seed=recipe.seed, folder=work / "base"))
+        model, tokenizer = load_model(start_model(recipe.model, seed=recipe.seed, folder=work / "base"), load=recipe.load)
         stamps: list[float] = []
 
         def on_step(_step: int) -> None:
@@ -243,8 +328,7 @@ def estimate_seconds(recipe: Recipe, data: PreparedData, plans: list[StageData],
 
         first = dataclasses.replace(plans[0], steps=steps + 2)
         try:
-            train(model, tokenizer, [first], recipe.train.model_copy(update={"eval": None}), work / "run",
-                  source_names=data.source_names,
+            train(model, tokenizer, [first], recipe.train, work / "run", source_names=data.source_names,
                   seed=recipe.seed, resume=False, progress=False, on_step=on_step)
         except _Timed:
             pass

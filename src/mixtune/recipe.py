@@ -8,14 +8,14 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from mixtune.core import Strict, load_config
+from mixtune.core import ConfigError, Strict, load_config
 from mixtune.data.format import FormatConfig
 from mixtune.data.mixture import MixtureConfig
 from mixtune.data.sources import SourceConfig
-from mixtune.models import SIZES
+from mixtune.models import SIZES, LoadConfig
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
 from mixtune.strategy.stages import MultiTaskParams
-from mixtune.train.config import TrainConfig
+from mixtune.train.config import RunOptions, TrainConfig
 
 
 class Recipe(Strict):
@@ -27,6 +27,9 @@ class Recipe(Strict):
     """Seed for data generation, sampling, initialisation and training."""
     model: str = "builtin:tiny"
     """``builtin:tiny`` / ``builtin:small`` (built locally), or a local Hugging Face folder."""
+    load: LoadConfig = LoadConfig()
+    """How the starting model is loaded: dtype (default: the checkpoint's own, kept by every export),
+    attention kernel, quantisation for QLoRA, e.g. ``{dtype: bf16, quantization: 4bit}``."""
     sources: dict[str, SourceConfig] = Field(min_length=1)
     """Named data sources."""
     format: FormatConfig = FormatConfig()
@@ -42,7 +45,9 @@ class Recipe(Strict):
     """A one-stage recipe: what its single stage (named ``mixture``) takes from each source, instead
     of a strategy or stages."""
     train: TrainConfig = TrainConfig()
-    """How each stage is trained."""
+    """How each stage is trained (everything here decides the weights)."""
+    run: RunOptions = RunOptions()
+    """How the run goes: logging, checkpoint cadence, evaluations during training (never the weights)."""
 
     @field_validator("model")
     @classmethod
@@ -50,6 +55,16 @@ class Recipe(Strict):
         if v.startswith("builtin:") and v.removeprefix("builtin:") not in SIZES:
             raise ValueError(f"unknown built-in model {v!r}; choose builtin:{' or builtin:'.join(SIZES)}")
         return v
+
+    @model_validator(mode="after")
+    def _quantized(self) -> Recipe:
+        from mixtune.train.methods.base import refuse_quantized
+
+        try:  # before any model is loaded
+            refuse_quantized(self.load.quantization, self.train.method.name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None  # pydantic names the place in the file
+        return self
 
     @model_validator(mode="after")
     def _stages(self) -> Recipe:

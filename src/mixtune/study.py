@@ -65,10 +65,11 @@ from mixtune.core import ConfigError, Strict, atomic_write_text, dump_config
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.format import FormatConfig
 from mixtune.data.sources import SourceConfig
+from mixtune.models import LoadConfig
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
 from mixtune.study_merges import MergeEntry, check_merges
-from mixtune.train.config import RUN_OPTIONS, TrainConfig
+from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.methods import MethodConfig
 
 
@@ -97,12 +98,16 @@ class StudyConfig(Strict):
 
     model: str = "builtin:tiny"
     """Starting model, as in a training recipe."""
+    load: LoadConfig = LoadConfig()
+    """How the starting model is loaded (dtype, attention kernel, quantisation), as in a training recipe."""
     sources: dict[str, SourceConfig] = Field(min_length=1)
     """Named data sources, as in a training recipe."""
     format: FormatConfig = FormatConfig()
     """Rendering and packing, as in a training recipe."""
     train: TrainConfig = TrainConfig()
     """How every stage is trained, as in a training recipe."""
+    run: RunOptions = RunOptions()
+    """How each stage's training goes, as in a training recipe (never retrains a stage)."""
     prefix: list[StageConfig] = []
     """Stages every run starts with (e.g. format pretraining); the model after them is the base."""
     specialists: list[str] = []
@@ -127,6 +132,17 @@ class StudyConfig(Strict):
     (see :mod:`mixtune.study_merges`)."""
     eval: EvalConfig = EvalConfig()
     """What every model is scored on."""
+
+    @model_validator(mode="after")
+    def _quantized(self) -> StudyConfig:
+        from mixtune.train.methods.base import refuse_quantized
+
+        try:
+            for m in [self.train.method, *self.methods]:
+                refuse_quantized(self.load.quantization, m.name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _merges(self) -> StudyConfig:
@@ -235,8 +251,10 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     common = {"model": study.model, "seed": run.seed, "amount": run.amount,
               "sources": {k: v.model_dump(mode="json") for k, v in study.sources.items()},
               "format": study.format.model_dump(mode="json"),
-              "train": study.train.model_dump(mode="json", exclude=set(RUN_OPTIONS)),
+              "train": study.train.model_dump(mode="json"),
               "prefix_len": len(study.prefix)}
+    if study.load != LoadConfig():  # it decides the weights (left out at its default, so older keys stay valid)
+        common["load"] = study.load.model_dump(mode="json")
     keys, chain = [], []
     own = run_method(study, run)
     for i, st in enumerate(run.stages):
@@ -425,19 +443,23 @@ class Study:
     """A study folder and its results database."""
 
     def __init__(self, cfg: StudyConfig, out_dir: Path, *, base_dir: Path = Path("."), progress: bool = True,
-                 log=print) -> None:
+                 log=print, jobs: int = 1) -> None:
         # task files are named by absolute path from here on, so study.yaml (and `mixtune report`) finds them
         entries = [a if not a.endswith((".yaml", ".yml")) else str((Path(base_dir) / a).resolve())
                    for a in cfg.eval.abilities]
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"abilities": entries})})
-        if cfg.train.eval is not None and cfg.train.eval.keep_best is not None:
-            raise ConfigError("train.eval.keep_best is for `mixtune train`: a study's next stage and its evaluation "
+        if cfg.run.eval is not None and cfg.run.eval.keep_best is not None:
+            raise ConfigError("run.eval.keep_best is for `mixtune train`: a study's next stage and its evaluation "
                               "take each stage's last weights; leave keep_best out (the curves are still recorded)")
         self.cfg, self.out, self.base_dir, self.progress, self.log = cfg, Path(out_dir), base_dir, progress, log
         self.tracker: StudyProgress | None = None
+        self.jobs = jobs
+        self._prepared: dict[str, tuple] = {}
+        self._actions: dict[str, tuple] = {}
+        self._records: list[tuple] = []
         self.abilities, self.tasks = study_abilities(cfg.eval)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.out / "results.sqlite")
+        self.db = sqlite3.connect(self.out / "results.sqlite", timeout=300)  # --jobs: several processes write
         self.db.executescript(SCHEMA)
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stages)")}
         for column, kind in [("trainable", "INTEGER"), ("optimizer_bytes", "INTEGER"), ("peak_rss_mb", "REAL")]:
@@ -461,25 +483,67 @@ class Study:
                            invocations=meta.get("invocations", 0) + 1)
 
     def _run(self, on_stage) -> None:
-        from mixtune.study_merges import run_merges
+        from mixtune.graph import run_graph
 
         runs = expand(self.cfg)
-        for r in runs:
-            self.record_run(r.id, r.name, r.strategy, r.params, r.seed, r.amount, self._final_key(r),
-                            stage_keys(self.cfg, r))
-        distinct = list(dict.fromkeys(k for r in runs for k in stage_keys(self.cfg, r)))  # in training order
+        nodes = self.graph(runs)
+        for args in self._records:
+            self.record_run(*args)
+        distinct = list(dict.fromkeys(n.key for n in nodes if n.kind == "train"))  # in training order
         todo = [k for k in distinct if not self._trained(k)]
         steps = self._planned_steps(runs, todo)
         self.log(f"study: {len(runs)} runs, {len(distinct)} distinct stages ({len(todo)} to train"
-                 + (f", {sum(steps.values())} steps" if todo else "") + ")")
+                 + (f", {sum(steps.values())} steps" if todo else "") + ")"
+                 + (f"; {self.jobs} nodes at a time" if self.jobs > 1 else ""))
         self.tracker = StudyProgress(steps, self.log)
-        for r in runs:
-            self._train_run(r, on_stage)
-        for r in runs:
-            self._evaluate(self._final_key(r), r)
-        run_merges(self, runs)
+
+        def execute(node) -> None:
+            self._actions[node.key][0]()
+            if node.kind == "train" and on_stage is not None:
+                on_stage(node.key)
+
+        run_graph(nodes, done=lambda n: self._actions[n.key][1](), execute=execute, jobs=self.jobs,
+                  worker=run_node, init=(open_worker, (str(self.out), str(self.base_dir))), log=self.log)
         self.export_csv()
         self.link_runs()
+
+    def graph(self, runs: list[Run] | None = None) -> list:
+        """The study's nodes (:class:`mixtune.graph.Node`) in the order one process runs them: every
+        run's stages (runs sharing a prefix share its nodes), the runs' evaluations, then the merges
+        (and their searches) and theirs. Fills ``self._actions`` (per node key: run it, is it done)
+        and ``self._records`` (the runs to record before anything runs)."""
+        from mixtune.graph import Node
+        from mixtune.study_merges import merge_nodes
+
+        runs = runs if runs is not None else expand(self.cfg)
+        self._actions, self._records, nodes = {}, [], []
+        for r in runs:
+            keys = stage_keys(self.cfg, r)
+            self._records.append((r.id, r.name, r.strategy, r.params, r.seed, r.amount, self._final_key(r), keys))
+            for i, k in enumerate(keys):
+                nodes.append(Node(k, "train", (keys[i - 1],) if i else (),
+                                  f"{r.id}: stage {i + 1}/{len(keys)} {r.stages[i].name}"))
+                self._actions.setdefault(k, (lambda r=r, i=i: self._train_stage(r, i), lambda k=k: self._trained(k)))
+        for r in runs:
+            nodes.append(self.eval_node(self._final_key(r), r))
+        return nodes + merge_nodes(self, runs)
+
+    def eval_node(self, key: str, run, *, node_key: str | None = None, needs: tuple[str, ...] | None = None,
+                  model_key=None):
+        """The node that scores model ``key`` (of ``run``) on the study's abilities; a search's
+        evaluation passes ``model_key``, a function that reads the chosen model's key when it runs."""
+        from mixtune.graph import Node
+
+        node_key = node_key or "eval-" + key
+        find = model_key or (lambda: key)
+        self._actions.setdefault(node_key, (lambda: self._evaluate(find(), run),
+                                            lambda: find() is not None and not self._missing_scores(find())))
+        return Node(node_key, "eval", needs if needs is not None else self.needs(key), f"{run.id}: evaluate")
+
+    @staticmethod
+    def needs(*keys: str) -> tuple[str, ...]:
+        """The graph nodes among model ``keys``: a starting model (``start-...``) is not a node."""
+        return tuple(k for k in keys if not k.startswith("start-"))
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -553,20 +617,23 @@ class Study:
         return keys[-1] if keys else self._root_key(run)
 
     def _recipe(self, run: Run) -> Recipe:
-        return Recipe(seed=run.seed, model=self.cfg.model, sources=self.cfg.sources, format=self.cfg.format,
-                      stages=run.stages or None, train=self.cfg.train)
+        return Recipe(seed=run.seed, model=self.cfg.model, load=self.cfg.load, sources=self.cfg.sources,
+                      format=self.cfg.format, stages=run.stages or None, train=self.cfg.train)
 
     def _prepare(self, run: Run):
-        """The run's starting model, recipe, prepared data and stage plans."""
+        """The run's starting model, recipe, prepared data and stage plans (kept for the run's next stage)."""
         from mixtune.models import load_tokenizer
         from mixtune.pipeline import prepare_data, stage_plan
 
+        if run.id in self._prepared:
+            return self._prepared[run.id]
         parent = self._start_model(run)
         recipe = self._recipe(run)
         data = prepare_data(recipe, self.base_dir, tokenizer=load_tokenizer(parent), select_with=parent,
                             amount=run.amount,
                             amount_skip={s for st in self.cfg.prefix for s in st.mixture.sources})
-        return parent, recipe, data, stage_plan(recipe, data)
+        self._prepared = {run.id: (parent, recipe, data, stage_plan(recipe, data))}  # the last run's only
+        return self._prepared[run.id]
 
     def _planned_steps(self, runs: list[Run], todo: list[str]) -> dict[str, int]:
         """Steps of each stage in ``todo`` (for the overall progress): from the ``planned`` table, or
@@ -582,59 +649,55 @@ class Study:
         self.db.commit()
         return {k: known[k] for k in todo}
 
-    def _train_run(self, run: Run, on_stage) -> None:
-        from mixtune.eval import load_for_eval
-        from mixtune.train.loop import train
+    def _train_stage(self, run: Run, i: int) -> None:
+        """Train stage ``i`` of ``run`` (its node): the segment it belongs to (the prefix, or the stages
+        after it when the run has a method of its own) resumes after the stages before it, which
+        the stage's work folder links to; the export is moved to ``models/<key>``."""
+        from mixtune.pipeline import TrainNode, train_stage
 
         keys = stage_keys(self.cfg, run)
-        if all(self._trained(k) for k in keys):
-            return
-        parent, recipe, data, plans = self._prepare(run)
-        tracker = self.tracker or StudyProgress({k: p.steps for k, p in zip(keys, plans)}, self.log)
-        prev = None
-        for i, (key, plan) in enumerate(zip(keys, plans)):
-            if self._trained(key):
-                prev = key
-                continue
-            tracker.start(key)
-            self.log(f"{run.id}: training stage {i + 1}/{len(keys)} {plan.name} ({plan.steps} steps) -> {key}")
-            src = self.model_path(prev) if prev else parent
-            model, tokenizer = load_for_eval(src)  # an adapter stage: its base with the adapter merged in memory
-            # the base this stage's adapter records (peft, moe_lora): relative to the stage's own folder when
-            # it lies in the study, so that a study folder can be moved or copied whole
-            inside = Path(src).resolve().is_relative_to(self.out.resolve())
-            model.name_or_path = (os.path.relpath(Path(src).resolve(), self.model_dir(key).resolve()) if inside
-                                  else str(Path(src).resolve()))
-            t0 = time.perf_counter()
-            work = self.out / "work" / key
-            reset_peak_rss()
-            train_cfg = self._train_config(run, i)
-            if run.stages[i].lr is None:  # a method's own learning rate (method_lr), unless the stage sets one
+        key = keys[i]
+        parent, _, data, plans = self._prepare(run)
+        own = run_method(self.cfg, run) is not None and len(self.cfg.prefix) > 0
+        first = len(self.cfg.prefix) if own and i >= len(self.cfg.prefix) else 0
+        start = parent if first == 0 else self.model_path(keys[first - 1])
+        train_cfg = self._train_config(run, i)
+        segment = []
+        for j in range(first, i + 1):
+            plan = plans[j]
+            if j >= len(self.cfg.prefix) and run.stages[j].lr is None:  # a method's own lr, unless the stage sets one
                 plan = dataclasses.replace(plan, lr=train_cfg.lr)
-            evaluator = None
-            if train_cfg.eval is not None:
-                from mixtune.eval import during_training
-
-                evaluator = during_training(train_cfg.eval, tokenizer, self.base_dir)
-            (exported,) = train(model, tokenizer, [plan], train_cfg, work,
-                                source_names=data.source_names, seed=run.seed, config_text=dump_config(recipe),
-                                progress=self.progress, first_stage=i, on_step=tracker.on_step, evaluator=evaluator)
-            seconds, peak = time.perf_counter() - t0, peak_rss_mb()
-            dest = self.model_dir(key)
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            exported.rename(dest)
-            sizes = self._store_log(key, work / "log.jsonl")
-            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
-                            (key, prev, plan.name, plan.steps, seconds, sizes.get("trainable_params"),
-                             sizes.get("optimizer_bytes"), peak))
-            self.db.commit()
-            shutil.copy2(work / "log.jsonl", dest / "train_log.jsonl")  # the stage's full log stays with its model
-            shutil.rmtree(work, ignore_errors=True)
-            prev = key
-            tracker.finish(key)
-            if on_stage is not None:
-                on_stage(key)
+            recipe = Recipe(seed=run.seed, model=self.cfg.model, load=self.cfg.load, sources=self.cfg.sources,
+                            format=self.cfg.format, stages=run.stages[:j + 1], train=self._train_config(run, j))
+            segment.append(dataclasses.replace(plan, recipe_text=dump_config(recipe)))  # the same for every run sharing it
+        dest = self.model_dir(key)
+        # the base an adapter records: relative to the stage's own folder when it lies in the study, so
+        # that a study folder can be moved or copied whole
+        inside = Path(start).resolve().is_relative_to(self.out.resolve())
+        base_name = (os.path.relpath(Path(start).resolve(), dest.resolve()) if inside else str(Path(start).resolve()))
+        work = self.out / "work" / key
+        node = TrainNode(key, Path(start), tuple(segment), tuple(self.model_dir(k) for k in keys[first:i]), train_cfg,
+                         self.cfg.run, run.seed, tuple(data.source_names), work, first_stage=first,
+                         base_name=base_name, base_dir=self.base_dir, load=self.cfg.load)
+        tracker = self.tracker or StudyProgress({key: plans[i].steps}, self.log)
+        offset = sum(p.steps for p in segment[:-1])  # the loop counts global steps from the segment's start
+        tracker.start(key)
+        self.log(f"{run.id}: training stage {i + 1}/{len(keys)} {plans[i].name} ({plans[i].steps} steps) -> {key}")
+        t0 = time.perf_counter()
+        reset_peak_rss()
+        exported = train_stage(node, progress=self.progress, on_step=lambda g: tracker.on_step(g - offset))
+        seconds, peak = time.perf_counter() - t0, peak_rss_mb()
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        exported.rename(dest)
+        sizes = self._store_log(key, work / "log.jsonl")
+        self.db.execute("INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?,?,?)",
+                        (key, keys[i - 1] if i else None, plans[i].name, plans[i].steps, seconds,
+                         sizes.get("trainable_params"), sizes.get("optimizer_bytes"), peak))
+        self.db.commit()
+        shutil.copy2(work / "log.jsonl", dest / "train_log.jsonl")  # the stage's full log stays with its model
+        shutil.rmtree(work, ignore_errors=True)
+        tracker.finish(key)
 
     def _store_log(self, key: str, log_path: Path) -> dict:
         """Store a stage's training loss per source, and for mixed stages the proportions and
@@ -689,6 +752,15 @@ class Study:
         study's current evaluation settings."""
         return {a: eval_key(model_key, self._eval_settings(a)) for a in self.abilities}
 
+    def _missing_scores(self, key: str) -> list[str]:
+        """The abilities model ``key`` has no score of under the study's evaluation settings."""
+        wanted = self._eval_keys(key)
+        if not wanted:
+            return []
+        have = {k for (k,) in self.db.execute(
+            f"SELECT eval_key FROM evals WHERE eval_key IN ({','.join('?' * len(wanted))})", list(wanted.values()))}
+        return [a for a in self.abilities if wanted[a] not in have]
+
     def _evaluate(self, key: str, run) -> None:
         """Score model ``key`` (of ``run``, a :class:`Run` or a merge's) where it has no score under the
         study's evaluation settings."""
@@ -696,11 +768,7 @@ class Study:
 
         e = self.cfg.eval
         wanted = self._eval_keys(key)
-        if not wanted:
-            return
-        have = {k for (k,) in self.db.execute(
-            f"SELECT eval_key FROM evals WHERE eval_key IN ({','.join('?' * len(wanted))})", list(wanted.values()))}
-        missing = [a for a in self.abilities if wanted[a] not in have]
+        missing = self._missing_scores(key)
         if not missing:
             return
         self.log(f"{run.id}: evaluating {', '.join(missing)} on {e.n} held-out problems each")
@@ -737,8 +805,7 @@ class Study:
         e = self.cfg.eval
         settings = {a: study_merges.validation_settings(e, search, a) for a in self.abilities}
         keys = {a: eval_key(key, settings[a]) for a in self.abilities}
-        have = {a: v for a in self.abilities if key is not None for (v,) in self.db.execute(
-            "SELECT value FROM evals WHERE eval_key = ? AND metric = 'accuracy'", (keys[a],))}
+        have = self.stored_validation_scores(key, search) if key is not None else {}
         missing = [a for a in self.abilities if a not in have]
         if missing:
             self.log(f"{run_id}: evaluating {', '.join(missing)} on {search.n} validation problems each")
@@ -750,6 +817,17 @@ class Study:
                 have[a] = sc.score
             self.db.commit()
         return {a: have[a] for a in self.abilities}
+
+    def stored_validation_scores(self, key: str, search) -> dict[str, float]:
+        """The validation scores of model ``key`` under ``search`` that are stored (by ability)."""
+        from mixtune import study_merges
+
+        out = {}
+        for a in self.abilities:
+            ek = eval_key(key, study_merges.validation_settings(self.cfg.eval, search, a))
+            out |= {a: v for (v,) in self.db.execute(
+                "SELECT value FROM evals WHERE eval_key = ? AND metric = 'accuracy'", (ek,))}
+        return out
 
     def store_search(self, run_id: str, rows: list[tuple]) -> None:
         """Replace the search table of ``run_id``: ``(run_id, point, name, params, model_key, scores,
@@ -924,3 +1002,21 @@ class Study:
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
                             abilities=list(self.abilities), verdict=verdict, items=self.item_scores(),
                             during={n: p for n, p in during.items() if p}, searches=self.searches())
+
+
+_WORKER: dict[str, Study] = {}
+
+
+def open_worker(out_dir: str, base_dir: str) -> None:
+    """A ``--jobs`` worker process's start: open the study folder the parent wrote (``study.yaml``)."""
+    from mixtune.core import load_config
+
+    study = Study(load_config(StudyConfig, Path(out_dir) / "study.yaml"), Path(out_dir), base_dir=Path(base_dir),
+                  progress=False)
+    study.graph()
+    _WORKER["study"] = study
+
+
+def run_node(key: str) -> None:
+    """Run one node of the study this worker opened (:func:`open_worker`)."""
+    _WORKER["study"]._actions[key][0]()

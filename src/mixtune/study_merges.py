@@ -309,37 +309,70 @@ def objective(scores: dict[str, float], weights: dict[str, float], higher: dict[
 # -- running ------------------------------------------------------------------------------------
 
 
-def run_merges(study: Study, runs: list[Run]) -> None:
-    """Merge what is missing, score it (on validation problems, for a search), record the runs."""
-    cfg = study.cfg
-    merges = expand_merges(cfg, runs)
-    if not merges:
-        return
+def merge_nodes(study: Study, runs: list[Run]) -> list:
+    """The study graph's merge nodes: per grid point a ``merge`` node (needing the models it merges)
+    and its evaluation; for an entry with a ``search``, a ``search`` node that scores every point on
+    validation problems and records the choice, then the evaluation of the chosen point only; a
+    greedy soup is one node (it scores its candidates on validation problems as it goes). Registers
+    each node's action in ``study._actions`` and the runs known before anything runs in
+    ``study._records``."""
+    from mixtune.graph import Node
+
+    cfg, nodes = study.cfg, []
     groups: dict[tuple, list[MergeRun]] = {}
-    for mr in merges:
+    for mr in expand_merges(cfg, runs):
         groups.setdefault((mr.entry, mr.seed, mr.amount), []).append(mr)
     for (entry, *_), points in groups.items():
         m = cfg.merges[entry]
-        if m.method == GREEDY_SOUP:
-            (mr,) = points
-            key = merge_key(study, mr)
-            _soup(study, mr, key)
-            study.record_run(mr.id, mr.name, "merge", _params(m, mr, key), mr.seed, mr.amount, key)
-            study._evaluate(key, mr)
-            continue
         keys = [merge_key(study, mr) for mr in points]
         for mr, key in zip(points, keys):
-            _merge(study, mr, key)
-        if m.search is None:
-            for mr, key in zip(points, keys):
-                study.record_run(mr.id, mr.name, "merge", _params(m, mr, key), mr.seed, mr.amount, key)
-                study._evaluate(key, mr)
+            inputs = study.needs(*(study._final_key(r) for r in (*mr.inputs, *([mr.base] if mr.base else []))))
+            act = (lambda mr=mr, key=key: _soup(study, mr, key)) if m.method == GREEDY_SOUP else (
+                lambda mr=mr, key=key: _merge(study, mr, key))
+            study._actions.setdefault(key, (act, lambda key=key: study.merged(key)))
+            nodes.append(Node(key, "merge", inputs, f"{mr.id}: merge"))
+            if m.search is None or m.method == GREEDY_SOUP:
+                study._records.append((mr.id, mr.name, "merge", _params(m, mr, key), mr.seed, mr.amount, key))
+                nodes.append(study.eval_node(key, mr))
+        if m.search is None or m.method == GREEDY_SOUP:
             continue
-        chosen = _search(study, m, points, keys)
-        mr = dataclasses.replace(points[chosen], name=m.run_name)  # scored under the entry's name
-        study.record_run(mr.id, mr.name, "merge", _params(m, mr, keys[chosen]) | {"searched": True}, mr.seed,
-                         mr.amount, keys[chosen])
-        study._evaluate(keys[chosen], mr)
+        run_id = f"{m.run_name}|seed={points[0].seed}|amount={points[0].amount:g}"
+        search_key = "search-" + hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+        def chosen_key(m=m, run_id=run_id, keys=keys) -> str | None:
+            return current_choice(study, m, run_id, keys)
+
+        def search(m=m, points=points, keys=keys) -> None:
+            chosen = _search(study, m, points, keys)
+            mr = dataclasses.replace(points[chosen], name=m.run_name)  # scored under the entry's name
+            study.record_run(mr.id, mr.name, "merge", _params(m, mr, keys[chosen]) | {"searched": True}, mr.seed,
+                             mr.amount, keys[chosen])
+
+        study._actions.setdefault(search_key, (search, lambda f=chosen_key: f() is not None))
+        nodes.append(Node(search_key, "search", tuple(keys), f"{run_id}: search"))
+        nodes.append(study.eval_node(None, dataclasses.replace(points[0], name=m.run_name), node_key="eval-" + search_key,
+                                     needs=(search_key,), model_key=chosen_key))
+    return nodes
+
+
+def current_choice(study: Study, m: MergeEntry, run_id: str, keys: list[str]) -> str | None:
+    """The grid point (its merge key) the stored search of ``run_id`` chose, when it is still the
+    choice: the stored search has exactly the points ``keys``, each has its validation scores under
+    the current ``search`` settings, and the current ``weights`` pick the recorded one from them.
+    None otherwise (the search node runs again, from the stored scores)."""
+    rows = study.db.execute("SELECT model_key, chosen FROM searches WHERE run_id = ? ORDER BY point",
+                            (run_id,)).fetchall()
+    recorded = study.db.execute("SELECT final_key FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if [k for k, _ in rows] != list(keys) or recorded is None:
+        return None
+    scored = []
+    for key in keys:
+        scores = study.stored_validation_scores(key, m.search)
+        if set(scores) != set(study.abilities):
+            return None
+        scored.append(objective(scores, m.search.weights, _higher(scores)))
+    best = keys[max(range(len(keys)), key=lambda i: (scored[i], -i))]
+    return best if [k for k, c in rows if c] == [best] == [recorded[0]] else None
 
 
 def _params(m: MergeEntry, mr: MergeRun, key: str) -> dict:
@@ -352,8 +385,6 @@ def _merge(study: Study, mr: MergeRun, key: str) -> None:
     from mixtune.merge.run import merge
 
     dest = study.model_dir(key)
-    if study.merged(key):
-        return
     study.log(f"{mr.id}: merging {', '.join(r.name for r in mr.inputs)} ({study.cfg.merges[mr.entry].method}) "
               f"-> {key}")
     merge(merge_config(study, mr), dest, overwrite=dest.exists(), notice=study.log)
@@ -362,8 +393,6 @@ def _merge(study: Study, mr: MergeRun, key: str) -> None:
 def _soup(study: Study, mr: MergeRun, key: str) -> None:
     from mixtune.merge.soup import greedy_soup
 
-    if study.merged(key):
-        return
     m = study.cfg.merges[mr.entry]
     folders = {str(study.final_model(r).resolve()): r for r in mr.inputs}
     study.log(f"{mr.id}: greedy soup of {', '.join(r.name for r in mr.inputs)} on validation problems -> {key}")

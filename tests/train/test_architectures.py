@@ -65,7 +65,8 @@ def recipe(folder, method) -> Recipe:
         "format": {"seq_len": 96},
         "strategy": {"name": "multi_task"},
         "train": {"lr": 1e-2, "steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-                  "log_every": 1, "method": method},
+                  "method": method},
+        "run": {"log_every": 1},
     })
 
 

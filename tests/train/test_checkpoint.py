@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from mixtune.core import validate
 from mixtune.pipeline import run_training
 from mixtune.recipe import Recipe
+from mixtune.train.config import RunOptions
 
 
 class Killed(Exception):
@@ -24,8 +25,9 @@ def recipe(tiny_dir, **train) -> Recipe:
         "sources": {n: {"builtin": n, "n": 40} for n in ("math", "code", "general")},
         "format": {"seq_len": 96},
         "strategy": {"name": "dmt", "k": 0.25},
-        "train": {"lr": 1e-3, "steps": 3, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-                  "log_every": 1} | train,
+        "train": {"lr": 1e-3, "steps": 3, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32"}
+                 | {k: v for k, v in train.items() if k not in RunOptions.model_fields},
+        "run": {"log_every": 1} | {k: v for k, v in train.items() if k in RunOptions.model_fields},
     })
 
 
@@ -138,7 +140,7 @@ def test_a_fresh_run_deletes_what_the_replaced_run_left(tiny_dir, tmp_path):
     assert not any("resuming" in n for n in notes[fresh:])
 
 
-def test_a_study_starts_the_next_stage_from_base_plus_adapter_as_from_the_merged_model(tiny_dir, tmp_path):
+def test_a_study_trains_one_adapter_through_a_runs_stages_as_mixtune_train_does(tiny_dir, tmp_path):
     from mixtune.eval import load_for_eval
     from mixtune.models import load_model
     from mixtune.study import Study, StudyConfig, expand, stage_keys
@@ -160,9 +162,10 @@ def test_a_study_starts_the_next_stage_from_base_plus_adapter_as_from_the_merged
         names = set(os.listdir(adapters.model_dir(key)))
         assert "adapter_model.safetensors" in names and not {"model.safetensors", "merged"} & names
     second = json.loads((adapters.model_dir(keys[1]) / "adapter_config.json").read_text())
-    assert second["base_model_name_or_path"] == f"../{keys[0]}"  # it adapts stage 1 (relative: the study can move)
+    # stage 2 goes on training stage 1's adapter, so it adapts the starting model (outside the study: absolute)
+    assert second["base_model_name_or_path"] == str(tiny_dir.resolve())
     assert merged.model_path(merged_keys[-1]).name == "merged"
-    # stage 2 trained from base + stage-1 adapter (merged in memory) gives the same weights as from merged/
+    # writing merged/ beside each adapter changes nothing in what trains
     a = trained_weights(adapters.model_dir(keys[1]))
     m = trained_weights(merged.model_dir(merged_keys[1]))
     assert a.keys() == m.keys() and all(torch.equal(a[k], m[k]) for k in a)

@@ -15,7 +15,8 @@ sources:
   code: {{builtin: code, n: 80}}
 format: {{seq_len: 128}}
 strategy: {{name: sequential}}
-train: {{lr: 1.0e-3, steps: 6, batch_size: 8, micro_batch_size: 2, precision: fp32, log_every: 1}}
+train: {{lr: 1.0e-3, steps: 6, batch_size: 8, micro_batch_size: 2, precision: fp32}}
+run: {{log_every: 1}}
 """
 
 

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from mixtune.core import validate
 from mixtune.pipeline import run_training
 from mixtune.recipe import Recipe
+from mixtune.train.config import RunOptions
 
 
 def recipe(tiny_dir, **train) -> Recipe:
@@ -15,8 +16,9 @@ def recipe(tiny_dir, **train) -> Recipe:
         "sources": {n: {"builtin": n, "n": 60} for n in ("math", "code", "general")},
         "format": {"seq_len": 128},
         "strategy": {"name": "dmt", "k": 0.25},
-        "train": {"lr": 1e-3, "steps": 6, "batch_size": 8, "micro_batch_size": 8, "precision": "fp32",
-                  "log_every": 2} | train,
+        "train": {"lr": 1e-3, "steps": 6, "batch_size": 8, "micro_batch_size": 8, "precision": "fp32"}
+                 | {k: v for k, v in train.items() if k not in RunOptions.model_fields},
+        "run": {"log_every": 2} | {k: v for k, v in train.items() if k in RunOptions.model_fields},
     })
 
 
@@ -84,13 +86,16 @@ def test_killed_mid_stage_and_resumed_equals_uninterrupted_bitwise(tiny_dir, tmp
 
 
 def test_how_a_run_goes_does_not_change_what_it_trains(tiny_dir, tmp_path):
-    from mixtune.train.config import RUN_OPTIONS
+    from mixtune.core import ConfigError
 
-    assert RUN_OPTIONS == {"log_every", "save_every", "keep_checkpoints", "eval"}  # each one is varied here or in
+    assert set(RunOptions.model_fields) == {"log_every", "save_every", "keep_checkpoints", "eval"}  # each varied here or in
     a = run(tiny_dir, tmp_path / "a")                                              # tests/train/test_evaluation.py
     b = run(tiny_dir, tmp_path / "b", log_every=1, save_every=1, keep_checkpoints=3)
     for k, v in weights(a[-1]).items():
         assert torch.equal(v, weights(b[-1])[k]), k
+    # they have a section of their own; under `train:` each is refused with its new place
+    with pytest.raises(ConfigError, match=r"train.save_every moved to the `run` section \(run.save_every\)"):
+        validate(Recipe, recipe(tiny_dir).model_dump(mode="json") | {"train": {"save_every": 2}})
 
 
 def test_resume_mid_stage_from_a_periodic_checkpoint(tiny_dir, tmp_path):

@@ -24,7 +24,8 @@ def recipe(tiny_dir, method, **train) -> Recipe:
         "format": {"seq_len": 96},
         "strategy": {"name": "dmt", "k": 0.25},
         "train": {"lr": 1e-2, "steps": 3, "batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-                  "log_every": 1, "method": method} | train,
+                  "method": method} | train,
+        "run": {"log_every": 1},
     })
 
 

@@ -8,11 +8,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixtune.core import CheckpointError, ConfigError, atomic_write_text
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.format import prompt_text
 from mixtune.eval.generate import generate
+
+if TYPE_CHECKING:
+    from mixtune.models import LoadConfig
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,30 @@ def score_records(model, tokenizer, ability: str, records: list[dict], *, batch_
                                    "score": s} for r, o, s in zip(records, outputs, scores)])
 
 
-def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):
+def load_for_eval(path: str | os.PathLike, *, load: LoadConfig | None = None, allow_pickle: bool = False):
     """``(model, tokenizer)`` from a full model folder or an adapter folder.
 
     An adapter folder (a peft ``adapter_config.json``, or moe_lora's experts alone in
     ``moe_lora.json``) is applied to the base model its config names, which must be a local
     folder and may itself be an adapter folder (a study's stages chain this way). A relative base
-    is looked up beside the adapter folder first, then from the working folder.
+    is looked up beside the adapter folder first, then from the working folder. ``load`` (a
+    :class:`mixtune.models.LoadConfig`: dtype, attention, quantisation) applies to the model folder
+    or the base; on a quantised base a peft adapter stays unmerged (a peft model), since merging
+    would round it onto the quantised weights' grid.
+
+    Raises:
+        CheckpointError: as :func:`mixtune.models.load_model`; an adapter whose base is not a local
+            folder; with ``load.quantization``, an adapter on an adapter or moe_lora experts (both
+            need merging or plain linear layers).
     """
     from mixtune.models import load_model, load_tokenizer
     from mixtune.models.load import check_vocabulary
+    from mixtune.models.quantize import is_quantized
 
     path = Path(path)
     experts = (path / "moe_lora.json").exists() and not (path / "config.json").exists()
     if not (path / "adapter_config.json").exists() and not experts:
-        return load_model(path, allow_pickle=allow_pickle)
+        return load_model(path, load=load, allow_pickle=allow_pickle)
     from peft import PeftModel
 
     spec = path / ("moe_lora.json" if experts else "adapter_config.json")
@@ -116,7 +129,13 @@ def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):
     if not base_dir.is_dir():
         raise CheckpointError(f"{path}: an adapter whose base model {str(base_dir)!r} is not a local folder; "
                               f"set base_model_name_or_path in {spec.name} to the base model's folder")
-    base, _ = load_for_eval(base_dir, allow_pickle=allow_pickle)
+    base, _ = load_for_eval(base_dir, load=load, allow_pickle=allow_pickle)
+    quantized = is_quantized(base)
+    if quantized is not None and (experts or hasattr(base, "peft_config")):
+        what, why = (("moe_lora experts", "they need plain linear layers") if experts else
+                     (f"an adapter on the adapter {base_dir}", "a chain is merged, which would round it onto the grid"))
+        raise CheckpointError(f"{path}: {what} cannot go on a {quantized} quantised base ({why}); load it unquantised "
+                              "(drop load.quantization)")
     tok_dir = path if (path / "tokenizer_config.json").exists() else base_dir
     tokenizer = load_tokenizer(tok_dir)
     if experts:
@@ -124,7 +143,8 @@ def load_for_eval(path: str | os.PathLike, *, allow_pickle: bool = False):
 
         model = load_into(base, path)
     else:
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model = PeftModel.from_pretrained(base, path)
+        model = model.merge_and_unload() if quantized is None else model
     check_vocabulary(model, tokenizer, f"{path} (adapter on base model {base_dir}, tokenizer from {tok_dir})")
     return model, tokenizer
 
@@ -172,7 +192,7 @@ def ability_scorer(abilities: list[str], *, n: int = 100, seed: int = 1, difficu
 
 
 def during_training(cfg, tokenizer, base_dir: str | os.PathLike = ".") -> Callable[[object], dict[str, float]]:
-    """The scorer of ``train.eval`` (a :class:`mixtune.train.config.TrainEval`): ``scores(model)``
+    """The scorer of ``run.eval`` (a :class:`mixtune.train.config.TrainEval`): ``scores(model)``
     evaluates ``model`` on ``cfg.n`` problems of each ability (task files relative to ``base_dir``),
     greedy, and returns the score per ability. Every name is checked here, before training starts.
 
@@ -184,12 +204,12 @@ def during_training(cfg, tokenizer, base_dir: str | os.PathLike = ".") -> Callab
     try:
         names, tasks = parse_abilities(",".join(entries))
     except ConfigError as e:  # say which key it is
-        raise ConfigError(f"train.eval.abilities: {e}") from None
+        raise ConfigError(f"run.eval.abilities: {e}") from None
     for what, given in (("keep_best", [cfg.keep_best] if cfg.keep_best not in (None, "mean") else []),
                         ("weights", list(cfg.weights))):
         unknown = [a for a in given if a not in names]
         if unknown:
-            raise ConfigError(f"train.eval.{what} names {', '.join(unknown)}, not an ability of train.eval.abilities "
+            raise ConfigError(f"run.eval.{what} names {', '.join(unknown)}, not an ability of run.eval.abilities "
                               f"({', '.join(names)})")
 
     def scores(model) -> dict[str, float]:

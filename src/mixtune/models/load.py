@@ -1,13 +1,68 @@
-"""Load a local Hugging Face model directory and its tokenizer; safetensors only by default."""
+"""Load a local Hugging Face model directory and its tokenizer; safetensors only by default.
+
+:class:`LoadConfig` (a recipe's ``load`` section) says how: the weights' dtype (by default the one
+the checkpoint's ``config.json`` names, so a bf16 model trains and is saved in bf16), the
+attention kernel, and quantisation through bitsandbytes for QLoRA (:mod:`mixtune.models.quantize`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Literal
 
-from mixtune.core import CheckpointError
+from mixtune.core import CheckpointError, ConfigError, Strict
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""``load.dtype`` names -> torch dtype names."""
+
+
+class LoadConfig(Strict):
+    """How a model is loaded: the weights' dtype, the attention kernel, quantisation."""
+
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the weights. ``auto``: the one the checkpoint's config.json names (``dtype`` or
+    ``torch_dtype``), fp32 when it names none. The model trains in it and every export is saved in
+    it (bf16 in, bf16 out); ``train.precision`` adds autocast on top and changes no stored weight."""
+    attn_implementation: str | None = None
+    """Attention kernel, passed to transformers: ``sdpa``, ``eager``, ``flash_attention_2``,
+    ``flex_attention``, ... (None: transformers' default for the architecture)."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load the weights quantised through bitsandbytes (installed separately): ``4bit`` is QLoRA's
+    NF4 with double quantisation, computing in ``dtype``; ``8bit`` is LLM.int8(). Adapter methods
+    only (``lora``, ``peft``): the base stays frozen. None: not quantised."""
+
+
+def load_dtype(path: Path, dtype: str):
+    """The torch dtype to load ``path`` in: ``dtype`` (``bf16`` / ``fp16`` / ``fp32``), or for ``auto``
+    the one its ``config.json`` names (fp32 when it names none).
+
+    Raises:
+        CheckpointError: ``config.json`` is not JSON, or names a dtype that is not a float type.
+    """
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, DTYPES[dtype])
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    name = raw.get("dtype") or raw.get("torch_dtype")  # transformers 5 writes dtype, 4.x torch_dtype
+    if name is None:
+        return torch.float32
+    found = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise CheckpointError(f"{path / 'config.json'}: dtype = {name!r} is not a float dtype; set load.dtype to "
+                              "bf16, fp16 or fp32")
+    return found
+
+
+def dtype_name(dtype) -> str:
+    """``load.dtype``'s name for a torch float dtype (``torch.bfloat16`` -> ``bf16``)."""
+    return next(k for k, v in DTYPES.items() if v == str(dtype).removeprefix("torch."))
 
 
 def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
@@ -45,21 +100,23 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{path}: cannot load a tokenizer from this folder ({e})") from None
 
 
-def load_model(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: str = "float32"):
+def load_model(path: str | os.PathLike, *, load: LoadConfig | None = None, allow_pickle: bool = False):
     """Load ``(model, tokenizer)`` from a local Hugging Face folder.
 
     Args:
         path: folder with ``config.json``, safetensors weights (single or sharded) and a tokenizer.
+        load: dtype, attention kernel and quantisation (default :class:`LoadConfig`: the dtype the
+            checkpoint's config names, transformers' attention, not quantised).
         allow_pickle: also accept ``pytorch_model.bin``-style pickle weights. Unpickling can run
             arbitrary code, so this is off unless you trust where the files came from.
-        dtype: torch dtype name to load the weights in.
 
     Raises:
         CheckpointError: the folder is missing, has no config, holds only pickle weights
             (without ``allow_pickle``), cannot be loaded, or its tokenizer has ids past the
             model's embedding rows.
+        ConfigError: transformers refuses ``load.attn_implementation``, or ``load.quantization``
+            is set and bitsandbytes is missing or has no backend for this device.
     """
-    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -77,11 +134,29 @@ def load_model(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: st
             f"mixtune loads safetensors only. Convert the checkpoint to safetensors, or, if you trust "
             f"its source, pass --allow-pickle (allow_pickle=True)."
         )
+    load = load or LoadConfig()
+    dtype = load_dtype(path, load.dtype)
+    kwargs: dict = {"local_files_only": True, "use_safetensors": bool(safe), "dtype": dtype}
+    if load.attn_implementation is not None:
+        kwargs["attn_implementation"] = load.attn_implementation
+    if load.quantization is not None:
+        from mixtune.models.quantize import bnb_config, check_bitsandbytes, quantized_device
+
+        device = quantized_device()
+        check_bitsandbytes(load.quantization, device)
+        kwargs["quantization_config"] = bnb_config(load.quantization, dtype)
+        if device != "cpu":
+            kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=bool(safe), dtype=getattr(torch, dtype)
-        )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as e:
+        text = " ".join(str(e).split())
+        attn = isinstance(e, ImportError) or "attn" in text or "attention" in text.lower()
+        if load.attn_implementation is not None and attn:  # an unknown name, or a kernel that is not installed
+            raise ConfigError(f"load.attn_implementation = {load.attn_implementation!r}: transformers cannot use it "
+                              f"for {path} ({text})") from None
+        if isinstance(e, ImportError):
+            raise
         raise CheckpointError(f"{path}: cannot load the model ({e})") from None
     if (path / "moe_lora.json").exists():  # a mixture of LoRA experts saved beside its base
         from mixtune.models.moe_lora import load_into

@@ -35,6 +35,12 @@ def _lora_pair(n_in: int, n_out: int, r: int, experts: int | None = None):
     return torch.nn.Parameter(a), torch.nn.Parameter(torch.zeros(shape_b))
 
 
+def _lora(x, a, b, scale: float, like: torch.Tensor):
+    """(scale) B A x in the adapter's dtype, returned in the dtype of ``like`` (what it is added to): fp32
+    adapters on a bf16 base train without autocast too, as peft's do (casts are no-ops under autocast)."""
+    return (scale * F.linear(F.linear(x.to(a.dtype), a), b)).to(like.dtype)
+
+
 class LoraLinear(torch.nn.Module):
     """A frozen linear layer plus (alpha / r) B A x; keeps the layer's own ``weight``/``bias`` names."""
 
@@ -44,7 +50,8 @@ class LoraLinear(torch.nn.Module):
         self.lora_A, self.lora_B = _lora_pair(base.in_features, base.out_features, r)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        base = F.linear(x, self.weight, self.bias)
+        return base + _lora(x, self.lora_A, self.lora_B, self.scale, base)
 
 
 class MoeLoraMLP(torch.nn.Module):
@@ -80,7 +87,7 @@ class MoeLoraMLP(torch.nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        probs = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         mix = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)
         self.last = (probs, top_i)
@@ -93,10 +100,12 @@ class MoeLoraMLP(torch.nn.Module):
             if rows.numel() == 0:
                 continue
             xe = x[rows]
-            g = base_gate[rows] + s * F.linear(F.linear(xe, self.gate_A[e]), self.gate_B[e])
-            u = base_up[rows] + s * F.linear(F.linear(xe, self.up_A[e]), self.up_B[e])
+            g, u = base_gate[rows], base_up[rows]
+            g = g + _lora(xe, self.gate_A[e], self.gate_B[e], s, g)
+            u = u + _lora(xe, self.up_A[e], self.up_B[e], s, u)
             h = self.act_fn(g) * u
-            y = down(h) + s * F.linear(F.linear(h, self.down_A[e]), self.down_B[e])
+            y = down(h)
+            y = y + _lora(h, self.down_A[e], self.down_B[e], s, y)
             out.index_add_(0, rows, y * mix[rows, slot].unsqueeze(-1))
         return out.reshape(shape)
 

@@ -127,7 +127,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         items: per run name, per ability, the per-problem scores (first seed, full amount; the same
             problems in the same order for every run): a table of paired comparisons of every run
             against ``base`` (:func:`paired_rows`).
-        during: per run trained with ``train.eval``, ``(step, stage, ability, score)`` as ``curves``:
+        during: per run trained with ``run.eval``, ``(step, stage, ability, score)`` as ``curves``:
             the scores of evaluations during training.
         searches: merge-parameter searches, as :meth:`mixtune.study.Study.searches` returns: per
             search its ``run`` id and ``points`` (``name``, validation ``scores`` per ability,
@@ -238,7 +238,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                      "mixture.</p>" + _img(plots.loss_curves(curves, list(sources), palette=palette), "loss curves"))
     if during:
         parts.append("<h2>Scores during training</h2><p class=muted>Each ability's score on its evaluation problems "
-                     "(train.eval: fewer problems than the final scores above, so noisier) over the run; dashed lines "
+                     "(run.eval: fewer problems than the final scores above, so noisier) over the run; dashed lines "
                      "are stage boundaries.</p>"
                      + _img(plots.loss_curves(during, during_names, ylabel="score", palette=palette), "scores during training"))
     if mixing:

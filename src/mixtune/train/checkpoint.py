@@ -152,11 +152,13 @@ def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: 
 
 
 def resume_point(acc, out_dir: Path, names: list[str], steps: list[int], keep: int, log,
-                 config_text: str) -> tuple[Progress, Path | None]:
+                 texts: list[str], known: int = 0) -> tuple[Progress, Path | None]:
     """Where a run of stages ``names`` (of ``steps`` steps each) picks up: after the last of them
     exported in ``out_dir`` (they are a prefix), or inside the next one from its newest checkpoint
     if there is one. Checkpoints the exports supersede, and any beyond ``keep``, are deleted, and
-    the log loses what it holds after that point (it is logged again)."""
+    the log loses what it holds after that point (it is logged again). ``texts``: each stage's recipe
+    text, compared with the one its export was trained from. ``known``: how many leading stages the
+    caller knows are exported (a graph node's earlier stages): resuming after them is not announced."""
     folders = [Path(out_dir) / "stages" / n for n in names]
     done = exported_stages(folders)
     at = Progress(stage=done, global_step=sum(steps[:done]))
@@ -174,11 +176,11 @@ def resume_point(acc, out_dir: Path, names: list[str], steps: list[int], keep: i
     log.truncate_after(at.global_step)
     if ckpt is not None:
         log.note(f"resuming from {ckpt} (stage {at.stage}, step {at.step})")
-    elif done:
+    elif done > known:
         log.note(f"resuming from {folders[done - 1]} (stage {done - 1}, step {steps[done - 1]})"
                  + (": every stage is trained" if done == len(names) else ""))
-    for f in folders[:done]:
-        if (f / "mixtune.yaml").read_text() != config_text:
+    for f, text in zip(folders[:done], texts):
+        if (f / "mixtune.yaml").read_text() != text:
             log.note(f"{f} was trained from a recipe that differs from this one (see its mixtune.yaml); "
                      + RESTART + " again")
     return at, ckpt
@@ -186,7 +188,7 @@ def resume_point(acc, out_dir: Path, names: list[str], steps: list[int], keep: i
 
 def start_over(acc, out_dir: Path, names: list[str], log) -> None:
     """A fresh run: delete the exports of stages ``names``, the checkpoints, the best weights
-    (``train.eval.keep_best``) and the log a previous run left in ``out_dir``, so that neither a later
+    (``run.eval.keep_best``) and the log a previous run left in ``out_dir``, so that neither a later
     resume nor this run's evaluations take them for this run's."""
     old = [p for p in [Path(out_dir) / "checkpoints", Path(out_dir) / "best",
                        *(Path(out_dir) / "stages" / n for n in names)] if p.exists()]

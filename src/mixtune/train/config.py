@@ -63,10 +63,22 @@ class TrainEval(Strict):
         return self
 
 
-RUN_OPTIONS = frozenset({"log_every", "save_every", "keep_checkpoints", "eval"})
-"""Fields of :class:`TrainConfig` that say how a run goes (logging, checkpoint cadence, evaluations
-during training), never what it trains: the same weights come out whatever they are (tests), so a
-study's stage keys leave them out."""
+class RunOptions(Strict):
+    """How a run goes (logging, checkpoint cadence, evaluations during training), never
+    what it trains: the same weights come out whatever these are (tests), so they are not part of
+    any key that decides whether a stage is trained again (a study's stage keys hash
+    :class:`TrainConfig` whole, and none of these)."""
+
+    log_every: int = Field(default=10, ge=1)
+    """Steps between log lines (loss per source, lr, grad norm, tokens/s)."""
+    save_every: int = Field(default=0, ge=0)
+    """Steps between resumable checkpoints (0: none; a killed run resumes after its last exported stage)."""
+    keep_checkpoints: int = Field(default=1, ge=1)
+    """Most checkpoints on disk (the newest); a stage's are deleted once its model is exported."""
+    eval: TrainEval | None = None
+    """Evaluation during training, e.g. ``{every: 50, abilities: [math, code], n: 50}``: scores per
+    ability logged (``eval/<ability>`` in ``log.jsonl``) and plotted in study reports; it never
+    changes the trained weights. Off by default."""
 
 
 class TrainConfig(Strict):
@@ -106,16 +118,16 @@ class TrainConfig(Strict):
     """Per-source weight of every trained token (C-RLFT's class rewards, e.g. {expert: 1, other: 0.1}; default 1)."""
     masked_thought: MaskedThought | None = None
     """Masked Thought input corruption, e.g. {rate: 0.2}; off by default."""
-    log_every: int = Field(default=10, ge=1)
-    """Steps between log lines (loss per source, lr, grad norm, tokens/s)."""
-    save_every: int = Field(default=0, ge=0)
-    """Steps between resumable checkpoints (0: none; a killed run resumes after its last exported stage)."""
-    keep_checkpoints: int = Field(default=1, ge=1)
-    """Most checkpoints on disk (the newest); a stage's are deleted once its model is exported."""
-    eval: TrainEval | None = None
-    """Evaluation during training, e.g. ``{every: 50, abilities: [math, code], n: 50}``: scores per
-    ability logged (``eval/<ability>`` in ``log.jsonl``) and plotted in study reports; it never
-    changes the trained weights. Off by default."""
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict):
+            moved = [k for k in RunOptions.model_fields if k in data]
+            if moved:
+                raise ValueError(f"{', '.join('train.' + k for k in moved)} moved to the `run` section "
+                                 f"({', '.join('run.' + k for k in moved)}): how a run goes, which never changes "
+                                 "what it trains")
+        return data
 
     @model_validator(mode="after")
     def _batches(self) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""Evaluation during training (``train.eval``): when to score the current weights, what is logged,
+"""Evaluation during training (``run.eval``): when to score the current weights, what is logged,
 and the best weights kept.
 
 The loop calls :meth:`DuringTraining.maybe` after every optimizer step (and once before the first).

@@ -37,16 +37,17 @@ import torch
 from mixtune.core import ConfigError, atomic_write_text
 from mixtune.core.seeds import seed_int, torch_generator
 from mixtune.data.format import Packed
+from mixtune.models.quantize import is_quantized
 from mixtune.strategy import Schedule
 from mixtune.strategy.mixing import Groups, Mixer, MixingConfig, StageRows, make_mixer
 from mixtune.train.checkpoint import (Progress, check_checkpoint, drop_checkpoints, export_stage, resume_point,
                                       save_checkpoint, start_over)
-from mixtune.train.config import TrainConfig
+from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.evaluation import DuringTraining, Scorer
 from mixtune.train.losses import (LossMode, mask_thought, masked_thought_rate, per_source, token_losses,
                                   token_weights)
 from mixtune.train.methods import TUNERS
-from mixtune.train.methods.base import load_full
+from mixtune.train.methods.base import check_dtypes, load_full, refuse_quantized
 
 ROW_FIELDS = ("input_ids", "labels", "position_ids", "source_ids")
 
@@ -64,6 +65,9 @@ class StageData:
     """The stage's mixing mode (None: ``shuffled``)."""
     groups: Groups | None = None
     """Grouped mixing modes: the stage's sources packed apart, with validation rows."""
+    recipe_text: str = ""
+    """The recipe that trains this stage (YAML), written beside its checkpoints and export and compared
+    on resume: a study writes the same text for a stage every run that shares it trains."""
 
 
 def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: float | None) -> int:
@@ -129,8 +133,9 @@ def make_accelerator(precision: str):
 
 
 def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
-          seed: int = 0, accelerator=None, config_text: str = "", resume: bool = True, progress: bool = True,
-          on_step: Callable[[int], None] | None = None, first_stage: int = 0,
+          options: RunOptions = RunOptions(), seed: int = 0, accelerator=None, resume: bool = True,
+          progress: bool = True,
+          on_step: Callable[[int], None] | None = None, first_stage: int = 0, known: int = 0,
           evaluator: Scorer | None = None) -> list[Path]:
     """Train ``model`` through ``stages``; returns the folders of the exported stage models.
 
@@ -138,12 +143,12 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         model: a causal LM (a Hugging Face model).
         tokenizer: saved beside every exported model.
         stages: stages in order.
-        cfg: the training section of the recipe.
+        cfg: the training section of the recipe (what decides the weights).
+        options: how the run goes (logging, checkpoints, evaluations during training): never the weights.
         out_dir: ``log.jsonl``, ``stages/<name>/`` (exported models) and ``checkpoints/`` (with ``save_every``).
         source_names: names of the source ids in the packed rows, for per-source loss.
         seed: seeds data order, dropout and method randomness.
         accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
-        config_text: the resolved recipe, written beside every checkpoint and export.
         resume: continue after the last stage exported in ``out_dir``, or from a newer checkpoint;
             otherwise the stages and checkpoints there are deleted first.
         progress: show a progress bar (on the main process).
@@ -152,7 +157,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             stage per call (a study): every per-stage random stream (data order, online mixing,
             Masked Thought, methods that re-select per stage such as HFT, the stage's seed) is
             indexed by the stage's position in the whole run, so a stage trains the same either way.
-        evaluator: with ``cfg.eval``, scores a model per ability (:mod:`mixtune.train.evaluation`;
+        known: how many leading ``stages`` the caller knows are exported (a graph node's earlier
+            stages, :class:`mixtune.pipeline.TrainNode`): resuming after them is expected, not announced.
+        evaluator: with ``options.eval``, scores a model per ability (:mod:`mixtune.train.evaluation`;
             ``mixtune.eval.during_training`` builds it).
     """
     from accelerate.utils import set_seed
@@ -162,12 +169,14 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     out_dir = Path(out_dir)
     tuner, params = TUNERS.get(cfg.method.name), cfg.method
     rule = LossRule.of(cfg, acc.num_processes, source_names, tokenizer)
-    if cfg.eval is not None and evaluator is None:
-        raise ConfigError("train.eval is set but nothing scores the model: pass an evaluator "
+    if options.eval is not None and evaluator is None:
+        raise ConfigError("run.eval is set but nothing scores the model: pass an evaluator "
                           "(mixtune.eval.during_training builds one)")
 
-    # 1) the method decides what trains
+    # 1) the method decides what trains (on a quantised model only adapters), in the dtype it was loaded in
+    refuse_quantized(is_quantized(model), params.name)
     model = tuner.prepare(model, params, seed)
+    check_dtypes(model, acc.mixed_precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
@@ -175,14 +184,15 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
     names, lengths = [st.name for st in stages], [st.steps for st in stages]
     if resume:
-        at, ckpt = resume_point(acc, out_dir, names, lengths, cfg.keep_checkpoints, log, config_text)
+        at, ckpt = resume_point(acc, out_dir, names, lengths, options.keep_checkpoints, log,
+                                 [st.recipe_text for st in stages], known)
     else:
         start_over(acc, out_dir, names, log)
         at, ckpt = Progress(), None
     if 0 < at.stage < len(stages):  # the last export holds what trained so far (a checkpoint adds the stage's part)
         (tuner.load_export or load_full)(model, params, out_dir / "stages" / stages[at.stage - 1].name)
-    evals = (DuringTraining(cfg.eval, evaluator, acc=acc, log=log, tokenizer=tokenizer, out_dir=out_dir)
-             if cfg.eval is not None else None)
+    evals = (DuringTraining(options.eval, evaluator, acc=acc, log=log, tokenizer=tokenizer, out_dir=out_dir)
+             if options.eval is not None else None)
 
     exported = []
     for s, stage in enumerate(stages):
@@ -207,12 +217,12 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
 
         def export_best(dest: Path, best: dict) -> None:
-            export_stage(acc, model, tokenizer, tuner, params, dest, config_text,
+            export_stage(acc, model, tokenizer, tuner, params, dest, stage.recipe_text,
                          extra={"best.json": json.dumps(best, indent=2)})
 
-        # the starting model (global step 0) or a stage boundary `every` hits; a run trained one stage per
-        # call (a study) evaluated this stage's start at the end of the previous one
-        if evals is not None and start == 0 and not (first_stage > 0 and at.global_step == 0):
+        # the starting model; a later stage's start is the end of the one before, evaluated there (also
+        # when that stage was trained by an earlier call: a resume, a study's node, an earlier segment)
+        if evals is not None and start == 0 and at.global_step == 0 and first_stage == 0:
             evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=0, stage_end=False,
                         export=export_best)
         for step in range(start, stage.steps):
@@ -242,23 +252,25 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             runner.window.steps += tuner.aux_loss is not None
 
             # 5) log, evaluate, checkpoint
-            if at.step % cfg.log_every == 0 or at.step == stage.steps:
+            if at.step % options.log_every == 0 or at.step == stage.steps:
                 entry = runner.log_entry(step, at, scheduler.get_last_lr()[0], grad_norm)
                 log.write(entry)
                 bar.show_loss(entry["loss"])
             if evals is not None:
                 evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=at.step,
                             stage_end=at.step == stage.steps, export=export_best)
-            if cfg.save_every and at.global_step % cfg.save_every == 0 and at.step < stage.steps:
-                save_checkpoint(acc, out_dir, at, cfg.keep_checkpoints, config_text, mixer=mixer.state_dict())
+            if options.save_every and at.global_step % options.save_every == 0 and at.step < stage.steps:
+                save_checkpoint(acc, out_dir, at, options.keep_checkpoints, stage.recipe_text,
+                                mixer=mixer.state_dict())
             if on_step is not None:
                 on_step(at.global_step)
         bar.close()
         # 6) the stage's model, in the form the ecosystem loads; it supersedes the stage's checkpoints
         if summary := mixer.summary():  # e.g. Aioli's rounds, DoReMi's averaged weights
             log.write({"stage": stage.name} | summary)
-        exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name, config_text))
-        drop_checkpoints(acc, out_dir, at.global_step, cfg.keep_checkpoints)
+        exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name,
+                                         stage.recipe_text))
+        drop_checkpoints(acc, out_dir, at.global_step, options.keep_checkpoints)
     return exported
 
 

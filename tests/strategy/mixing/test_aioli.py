@@ -71,13 +71,13 @@ def test_a_mixed_stage_trains_logs_proportions_and_resumes_exactly(tiny_dir, tmp
     from mixtune.pipeline import run_training
     from mixtune.recipe import Recipe
 
-    def recipe(mixing, **train):
+    def recipe(mixing, **run):
         return validate(Recipe, {
             "model": str(tiny_dir), "format": {"seq_len": 96},
             "sources": {n: {"builtin": n, "n": 60} for n in ("math", "code", "general")},
             "strategy": {"name": "multi_task", "mixing": mixing},
-            "train": {"lr": 1e-3, "steps": 8, "batch_size": 6, "micro_batch_size": 6, "precision": "fp32",
-                      "log_every": 1} | train})
+            "train": {"lr": 1e-3, "steps": 8, "batch_size": 6, "micro_batch_size": 6, "precision": "fp32"},
+            "run": {"log_every": 1} | run})
 
     aioli = {"name": "aioli", "round_steps": 5, "probe_rounds": 1, "probe_steps": 1, "one_hot": 0.5,
              "eta": 1.0, "validation": 8}

@@ -32,8 +32,8 @@ def test_coba_weights_by_hand_and_a_coba_stage(tiny_dir, tmp_path):
         "model": str(tiny_dir), "format": {"seq_len": 96},
         "sources": {"math": {"builtin": "math", "n": 60}, "general": {"builtin": "general", "n": 30}},
         "strategy": {"name": "multi_task", "mixing": {"name": "coba", "warmup": 2, "history": 3, "validation": 4}},
-        "train": {"lr": 3e-3, "steps": 5, "batch_size": 6, "micro_batch_size": 6, "precision": "fp32",
-                  "log_every": 1}})
+        "train": {"lr": 3e-3, "steps": 5, "batch_size": 6, "micro_batch_size": 6, "precision": "fp32"},
+        "run": {"log_every": 1}})
     run_training(recipe, tiny_dir, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     weights = [(e["mix/math"], e["mix/general"]) for e in log if "mix/math" in e]

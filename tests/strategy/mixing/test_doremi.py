@@ -35,8 +35,8 @@ def test_doremi_update_by_hand_and_end_to_end(tiny_dir, tmp_path):
             "model": str(tiny_dir), "format": {"seq_len": 96},
             "sources": {n: {"builtin": n, "n": 40} for n in ("math", "general")},
             "strategy": {"name": "multi_task", "mixing": mixing},
-            "train": {"lr": 3e-3, "steps": steps, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32",
-                      "log_every": 1}})
+            "train": {"lr": 3e-3, "steps": steps, "batch_size": 4, "micro_batch_size": 2, "precision": "fp32"},
+            "run": {"log_every": 1}})
 
     # a reference trained a little (lower loss than the proxy, which starts from the base): positive excess
     (ref,) = run_training(recipe({"name": "stratified", "validation": 4}, 12), tiny_dir, tmp_path / "ref",

@@ -35,6 +35,8 @@ class Tuner:
       pass (a router's load-balancing loss);
     - ``batch_stats(model, source_ids, n_sources) -> dict[str, Tensor]``: counts summed per log
       window and logged (per-ability expert routing).
+
+    ``quantized_base`` says whether the method trains a quantised model (``load.quantization``).
     """
 
     params: type[Strict]
@@ -46,6 +48,9 @@ class Tuner:
     before_forward: Callable | None = None
     aux_loss: Callable | None = None
     batch_stats: Callable | None = None
+    quantized_base: bool = False
+    """It trains on a frozen quantised base (QLoRA): adapter methods. The others change the base's own
+    weights, which in a 4-bit or 8-bit model are integers that take no gradient."""
 
 
 TUNERS: Registry[Tuner] = Registry("tuning method")
@@ -54,6 +59,40 @@ TUNERS: Registry[Tuner] = Registry("tuning method")
 def register(name: str, params: type[Strict], *, prepare: Callable, export: Callable, **hooks) -> Tuner:
     """Register a method; its citation (if any) is the ``prepare`` docstring."""
     return TUNERS.add(name, Tuner(params, prepare, export, **hooks), doc=prepare.__doc__)
+
+
+def refuse_quantized(mode: str | None, method: str) -> None:
+    """A model quantised as ``mode`` (``4bit`` / ``8bit``; None: not quantised) trains only under a
+    method that keeps its base frozen (``quantized_base``); the recipe can be checked before loading.
+
+    Raises:
+        ConfigError: ``mode`` is set and ``method`` changes the base's own weights.
+    """
+    if mode is None or TUNERS.get(method).quantized_base:
+        return
+    adapters = " or ".join(n for n in TUNERS if TUNERS.get(n).quantized_base)
+    raise ConfigError(f"train.method = {method} on a model loaded quantised ({mode}: load.quantization, or a quantised "
+                      f"checkpoint): {method} changes the base's own weights, which are {mode} integers here and take "
+                      f"no gradient; train an adapter on the quantised base (train.method.name: {adapters}; QLoRA), or "
+                      f"load the model unquantised")
+
+
+def check_dtypes(model, mixed_precision: str) -> None:
+    """fp16 weights that train cannot go through fp16 mixed precision: its gradient scaler refuses fp16
+    gradients (``Attempting to unscale FP16 gradients``), in transformers' Trainer as here.
+
+    Raises:
+        ConfigError: a parameter that trains is fp16 and ``mixed_precision`` is ``fp16``.
+    """
+    import torch
+
+    if mixed_precision != "fp16":
+        return
+    half = [n for n, q in model.named_parameters() if q.requires_grad and q.dtype == torch.float16]
+    if half:
+        raise ConfigError(f"train.precision fp16 (mixed precision) with fp16 weights that train ({half[0]}, ...): the "
+                          "gradient scaler needs fp32 weights; set load.dtype: fp32 (fp16 autocast on fp32 weights), "
+                          "or train.precision: bf16 with load.dtype: bf16 where the device has bf16")
 
 
 def check_share(method: str, model, *, trained: int, intended: int, of: str, low: float = 1.0, high: float = 1.0,

@@ -74,9 +74,17 @@ class SparseAdamW(torch.optim.Optimizer):
                                  "exp_avg_sq": torch.zeros(idx.numel(), device=p.device), "step": 0}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every state tensor to its parameter's dtype: in bf16, flat indices past 256 round
+        # (and in fp32 past 2**24), and the moments lose their fp32; so they are put back as saved
+        saved = state_dict["state"]
         super().load_state_dict(state_dict)
-        for st in self.state.values():  # torch casts every state tensor to the parameter's dtype
-            st["idx"] = st["idx"].long()
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, [p for g in self.param_groups for p in g["params"]]):
+            if i in saved:
+                st = self.state[p]
+                st["idx"] = saved[i]["idx"].to(p.device, torch.long)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    st[name] = saved[i][name].to(p.device, torch.float32)
 
     def trainable_entries(self) -> int:
         """Entries that train (K summed over the matrices), what the method really tunes."""

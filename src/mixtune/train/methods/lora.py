@@ -5,6 +5,12 @@
 ``peft`` takes any peft tuner by its type name and passes ``config`` to that tuner's config
 class. Both check every field name against peft's own config class first, so a typo is an error
 that lists the valid names, never a silently ignored option.
+
+On a quantised base (``load.quantization``, QLoRA) the base is readied with peft's
+``prepare_model_for_kbit_training`` first. Adapters are saved in the dtype peft trains them in
+(fp32: peft upcasts bf16/fp16 adapters, as transformers' Trainer runs them); ``merge`` writes the
+merged model in the base's dtype, and for a quantised base merges into the original base weights
+(see :func:`merged_model`).
 """
 
 from __future__ import annotations
@@ -103,6 +109,21 @@ def peft_config(kind: str, fields: dict, where: str):
 def _attach(model, config, where: str):
     from peft import get_peft_model
 
+    from mixtune.models.quantize import is_quantized
+
+    quantized = is_quantized(model)
+    if quantized is not None and hasattr(model, "peft_config"):  # load_for_eval leaves it unmerged
+        raise ConfigError(f"{where}: the starting model is an adapter left unmerged on a {quantized} quantised base; a "
+                          "new adapter cannot go on top (merging the first into the quantised weights would round it "
+                          "away); train the stages in one run, which goes on training one adapter, or load the base "
+                          "unquantised")
+    if quantized is not None:
+        # QLoRA (Dettmers et al., 2023, arXiv:2305.14314): freeze the base, keep its norms and embeddings in
+        # fp32 for stable training; the loop enables gradient checkpointing itself (train.gradient_checkpointing)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
     try:
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # peft refuses a layer type with TypeError (LoHa on GPT-2's Conv1D)
@@ -167,8 +188,32 @@ def export(model, p, out_dir: Path, state_dict: dict | None) -> None:
     else:
         model.save_pretrained(out_dir, state_dict=state_dict)
     if p.merge:
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(out_dir / "merged")
+        merged_model(model, out_dir).save_pretrained(out_dir / "merged")
+
+
+def merged_model(model, adapter_dir: Path):
+    """The base with the adapter merged in (peft's merge_and_unload), in the base's dtype, on a copy so
+    that training goes on unchanged.
+
+    A quantised base (QLoRA) is not merged into: its 4-bit or 8-bit weights would round the update
+    back onto their grid. The original base is read again from its folder (the adapter's
+    ``base_model_name_or_path``), unquantised, in the compute dtype, on the CPU, and the adapter saved in
+    ``adapter_dir`` is merged into it: the same model :func:`mixtune.eval.load_for_eval` builds
+    from the adapter. It needs the memory of the unquantised base.
+    """
+    from mixtune.models.quantize import is_quantized
+
+    if is_quantized(model) is None:
+        return copy.deepcopy(model).merge_and_unload()
+    from peft import PeftModel
+
+    from mixtune.models import LoadConfig, load_model
+    from mixtune.models.load import dtype_name
+
+    base_dir = model.peft_config[model.active_adapter].base_model_name_or_path
+    attn = getattr(model.config, "_attn_implementation", None)
+    base, _ = load_model(base_dir, load=LoadConfig(dtype=dtype_name(model.config.dtype), attn_implementation=attn))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def load_export(model, p, folder: Path) -> None:
@@ -189,5 +234,5 @@ def load_export(model, p, folder: Path) -> None:
                               f"{list(unexpected)[:3]}); it was written by another recipe. Pass --fresh to retrain")
 
 
-register("lora", LoraParams, prepare=prepare, export=export, load_export=load_export)
-register("peft", PeftParams, prepare=prepare_peft, export=export, load_export=load_export)
+register("lora", LoraParams, prepare=prepare, export=export, load_export=load_export, quantized_base=True)
+register("peft", PeftParams, prepare=prepare_peft, export=export, load_export=load_export, quantized_base=True)
