@@ -11,11 +11,11 @@ from mixtune.core import ConfigError, DataError, dump_config
 from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
 from mixtune.data.sources import load_source_located
-from mixtune.graph import Node
 from mixtune.models import LoadConfig, load_model, load_tokenizer
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
 from mixtune.strategy.mixing import Groups, grouped
+from mixtune.graph import Node
 from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.loop import StageData, stage_steps, train
 
@@ -54,7 +54,16 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
     A record is tokenized at most once however many stages use it. ``amount`` < 1 keeps a seeded
     floor(amount x |D|) of every source not in ``amount_skip`` (data-scaling studies), before mixing.
     Sources with ``select`` are filtered first by the model in ``select_with`` (the starting model).
+    A stage that uses a streamed source (``stream: true``) keeps its picks as arrays, its examples in
+    token caches and its rows in files (:mod:`mixtune.data.packed_files`): the same rows, in bounded memory.
     """
+    import numpy as np
+
+    from mixtune.data.mixture import PickNames
+    from mixtune.data.packed_files import Part, pack_to_disk
+    from mixtune.data.stream import StreamedSource
+    from mixtune.data.tokens import stage_examples
+
     tokenizer = tokenizer or tokenizer_for(recipe.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -63,23 +72,39 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
     loaded, origin = load_sources(recipe, base_dir)
     selected = select_sources(recipe, loaded, tokenizer, select_with)
     if amount != 1.0:
-        from mixtune.data.mixture import MixtureConfig, Take
+        from mixtune.data.mixture import MixtureConfig, Take, draw
 
         keep = MixtureConfig(sources={n: None if n in amount_skip else Take(fraction=amount) for n in loaded})
-        subset = mix(keep, loaded, seed=(recipe.seed, "amount"))
-        loaded = {n: [loaded[n][i] for i in sorted(i for m, i in subset.picks if m == n)] for n in loaded}
+        subset, _ = draw(keep, {n: len(r) for n, r in loaded.items()}, seed=(recipe.seed, "amount"))
+        kept = {n: np.sort(subset.index[subset.source == k]) for k, n in enumerate(subset.names)}
+        loaded = {n: r.subset(kept[n]) if isinstance(r, StreamedSource) else [r[i] for i in kept[n].tolist()]
+                  for n, r in loaded.items()}
+
+    def where_of(n: str, i: int) -> str:
+        return loaded[n].where(i) if isinstance(loaded[n], StreamedSource) else origin[id(loaded[n][i])]
+
     cache: dict[tuple[str, int], Example] = {}
     stages = []
     for s, stage in enumerate(recipe.resolved_stages()):
+        streamed = any(isinstance(loaded[n], StreamedSource) for n in stage.mixture.sources)
         try:
-            mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s))
+            mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s), lazy=streamed)
         except ConfigError as e:
             raise ConfigError(f"stage {stage.name!r}: {e}") from None
-        todo = sorted(set(mixture.picks) - cache.keys())
-        cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
-        examples = [cache[p] for p in mixture.picks]
-        where = [origin[id(loaded[n][i])] for n, i in mixture.picks]
-        if not grouped(stage.mixing):
+        if streamed:  # picks as arrays, examples in token stores, names of records computed for errors only
+            examples = stage_examples(mixture.picks, loaded, tokenizer, cache)
+            where = PickNames(mixture.picks, where_of)
+        else:
+            todo = sorted(set(mixture.picks) - cache.keys())
+            cache.update(zip(todo, tokenize_records([loaded[n][i] for n, i in todo], tokenizer)))
+            examples = [cache[p] for p in mixture.picks]
+            where = [origin[id(loaded[n][i])] for n, i in mixture.picks]
+        if not grouped(stage.mixing) and streamed:
+            ids = np.array([names.index(n) for n in mixture.picks.names], dtype=np.int64)[mixture.picks.source]
+            packed, _ = pack_to_disk([Part(examples, ids, where)], recipe.format.seq_len, pad_id=pad_id,
+                                     long_examples=recipe.format.long_examples)
+            stages.append(PreparedStage(stage, mixture, examples, packed))
+        elif not grouped(stage.mixing):
             packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
                           sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
                           where=where)
@@ -92,11 +117,17 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
 
 def load_sources(recipe: Recipe, base_dir: str | Path) -> tuple[dict[str, list[dict]], dict[int, str]]:
     """Every source's records, and where each came from (``file:line`` ...) by the record's ``id``:
-    subsetting and selection keep the record objects. The problems of all sources are reported
-    together, in one error."""
+    subsetting and selection keep the record objects. A streamed source is a
+    :class:`~mixtune.data.stream.StreamedSource` (records read on demand; it names them itself).
+    The problems of all sources are reported together, in one error."""
+    from mixtune.data.stream import open_streamed
+
     loaded, origin, problems = {}, {}, []
     for name, cfg in recipe.sources.items():
         try:
+            if cfg.stream:
+                loaded[name] = open_streamed(name, cfg, base_dir)
+                continue
             loaded[name], where = load_source_located(name, cfg, seed=recipe.seed, base_dir=base_dir)
             origin.update((id(r), at) for r, at in zip(loaded[name], where))
         except DataError as e:
@@ -112,27 +143,50 @@ def pack_groups(mixture: Mixture, examples: list[Example], names: list[str], n_v
                 pad_id: int, where: list[str] | None = None) -> tuple[Packed, Groups]:
     """Each source of a mixed stage packed on its own (so a row belongs to one source), its first
     ``n_val`` mixed examples held out as validation rows; training rows concatenated, source by source.
-    ``where`` names each example in errors (default: its source and 1-based record number)."""
+    ``where`` names each example in errors (default: its source and 1-based record number).
+    Streamed examples (:class:`~mixtune.data.tokens.StageExamples`) have their training rows written
+    to files in one pass (:func:`~mixtune.data.packed_files.pack_to_disk`); validation rows stay in memory."""
+    import numpy as np
     import torch
 
-    order = [n for n in names if any(p[0] == n for p in mixture.picks)]
-    where = where or [f"source {n!r} record {i + 1}" for n, i in mixture.picks]
+    from mixtune.data.mixture import PickNames
+    from mixtune.data.packed_files import Part, pack_to_disk
+    from mixtune.data.tokens import StageExamples
+
+    streamed = isinstance(examples, StageExamples)
+    if streamed:  # picks are arrays (mixture.Picks): select by source without a Python object per pick
+        ids = np.array([names.index(n) for n in mixture.picks.names], dtype=np.int64)[mixture.picks.source]
+        order = [n for n in names if bool((ids == names.index(n)).any())]
+        where = where or PickNames(mixture.picks, lambda n, i: f"source {n!r} record {i + 1}")
+    else:
+        order = [n for n in names if any(p[0] == n for p in mixture.picks)]
+        where = where or [f"source {n!r} record {i + 1}" for n, i in mixture.picks]
     parts, rows, val, start, offset = [], [], [], 0, 0
     for name in order:
-        mine = [i for i, (n, _) in enumerate(mixture.picks) if n == name]
+        mine = (np.flatnonzero(ids == names.index(name)) if streamed
+                else [i for i, (n, _) in enumerate(mixture.picks) if n == name])
         if len(mine) <= n_val:
             raise ConfigError(f"mixing: source {name!r} has {len(mine)} examples in this stage, not more than "
                               f"mixing.validation = {n_val} held out for validation")
         held, train_ = mine[:n_val], mine[n_val:]
         kw = dict(pad_id=pad_id, long_examples=recipe.format.long_examples)
-        p = pack([examples[i] for i in train_], recipe.format.seq_len, sources=[names.index(name)] * len(train_),
-                 where=[where[i] for i in train_], **kw)
+        if streamed:
+            parts.append(Part(examples.take(train_), np.full(len(train_), names.index(name)), where.take(train_), offset))
+        else:
+            p = pack([examples[i] for i in train_], recipe.format.seq_len, sources=[names.index(name)] * len(train_),
+                     where=[where[i] for i in train_], **kw)
+            n = p.input_ids.shape[0]
+            parts.append(dataclasses.replace(p, example_ids=torch.where(p.example_ids >= 0, p.example_ids + offset, -1)))
+            rows.append(torch.arange(start, start + n))
+            start += n
         val.append(pack([examples[i] for i in held], recipe.format.seq_len, sources=[names.index(name)] * len(held),
                         where=[where[i] for i in held], **kw))
-        n = p.input_ids.shape[0]
-        parts.append(dataclasses.replace(p, example_ids=torch.where(p.example_ids >= 0, p.example_ids + offset, -1)))
-        rows.append(torch.arange(start, start + n))
-        start, offset = start + n, offset + len(train_)
+        offset += len(train_)
+    if streamed:
+        packed, counts = pack_to_disk(parts, recipe.format.seq_len, pad_id=pad_id,
+                                      long_examples=recipe.format.long_examples)
+        starts = np.cumsum([0, *counts]).tolist()
+        return packed, Groups(order, [torch.arange(a, a + n) for a, n in zip(starts, counts)], val)
     cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in ("input_ids", "labels", "position_ids", "source_ids",
                                                                    "example_ids")}
     packed = Packed(**cat, dropped=sum(p.dropped for p in parts), truncated=sum(p.truncated for p in parts))

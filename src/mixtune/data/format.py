@@ -23,23 +23,26 @@ only padding is the unfilled tail of rows. Inside a row each example's
 **attention never crosses example boundaries**: each example's logits equal those
 of the example run alone (tests/data/test_format.py checks it). The first label
 of every example is -100, so no token is trained to predict across a boundary.
+The placement works on lengths alone (:mod:`mixtune.data.packing`), so streamed
+sources pack the same rows without holding their tokens (:mod:`mixtune.data.packed_files`).
 """
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from mixtune.core import DataError, Strict
+from mixtune.data.packing import IGNORE, fill_rows, plan_rows, ranges
 from mixtune.models import CHAT_TEMPLATE
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 
@@ -164,7 +167,8 @@ def tokenize_record(record: dict, tokenizer) -> Example:
 
 @dataclass(frozen=True)
 class Packed:
-    """Examples packed into rows of equal length (all tensors ``(rows, seq_len)``)."""
+    """Examples packed into rows of equal length (all tensors ``(rows, seq_len)``, int64): in memory,
+    or for a streamed stage views of files (:mod:`mixtune.data.packed_files`)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -178,8 +182,11 @@ class Packed:
 
     @property
     def n_tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return int((self.example_ids >= 0).sum())
+        """Real (non-padding) tokens (counted a few million positions at a time: rows may be mapped
+        from disk, :mod:`mixtune.data.packed_files`)."""
+        rows, width = self.example_ids.shape
+        step = max(1, (1 << 22) // max(1, width))
+        return sum(int((self.example_ids[i:i + step] >= 0).sum()) for i in range(0, rows, step))
 
     @property
     def efficiency(self) -> float:
@@ -206,76 +213,20 @@ def pack(examples: Sequence[Example], seq_len: int, *, pad_id: int, sources: Seq
     Raises:
         DataError: an example is longer than ``seq_len`` and ``long_examples`` is ``error``.
     """
-    sources = list(sources) if sources is not None else [0] * len(examples)
-    pieces: list[tuple[int, int]] = []  # (example, first token) of each piece to place
-    for i, ex in enumerate(examples):
-        cut = ex.divisible and len(ex.input_ids) > seq_len
-        pieces.extend((i, start) for start in (range(0, len(ex.input_ids), seq_len) if cut else [0]))
-    lengths, dropped, truncated = [], 0, 0
-    for i, start in pieces:
-        ex = examples[i]
-        n = len(ex.input_ids) - start if not ex.divisible else min(seq_len, len(ex.input_ids) - start)
-        if n > seq_len:
-            if long_examples == "error":
-                name = where[i] if where else f"example {i + 1}"
-                raise DataError(
-                    f"{name} has {n} tokens, longer than seq_len = {seq_len}. Raise format.seq_len, or set "
-                    f"format.long_examples to 'drop' or 'truncate'"
-                )
-            if long_examples == "drop":
-                dropped, n = dropped + 1, 0
-            else:
-                truncated, n = truncated + 1, seq_len
-        lengths.append(n)
+    lengths = np.fromiter((len(ex.input_ids) for ex in examples), dtype=np.int64, count=len(examples))
+    plan = plan_rows(lengths, np.fromiter((ex.divisible for ex in examples), dtype=bool, count=len(examples)),
+                     seq_len, long_examples=long_examples, where=where)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = {k: np.fromiter(itertools.chain.from_iterable(getattr(ex, k) for ex in examples), dtype=np.int64,
+                           count=int(offsets[-1])) for k in ("input_ids", "labels")}
 
-    # Best fit decreasing. Rows are grouped by remaining space; `spaces` keeps the distinct
-    # remaining sizes sorted, so the best row is one bisect away (at most seq_len+1 keys).
-    rows: list[list[int]] = []
-    by_space: dict[int, list[int]] = {}
-    spaces: list[int] = []
-    for i in sorted(range(len(pieces)), key=lambda j: (-lengths[j], j)):
-        n = lengths[i]
-        if n == 0:
-            continue
-        k = bisect.bisect_left(spaces, n)
-        if k == len(spaces):
-            row, space = len(rows), seq_len
-            rows.append([])
-        else:
-            space = spaces[k]
-            row = by_space[space].pop()
-            if not by_space[space]:
-                del by_space[space]
-                spaces.pop(k)
-        rows[row].append(i)
-        left = space - n
-        if left > 0:
-            if left not in by_space:
-                by_space[left] = []
-                bisect.insort(spaces, left)
-            by_space[left].append(row)
+    def gather(ex: np.ndarray, start: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = ranges(offsets[ex] + start, n)
+        return flat["input_ids"][at], flat["labels"][at]
 
-    shape = (len(rows), seq_len)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    source_ids = torch.full(shape, -1, dtype=torch.long)
-    example_ids = torch.full(shape, -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        at = 0
-        for k in members:
-            (i, start), n = pieces[k], lengths[k]
-            sl = slice(at, at + n)
-            input_ids[r, sl] = torch.tensor(examples[i].input_ids[start:start + n])
-            labels[r, sl] = torch.tensor(examples[i].labels[start:start + n])
-            labels[r, at] = IGNORE  # never predict across the boundary with the previous example
-            position_ids[r, sl] = torch.arange(n)
-            source_ids[r, sl] = sources[i]
-            example_ids[r, sl] = i
-            at += n
-        # Padding forms its own block (positions from 0) so no real token attends to it.
-        position_ids[r, at:] = torch.arange(seq_len - at)
-    return Packed(input_ids, labels, position_ids, source_ids, example_ids, dropped, truncated)
+    sources = np.asarray(sources if sources is not None else np.zeros(len(examples)), dtype=np.int64)
+    rows = fill_rows(plan, gather, sources, 0, plan.n_rows, pad_id=pad_id)
+    return Packed(**{k: torch.from_numpy(v) for k, v in rows.items()}, dropped=plan.dropped, truncated=plan.truncated)
 
 
 __all__ = ["IGNORE", "Example", "FormatConfig", "Packed", "pack", "prompt_text", "render_with_spans",

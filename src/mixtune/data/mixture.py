@@ -31,13 +31,14 @@ drawn independently and uniformly with replacement.
 
 **Determinism.** Each source is sampled from its own stream seeded by
 ``(seed, source name)``, so adding or removing one source does not change what
-is taken from another. The result is shuffled with the seed.
+is taken from another. The result is shuffled with the seed. Sampling needs only
+each source's size (:func:`draw`), so a streamed source is mixed without being read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,13 +113,74 @@ class Outcome:
     """Distinct examples among those taken (lower than ``taken`` only with replacement)."""
 
 
+class Picks(Sequence[tuple[str, int]]):
+    """A mixture's picks as arrays: ``(source name, index in that source)`` per example, without a
+    Python tuple each (a mixture of a streamed source may hold millions)."""
+
+    def __init__(self, names: Sequence[str], source: np.ndarray, index: np.ndarray):
+        self.names = tuple(names)
+        self.source = source
+        """``(N,)`` position of each pick's source in ``names``."""
+        self.index = index
+        """``(N,)`` index of each pick's record in its source."""
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return self.names[self.source[k]], int(self.index[k])
+
+    def tolist(self) -> list[tuple[str, int]]:
+        return list(zip([self.names[s] for s in self.source.tolist()], self.index.tolist()))
+
+
+class PickedRecords(Sequence[dict]):
+    """The records of ``picks``, read from ``sources`` when asked for, each with its ``source`` set."""
+
+    def __init__(self, sources: Mapping[str, Sequence[dict]], picks: Picks):
+        self.sources, self.picks = sources, picks
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        name, i = self.picks[k]
+        return self.sources[name][i] | {"source": name}
+
+
+class PickNames(Sequence[str]):
+    """Where each of ``picks`` came from (``file:line`` ...), by ``where_of(source, index)``, computed
+    only when asked for (an error message names one)."""
+
+    def __init__(self, picks: Picks, where_of: Callable[[str, int], str], positions: np.ndarray | None = None):
+        self.picks, self.where_of = picks, where_of
+        self.positions = np.arange(len(picks)) if positions is None else positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return self.where_of(*self.picks[int(self.positions[k])])
+
+    def take(self, positions: np.ndarray) -> PickNames:
+        return PickNames(self.picks, self.where_of, self.positions[np.asarray(positions, dtype=np.int64)])
+
+
 @dataclass(frozen=True)
 class Mixture:
     """The mixed examples, each a record with its ``source`` set, and per-source outcomes."""
 
-    records: list[dict]
-    picks: list[tuple[str, int]]
-    """For each record, its source and index in that source (so per-source work can be shared)."""
+    records: Sequence[dict]
+    """A list, or for a lazy mixture (:func:`mix` with ``lazy``) a :class:`PickedRecords`."""
+    picks: Sequence[tuple[str, int]]
+    """For each record, its source and index in that source (so per-source work can be shared); a
+    list, or :class:`Picks` for a lazy mixture."""
     outcomes: list[Outcome]
 
 
@@ -173,26 +235,38 @@ def plan_counts(cfg: MixtureConfig, sizes: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: Seed = 0) -> Mixture:
-    """Sample the mixture ``cfg`` from loaded ``sources`` (name -> records), deterministically.
-
-    ``seed`` may be a sequence (e.g. ``(recipe seed, stage index)``) to give each stage its own draw.
-    """
-    counts = plan_counts(cfg, {n: len(r) for n, r in sources.items()})
-    picks: list[tuple[str, int]] = []
-    outcomes = []
-    for name, count in counts.items():
-        pool = sources[name]
+def draw(cfg: MixtureConfig, sizes: Mapping[str, int], *, seed: Seed = 0) -> tuple[Picks, list[Outcome]]:
+    """The seeded picks of the mixture ``cfg`` from sources of the given sizes (name -> records):
+    only counts are needed, never the records."""
+    counts = plan_counts(cfg, sizes)
+    source, index, outcomes = [], [], []
+    for k, (name, count) in enumerate(counts.items()):
+        size = sizes[name]
         take = cfg.sources[name] or Take()
         gen = _stream(seed, name)
         if take.replace:
-            idx = gen.integers(0, len(pool), size=count) if len(pool) else np.zeros(0, dtype=int)
+            idx = gen.integers(0, size, size=count) if size else np.zeros(0, dtype=np.int64)
         else:
-            idx = gen.permutation(len(pool))[:count]
-        picks += [(name, i) for i in idx.tolist()]
-        outcomes.append(Outcome(name, len(pool), count, len(set(idx.tolist()))))
-    picks = [picks[i] for i in _stream(seed, "\x00order").permutation(len(picks)).tolist()]
-    return Mixture([sources[n][i] | {"source": n} for n, i in picks], picks, outcomes)
+            idx = gen.permutation(size)[:count]
+        source.append(np.full(len(idx), k, dtype=np.int32))
+        index.append(idx.astype(np.int64))
+        outcomes.append(Outcome(name, size, count, int(np.unique(idx).size)))
+    order = _stream(seed, "\x00order").permutation(sum(len(i) for i in index))
+    return Picks(list(counts), np.concatenate(source)[order], np.concatenate(index)[order]), outcomes
 
 
-__all__ = ["Mixture", "MixtureConfig", "Outcome", "Take", "mix", "plan_counts"]
+def mix(cfg: MixtureConfig, sources: Mapping[str, Sequence[dict]], *, seed: Seed = 0, lazy: bool = False) -> Mixture:
+    """Sample the mixture ``cfg`` from loaded ``sources`` (name -> records), deterministically.
+
+    ``seed`` may be a sequence (e.g. ``(recipe seed, stage index)``) to give each stage its own draw.
+    With ``lazy``, picks stay arrays (:class:`Picks`) and records are read only when asked for
+    (:class:`PickedRecords`); the picks are the same either way.
+    """
+    picks, outcomes = draw(cfg, {n: len(r) for n, r in sources.items()}, seed=seed)
+    if lazy:
+        return Mixture(PickedRecords(sources, picks), picks, outcomes)
+    listed = picks.tolist()
+    return Mixture([sources[n][i] | {"source": n} for n, i in listed], listed, outcomes)
+
+
+__all__ = ["Mixture", "MixtureConfig", "Outcome", "PickNames", "PickedRecords", "Picks", "Take", "draw", "mix", "plan_counts"]

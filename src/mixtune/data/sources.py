@@ -40,10 +40,11 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from mixtune.core import DataError, Strict, UnknownNameError, existing_path
 from mixtune.data.abilities import ABILITIES
@@ -53,6 +54,8 @@ ROLES = ("system", "user", "assistant")
 MAX_RECORD_BYTES = 4 * 2**20
 """Default ``max_record_bytes``: 4 MiB. Tokenizing one record that long takes about 14 s and 2 GB
 with the built-in tokenizer, so the limit bounds what one bad record can cost."""
+STREAM_HINT_BYTES = 2**30
+"""A JSONL source larger than this (1 GiB), loaded whole, gets a warning pointing to ``stream``."""
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,23 @@ class SourceConfig(Strict):
     """Longest record accepted, in UTF-8 bytes (a JSONL line, or a row's turn texts together);
     a longer one is an error when read, before it is held whole or tokenized. Default 4 MiB,
     about a million tokens, past any model's context."""
+    stream: bool = False
+    """``.jsonl`` only: for data larger than memory. The file is indexed by the byte offsets of its
+    lines in one pass (every record checked, as when loading), then tokenized in chunks into a
+    memory-mapped cache, and stages that use it are packed into memory-mapped rows; records are read
+    on demand. The rows are bitwise those of the in-memory path. The caches live under
+    ``$XDG_CACHE_HOME/mixtune/data`` (default ``~/.cache``), keyed by the file's path, size and
+    modification time, the tokenizer and the settings that shape records, so a rerun or resumed run
+    reuses them; delete the folder to reclaim the space (packed rows take 40 bytes per token)."""
+
+    @model_serializer(mode="wrap")
+    def _stream_only_when_on(self, handler):
+        # `stream` changes where data lives, never the rows: left out of dumps at its default, so the
+        # saved config and every key that hashes a source (a study's stage keys) stay as they were.
+        out = handler(self)
+        if not self.stream and isinstance(out, dict):
+            out.pop("stream", None)
+        return out
 
     @field_validator("builtin")
     @classmethod
@@ -116,6 +136,12 @@ class SourceConfig(Strict):
             raise ValueError("`n` applies to built-in sources; take part of a file with the mixture's count or fraction")
         if self.builtin is not None and self.split not in ("train", "test"):
             raise ValueError(f"built-in split must be 'train' or 'test', got {self.split!r}")
+        if self.stream and (self.path is None or self.path.suffix != ".jsonl"):
+            raise ValueError(f"`stream` reads .jsonl files; this source is "
+                             f"{'built in' if self.path is None else repr(str(self.path))}")
+        if self.stream and self.select is not None:
+            raise ValueError("`select` scores every record with the model, which a streamed source does not hold; "
+                             "select from a smaller file, or leave out `stream`")
         return self
 
 
@@ -156,34 +182,63 @@ def _load(name: str, cfg: SourceConfig, *, seed: int, base_dir) -> tuple[list[di
     path = Path(cfg.path)  # type: ignore[arg-type]
     if not path.is_absolute():
         path = Path(base_dir) / path
+    if path.suffix == ".jsonl" and path.is_file() and path.stat().st_size > STREAM_HINT_BYTES:
+        log.warning(f"source {name!r}: {path} is {path.stat().st_size / 2**30:.1f} GiB, loaded whole into memory; "
+                    f"set sources.{name}.stream: true to read it on demand")
     rows = read_rows(path, split=cfg.split, max_record_bytes=cfg.max_record_bytes, name=name)
     jsonl = path.suffix == ".jsonl" and not path.is_dir()  # a JSONL line is measured as it is read
     records, where, empty = [], [], []
     for at, obj in rows:
-        record = normalise_record(obj, at, default_ability=ability, system=cfg.system)
-        turns = record.get("messages") or [{"role": "assistant", "content": record["text"]}]
-        if not jsonl:
-            _check_size(turns, at, name, cfg.max_record_bytes)
-        turn = next((i for i, m in enumerate(turns) if m["role"] == "assistant" and not m["content"].strip()), None)
-        if turn is None:
+        record = accept_record(obj, at, name, cfg, measured=jsonl)
+        if record is None:
+            empty.append(at)
+        else:
             records.append(record)
             where.append(at)
-        elif cfg.empty_turns == "error":
-            what = (f"messages[{turn}] is an empty assistant turn (content {turns[turn]['content']!r})"
-                    if "messages" in record else f"\"text\" is empty ({record['text']!r})")
-            raise DataError(f"{at}: {what}, nothing to train on; fill or remove the record, or set "
-                            f"sources.{name}.empty_turns: drop to drop such records")
-        else:
-            empty.append(at)
-    if empty:
-        if not records:
-            raise DataError(f"source {name!r}: {path}: every record ({len(empty):,}) has an empty assistant "
-                            f"turn, so empty_turns: drop leaves nothing to train on")
-        log.warning(f"source {name!r}: dropped {len(empty):,} of {len(rows):,} records with an empty assistant "
-                    f"turn (empty_turns: drop), the first at {empty[0]}")
-    if not records:
-        raise DataError(f"source {name!r}: {path}: contains no records")
+    if warning := check_kept(name, path, len(records), len(rows), len(empty), empty[0] if empty else None):
+        log.warning(warning)
     return records, where
+
+
+def accept_record(obj: Any, at: str, name: str, cfg: SourceConfig, *, measured: bool = False) -> dict | None:
+    """One raw record of source ``name``, normalised and checked; None when it has an empty assistant
+    turn and ``empty_turns`` is ``drop``. ``measured``: its size was checked as it was read.
+
+    Raises:
+        DataError: the record does not fit (see :func:`normalise_record`), is too long, or has an
+            empty assistant turn and ``empty_turns`` is ``error``.
+    """
+    record = normalise_record(obj, at, default_ability=cfg.ability or name, system=cfg.system)
+    turns = record.get("messages") or [{"role": "assistant", "content": record["text"]}]
+    if not measured:
+        _check_size(turns, at, name, cfg.max_record_bytes)
+    turn = next((i for i, m in enumerate(turns) if m["role"] == "assistant" and not m["content"].strip()), None)
+    if turn is None:
+        return record
+    if cfg.empty_turns == "error":
+        what = (f"messages[{turn}] is an empty assistant turn (content {turns[turn]['content']!r})"
+                if "messages" in record else f"\"text\" is empty ({record['text']!r})")
+        raise DataError(f"{at}: {what}, nothing to train on; fill or remove the record, or set "
+                        f"sources.{name}.empty_turns: drop to drop such records")
+    return None
+
+
+def check_kept(name: str, path: Path, kept: int, read: int, dropped: int, first: str | None) -> str | None:
+    """The warning to give for the ``dropped`` of ``read`` records that had an empty assistant turn
+    (``first``: where the first was), or None.
+
+    Raises:
+        DataError: no record is kept.
+    """
+    if dropped and not kept:
+        raise DataError(f"source {name!r}: {path}: every record ({dropped:,}) has an empty assistant "
+                        f"turn, so empty_turns: drop leaves nothing to train on")
+    if not kept:
+        raise DataError(f"source {name!r}: {path}: contains no records")
+    if dropped:
+        return (f"source {name!r}: dropped {dropped:,} of {read:,} records with an empty assistant turn "
+                f"(empty_turns: drop), the first at {first}")
+    return None
 
 
 def read_rows(path: Path, *, split: str = "train", max_record_bytes: int = MAX_RECORD_BYTES,
@@ -219,21 +274,31 @@ def _check_size(messages: list[dict], where: str, name: str, limit: int) -> None
 
 
 def _read_jsonl(path: Path, name: str, limit: int) -> list[tuple[str, Any]]:
-    """``(file:line, object)`` per non-blank line. Lines are read as bytes, at most ``limit`` + 2
-    at a time, so an over-long line is refused without being held whole; only ``\\n`` ends a line
-    (a stray ``\\r`` inside a record stays in it, where JSON reports it)."""
-    rows = []
+    """``(file:line, object)`` per non-blank line (:func:`jsonl_lines`)."""
+    return [(f"{path}:{lineno}", parse_line(line, path, lineno)) for lineno, _, _, line in jsonl_lines(path, name, limit)]
+
+
+def jsonl_lines(path: Path, name: str, limit: int) -> Iterator[tuple[int, int, int, str]]:
+    """``(line number, byte offset, byte length, text)`` of each non-blank line, the span being the
+    record's own bytes (no byte order mark, no line end). Lines are read as bytes, at most ``limit``
+    + 2 at a time, so an over-long line is refused without being held whole; only ``\\n`` ends a
+    line (a stray ``\\r`` inside a record stays in it, where JSON reports it).
+
+    Raises:
+        DataError: a line is longer than ``limit`` bytes or not UTF-8.
+    """
     with path.open("rb") as f:
-        lineno = 0
+        lineno, pos = 0, 0
         while raw := f.readline(limit + 2):  # + 2: room for the line's own "\r\n"
             lineno += 1
+            start, pos = pos, pos + len(raw)
             if raw.endswith(b"\n"):
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             if len(raw) > limit:
                 raise DataError(f"{path}:{lineno}: record longer than max_record_bytes = {limit:,} bytes (not read "
                                 f"further); shorten or remove it, or raise sources.{name}.max_record_bytes")
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-                raw = raw[3:]
+                raw, start = raw[3:], start + 3
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -242,13 +307,20 @@ def _read_jsonl(path: Path, name: str, limit: int) -> list[tuple[str, Any]]:
                     f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at column {column} cannot be decoded; "
                     f"JSONL is read as UTF-8, so re-encode the file (e.g. iconv -f latin1 -t utf-8)"
                 ) from None
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: {_json_problem(e, line)}") from None
-    return rows
+            if line.strip():
+                yield lineno, start, len(raw), line
+
+
+def parse_line(line: str, path: Path, lineno: int) -> Any:
+    """The JSON value of one JSONL line.
+
+    Raises:
+        DataError: not valid JSON (file, line and column).
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: {_json_problem(e, line)}") from None
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
@@ -474,5 +546,6 @@ def _check_messages(messages: Any, where: str) -> None:
                         f"{', '.join(m['role'] for m in messages)})")
 
 
-__all__ = ["MAX_RECORD_BYTES", "ROLES", "SHAREGPT_ROLES", "SourceConfig", "load_source", "load_source_located", "normalise_record",
-           "is_text_record", "read_rows"]
+__all__ = ["MAX_RECORD_BYTES", "ROLES", "SHAREGPT_ROLES", "STREAM_HINT_BYTES", "SourceConfig", "accept_record",
+           "check_kept", "is_text_record", "jsonl_lines", "load_source", "load_source_located", "normalise_record",
+           "parse_line", "read_rows"]
