@@ -28,7 +28,7 @@ from mixtune.core import validate  # noqa: E402
 from mixtune.data.abilities import ABILITIES  # noqa: E402
 from mixtune.data.format import pack, tokenize_records  # noqa: E402
 from mixtune.models import load_model  # noqa: E402
-from mixtune.train.config import TrainConfig  # noqa: E402
+from mixtune.train.config import RunOptions, TrainConfig  # noqa: E402
 from mixtune.train.loop import StageData, make_accelerator, train  # noqa: E402
 
 WARMUP = 5
@@ -46,10 +46,10 @@ def run_mixtune(base: Path, exs, steps: int, tmp: Path) -> float:
     model, tok = load_model(base)
     packed = pack(exs, SEQ_LEN, pad_id=tok.pad_token_id)
     cfg = validate(TrainConfig, {"lr": 1e-3, "steps": steps, "batch_size": ROWS, "micro_batch_size": ROWS,
-                                 "precision": "fp32", "log_every": 10**6, "warmup": 0.0})
+                                 "precision": "fp32", "warmup": 0.0})
     marks = {}
     train(model, tok, [StageData("bench", packed, steps, 1e-3, "constant")], cfg, tmp, source_names=["all"],
-          accelerator=make_accelerator("fp32"), progress=False, resume=False,
+          options=RunOptions(log_every=10**6), accelerator=make_accelerator("fp32"), progress=False, resume=False,
           on_step=lambda s: marks.setdefault(s, time.perf_counter()))
     tokens_per_step = packed.n_tokens / packed.input_ids.shape[0] * ROWS
     return tokens_per_step * (steps - WARMUP) / (marks[steps] - marks[WARMUP])

@@ -33,3 +33,15 @@ def sharp_dir(tiny_dir, tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    matrices gain nothing from threads, and one keeps the module fast on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -70,13 +70,7 @@ def recipe(folder, method) -> Recipe:
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices of 32 x 64 gain nothing from threads; one keeps the module fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
