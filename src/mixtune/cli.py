@@ -439,8 +439,7 @@ def study_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their stages; train nothing.")] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N",
                                       help="Run up to N independent steps (stages, merges, evaluations) at once, in "
-                                           "separate local processes, each with cpu_count/N threads; results are "
-                                           "the same as with 1.")] = 1,
+                                           "separate local processes that share the cores (see docs/training.md).")] = 1,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
 
@@ -651,10 +650,10 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the demo study.")] = Path("mixtune-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Short stages and few test problems (CI; ~2 min).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the demo's study recipe and stop.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N",
-                                      help="Run up to N independent steps (stages, merges, evaluations) at once, in "
-                                           "separate local processes, each with cpu_count/N threads; results are "
-                                           "the same as with 1.")] = 1,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, metavar="N",
+                                                help="Run up to N independent steps (stages, merges, evaluations) at "
+                                                     "once, in separate local processes that share the cores (default: "
+                                                     "2 where there are 2 cores or more, else 1).")] = None,
 ) -> None:
     """Run the DMT comparison on the embedded default: the built-in tiny model and ability suite.
 
@@ -678,7 +677,11 @@ def demo(
         console.print(Text(dump_config(cfg)))
         return
     output_folder(out)
+    import os
+
     from mixtune.report import dmt_verdict
+
+    jobs = jobs or min(2, os.cpu_count() or 1)  # the same numbers, ~1.3x sooner on 2 cores (README)
 
     _, _, lines = _run_study(cfg, out, recipe.parent, title="mixtune demo: forgetting and DMT on the built-in suite",
                              notes=[f"mixtune demo{' --quick' if quick else ''}"], jobs=jobs,

@@ -7,8 +7,9 @@ the models they read. A node that is done (its output is on disk, written whole)
 graph killed at any point resumes without redoing finished nodes, and a rerun does nothing.
 
 With ``jobs`` > 1, nodes whose inputs are done run at the same time in separate local processes
-(``spawn``ed, each with ``cpu_count / jobs`` torch threads): a worker rebuilds the graph from the
-same files and runs one node by its key, so nothing but keys crosses a process boundary.
+(``spawn``ed; a node gets the cores over the nodes running when it starts as torch threads, so a
+node that runs alone, such as a shared first stage, takes them all): a worker rebuilds the graph
+from the same files and runs one node by its key, so nothing but keys crosses a process boundary.
 """
 
 from __future__ import annotations
@@ -97,17 +98,19 @@ def _run_parallel(graph: dict[str, Node], todo: list[str], *, jobs: int, worker,
     pending = set(todo)
     finished: list[str] = []
     running: dict = {}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cores = os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(threads, init)) as pool:
+                             initializer=_start_worker, initargs=(init,)) as pool:
         try:
             while pending or running:
                 ready = [k for k in todo if k in pending and not any(n in pending or n in running.values()
                                                                      for n in graph[k].needs)]
-                for key in ready[:jobs - len(running)]:
+                batch = ready[:jobs - len(running)]
+                threads = max(1, cores // max(1, len(running) + len(batch)))  # a node alone takes every core
+                for key in batch:
                     pending.discard(key)
                     log(f"graph: starting {graph[key].label or key} ({len(running) + 1} running)")
-                    running[pool.submit(worker, key)] = key
+                    running[pool.submit(_in_worker, worker, key, threads)] = key
                 if not running:  # nothing can start: what is pending needs a node that failed
                     raise ConfigError(f"graph: {len(pending)} nodes wait on inputs that were not produced")
                 over, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -122,8 +125,14 @@ def _run_parallel(graph: dict[str, Node], todo: list[str], *, jobs: int, worker,
     return finished
 
 
-def _start_worker(threads: int, init: tuple[Callable, tuple]) -> None:
+def _start_worker(init: tuple[Callable, tuple]) -> None:
+    init[0](*init[1])
+
+
+def _in_worker(worker: Callable[[str], None], key: str, threads: int) -> None:
+    """Run node ``key`` in a pool process with ``threads`` torch threads: the cores over the nodes
+    running when it starts."""
     import torch
 
     torch.set_num_threads(threads)
-    init[0](*init[1])
+    worker(key)
