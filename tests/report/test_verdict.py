@@ -66,6 +66,7 @@ def test_no_verdict_without_the_demo_runs():
 def test_demo_prints_and_reports_no_verdict_when_quick(monkeypatch, tmp_path):
     """`mixtune demo --quick` hands the verdict its quick flag: the terminal says there is none."""
     import io
+    import os
 
     from rich.console import Console
 
@@ -73,12 +74,14 @@ def test_demo_prints_and_reports_no_verdict_when_quick(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_study(cfg, out, base_dir, *, title, notes, verdict=None):
+    def fake_run_study(cfg, out, base_dir, *, title, notes, verdict=None, jobs=1):
+        seen["jobs"] = jobs
         seen["lines"] = verdict({r: {"math": 0.0, "code": 0.0, "general": 0.0} for r in SCORES}, {})
         return None, {}, seen["lines"]
 
     monkeypatch.setattr(cli, "_run_study", fake_run_study)
     monkeypatch.setattr(cli, "console", Console(file=(buf := io.StringIO()), width=200, soft_wrap=True))
     cli.demo(out=tmp_path, quick=True, dry_run=False)
+    assert seen["jobs"] == min(2, os.cpu_count() or 1)  # two steps at a time where there are 2 cores
     assert seen["lines"][-1] == QUICK
     assert QUICK in buf.getvalue() and "yes (0.00 vs 0.00" not in buf.getvalue()
