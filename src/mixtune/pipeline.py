@@ -317,7 +317,7 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
     Without ``resume``, what an earlier run left in ``out_dir`` (stages, checkpoints, best weights,
     log) is deleted first."""
     from mixtune.graph import run_graph
-    from mixtune.train.checkpoint import exported_stages, start_over
+    from mixtune.train.checkpoint import exported_stages, note_resumed, start_over
     from mixtune.train.loop import TrainLog, make_accelerator
 
     acc = accelerator or make_accelerator(recipe.train.precision)
@@ -338,10 +338,10 @@ def run_training(recipe: Recipe, base_dir: Path, out_dir: Path, *, resume: bool 
     if not resume:
         start_over(acc, out_dir, [n.key for n, _ in nodes], log)
     elif done := exported_stages(folders):
-        log.note(f"resuming from {folders[done - 1]} (stage {done - 1}, step {nodes[done - 1][1].plans[-1].steps})"
-                 + (": every stage is trained" if done == len(nodes) else ""))
+        note_resumed(log, folders, [t.plans[-1].steps for _, t in nodes], done)
     by_key = dict((n.key, t) for n, t in nodes)
-    run_graph([n for n, _ in nodes], done=lambda n: exported_stages([out_dir / "stages" / n.key]) == 1,
+    folder = dict(zip(by_key, folders))
+    run_graph([n for n, _ in nodes], done=lambda n: exported_stages([folder[n.key]]) == 1,
               execute=lambda n: train_stage(by_key[n.key], accelerator=acc, progress=progress, on_step=on_step))
     return folders
 

@@ -616,9 +616,14 @@ class Study:
         keys = stage_keys(self.cfg, run)
         return keys[-1] if keys else self._root_key(run)
 
-    def _recipe(self, run: Run) -> Recipe:
-        return Recipe(seed=run.seed, model=self.cfg.model, load=self.cfg.load, sources=self.cfg.sources,
-                      format=self.cfg.format, stages=run.stages or None, train=self.cfg.train)
+    def _recipe(self, run: Run, upto: int | None = None) -> Recipe:
+        """The recipe of ``run``, or of its stages up to and including ``upto`` with that stage's
+        training settings (what a stage's export records: the same for every run sharing it)."""
+        if upto is None:
+            return Recipe(seed=run.seed, model=self.cfg.model, load=self.cfg.load, sources=self.cfg.sources,
+                          format=self.cfg.format, stages=run.stages or None, train=self.cfg.train)
+        return self._recipe(run).model_copy(update={"stages": run.stages[:upto + 1],
+                                                    "train": self._train_config(run, upto)})
 
     def _prepare(self, run: Run):
         """The run's starting model, recipe, prepared data and stage plans (kept for the run's next stage)."""
@@ -667,9 +672,7 @@ class Study:
             plan = plans[j]
             if j >= len(self.cfg.prefix) and run.stages[j].lr is None:  # a method's own lr, unless the stage sets one
                 plan = dataclasses.replace(plan, lr=train_cfg.lr)
-            recipe = Recipe(seed=run.seed, model=self.cfg.model, load=self.cfg.load, sources=self.cfg.sources,
-                            format=self.cfg.format, stages=run.stages[:j + 1], train=self._train_config(run, j))
-            segment.append(dataclasses.replace(plan, recipe_text=dump_config(recipe)))  # the same for every run sharing it
+            segment.append(dataclasses.replace(plan, recipe_text=dump_config(self._recipe(run, j))))
         dest = self.model_dir(key)
         # the base an adapter records: relative to the stage's own folder when it lies in the study, so
         # that a study folder can be moved or copied whole

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -339,11 +340,10 @@ def merge_nodes(study: Study, runs: list[Run]) -> list:
         run_id = f"{m.run_name}|seed={points[0].seed}|amount={points[0].amount:g}"
         search_key = "search-" + hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
 
-        def chosen_key(m=m, run_id=run_id, keys=keys) -> str | None:
-            return current_choice(study, m, run_id, keys)
+        chosen_key = functools.partial(current_choice, study, m, run_id, keys)
 
-        def search(m=m, points=points, keys=keys) -> None:
-            chosen = _search(study, m, points, keys)
+        def search(m=m, run_id=run_id, points=points, keys=keys) -> None:
+            chosen = _search(study, m, run_id, points, keys)
             mr = dataclasses.replace(points[chosen], name=m.run_name)  # scored under the entry's name
             study.record_run(mr.id, mr.name, "merge", _params(m, mr, keys[chosen]) | {"searched": True}, mr.seed,
                              mr.amount, keys[chosen])
@@ -371,7 +371,7 @@ def current_choice(study: Study, m: MergeEntry, run_id: str, keys: list[str]) ->
         if set(scores) != set(study.abilities):
             return None
         scored.append(objective(scores, m.search.weights, _higher(scores)))
-    best = keys[max(range(len(keys)), key=lambda i: (scored[i], -i))]
+    best = keys[choose(scored)]
     return best if [k for k, c in rows if c] == [best] == [recorded[0]] else None
 
 
@@ -416,15 +416,19 @@ def _higher(scores: dict) -> dict[str, bool]:
     return {a: getattr(ABILITIES.get(a), "higher_is_better", True) for a in scores}
 
 
-def _search(study: Study, m: MergeEntry, points: list[MergeRun], keys: list[str]) -> int:
+def choose(objectives: list[float]) -> int:
+    """The index of the grid point a search picks: the best objective, the first of equals in grid order."""
+    return max(range(len(objectives)), key=lambda i: (objectives[i], -i))
+
+
+def _search(study: Study, m: MergeEntry, run_id: str, points: list[MergeRun], keys: list[str]) -> int:
     """Score every point on the validation problems; store the search; the chosen point's index
     (the best objective; the first of equals, in grid order)."""
     scored = []
     for mr, key in zip(points, keys):
         scores = study.validation_scores(key, study.model_dir(key), mr.id, m.search)
         scored.append((scores, objective(scores, m.search.weights, _higher(scores))))
-    best = max(range(len(points)), key=lambda i: (scored[i][1], -i))
-    run_id = f"{m.run_name}|seed={points[0].seed}|amount={points[0].amount:g}"
+    best = choose([obj for _, obj in scored])
     study.store_search(run_id, [(run_id, i, mr.name, json.dumps(mr.parameters), key, json.dumps(s), obj, int(i == best))
                                 for i, (mr, key, (s, obj)) in enumerate(zip(points, keys, scored))])
     chosen = points[best]

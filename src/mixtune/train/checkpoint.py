@@ -177,13 +177,18 @@ def resume_point(acc, out_dir: Path, names: list[str], steps: list[int], keep: i
     if ckpt is not None:
         log.note(f"resuming from {ckpt} (stage {at.stage}, step {at.step})")
     elif done > known:
-        log.note(f"resuming from {folders[done - 1]} (stage {done - 1}, step {steps[done - 1]})"
-                 + (": every stage is trained" if done == len(names) else ""))
+        note_resumed(log, folders, steps, done)
     for f, text in zip(folders[:done], texts):
         if (f / "mixtune.yaml").read_text() != text:
             log.note(f"{f} was trained from a recipe that differs from this one (see its mixtune.yaml); "
                      + RESTART + " again")
     return at, ckpt
+
+
+def note_resumed(log, folders: list[Path], steps: list[int], done: int) -> None:
+    """Log that a run picks up after its first ``done`` exported stages (``folders``, of ``steps`` steps)."""
+    log.note(f"resuming from {folders[done - 1]} (stage {done - 1}, step {steps[done - 1]})"
+             + (": every stage is trained" if done == len(folders) else ""))
 
 
 def start_over(acc, out_dir: Path, names: list[str], log) -> None:
