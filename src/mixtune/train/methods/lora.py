@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -136,6 +138,8 @@ def _attach(model, config, where: str):
         peft_model.save_pretrained(str(initial))
         peft_model.peft_config["default"].init_lora_weights = config.init_lora_weights
         peft_model.mixtune_initial_adapter = initial
+        # every export needs it while the model lives; removed with the model, or at exit at the latest
+        weakref.finalize(peft_model, shutil.rmtree, initial, True)
     _check_adapters(peft_model, config)
     return peft_model
 
