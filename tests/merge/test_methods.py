@@ -220,6 +220,18 @@ def test_kth_smallest_is_exact_on_large_tensors_with_ties():
         assert kth_smallest(v, k) == ordered[k - 1]
 
 
+def test_kth_of_values_computed_chunk_by_chunk_is_exact():
+    """The values |a - b| of two tensors, never held whole: read 300,000 at a time."""
+    from mixtune.merge.methods import kth_of
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3_000_000, generator=g).round(decimals=2)
+    b = torch.randn(3_000_000, generator=g).round(decimals=2)
+    ordered = (a - b).abs().sort().values
+    for k in (2, 1000, 1_500_000, 2_999_999):
+        assert kth_of(a.numel(), k, lambda at: (a[at] - b[at]).abs(), chunk=300_000) == ordered[k - 1]
+
+
 # -- whole-model scope and the methods that default to it ---------------------------------------
 
 import math

@@ -13,7 +13,7 @@ quantile, ``scope`` says over what it is taken:
 - ``per_row``: each row along the last dimension (1-D tensors: the whole vector).
 
 Two families share the registry. The paper methods (``ties_paper``, ``dare_paper``,
-``dare_ties_paper``, ``breadcrumbs_paper``, ``pcb``, ``lines``, ``compeft``, ``transfer``) follow
+``dare_ties_paper``, ``breadcrumbs_paper``, ``pcb``, ``lines``, ``compeft``, ``transfer``, ``graft``) follow
 each paper's official code, with its scope as the default. The mergekit names (``linear``,
 ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
 ``breadcrumbs_ties``) reproduce mergekit 0.1.5's variants, so a mergekit config gives the tensors it
@@ -107,6 +107,20 @@ def trim_mask(x: torch.Tensor, density: float, scope: Scope, ctx: Context | None
         return torch.ones_like(x, dtype=torch.bool)
     v, (kth,) = order_stats(x.abs(), lambda n: [max(1, n - int(density * n))], scope, ctx, name)
     return (v >= kth).reshape(x.shape)
+
+
+def top_mask(x: torch.Tensor, density: float, scope: Scope, ctx: Context | None = None,
+             name: str = "top") -> torch.Tensor:
+    """Keep-mask of the top k = max(1, int(density * n)) magnitudes of each model's ``x[i]`` per
+    unit of n entries, as the grafting basepatch (Panigrahi et al., 2023, arXiv:2302.06600,
+    official ``create_basepatch``): every non-zero entry at or above the k-th largest |x|, so k
+    entries when magnitudes are distinct (ties at the cut are all kept; the official code keeps
+    those strictly above it, k - 1). Zero entries are never kept. ``density >= 1`` keeps every
+    non-zero entry."""
+    if density >= 1 or x[0].numel() == 0:
+        return x != 0
+    v, (kth,) = order_stats(x.abs(), lambda n: [max(1, n - max(1, int(density * n)) + 1)], scope, ctx, name)
+    return ((v >= kth) & (v > 0)).reshape(x.shape)
 
 
 def elect_sign(taus: torch.Tensor, scope: Scope = "per_tensor", ctx: Context | None = None) -> torch.Tensor:
@@ -419,6 +433,37 @@ def transfer(base, models, weights, p: TransferParams, ctx: Context):
     return target + p.lambda_ * (source - base.float())
 
 
+class GraftParams(Strict):
+    density: float = Field(default=0.01, gt=0, le=1)
+    """Kept fraction of each task vector, its top |tau_i| over ``scope`` (the paper's regions are
+    ~0.01% of the parameters, official ``sparsity_level`` 1e-5; 0.01 here because small models
+    need more)."""
+    lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale of the combined grafts added to the base (1: each graft as the paper makes it)."""
+    scope: Scope = "global"
+    """Where the top-k is taken (official basepatch: the whole model)."""
+
+
+@_register("graft", GraftParams)
+def graft(base, models, weights, p: GraftParams, ctx: Context):
+    """Grafted specialists combined (Panigrahi et al., 2023, "Task-Specific Skill Localization in
+    Fine-tuned Language Models", arXiv:2302.06600; basepatch grafts theta_0 + gamma * tau, official
+    ``create_basepatch`` / ``interpolate_model``): each model contributes its task vector on its
+    basepatch gamma_i, the top ``density`` magnitudes of tau_i (over the whole model by default),
+    theta_0 + lambda * sum_i w_i gamma_i tau_i / max(1, sum_i gamma_i). The paper finds the regions
+    of different tasks nearly disjoint; where k > 1 grafts do overlap, the entry takes the mean of
+    their w_i tau_i, so two grafts of one entry do not add up (a weighted divisor would cancel
+    w_i on the disjoint entries). One model with density 1 and weight 1 gives that model."""
+    b, taus = _deltas(base, models)
+    keep = top_mask(taus, p.density, p.scope, ctx, "graft_top").float()  # (M, *shape) gamma_i
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *[1] * b.dim())
+    coef = p.lambda_ * w * keep / keep.sum(0).clamp(min=1)  # (M, *shape)
+    # (1 - sum c_i) theta_0 + sum c_i theta_i = theta_0 + sum c_i tau_i, exact at c = 0 and at one c = 1
+    thetas = torch.stack([m.float() for m in models])
+    merged = (1 - coef.sum(0)) * b + (coef * thetas).sum(0)
+    return torch.where(keep.any(0), merged, b)
+
+
 # -- mergekit's generalized task arithmetic (mergekit 0.1.5, generalized_task_arithmetic.py) ------
 
 class MergekitModelParams(Strict):
@@ -454,16 +499,27 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         return values.min()
     if n <= 1 << 22:
         return values.kthvalue(k).values
+    return kth_of(n, k, lambda at: values[at])
+
+
+def kth_of(n: int, k: int, entries: Callable[[torch.Tensor | slice], torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
+    """:func:`kth_smallest` of ``n`` values that are never held at once: ``entries(at)`` gives the values
+    at an index tensor or a slice (e.g. |theta_i - theta_0| computed from two stored tensors), read
+    ``chunk`` at a time; only the sample and the entries inside its bracket are kept."""
     s = 1 << 20
-    sample = values[torch.randint(n, (s,), generator=torch.Generator().manual_seed(0))]
+    sample = entries(torch.randint(n, (s,), generator=torch.Generator().manual_seed(0)))
     q, spread = k / n, 8 / s**0.5
     lo = sample.kthvalue(max(1, int((q - spread) * s))).values
     hi = sample.kthvalue(min(s, int((q + spread) * s) + 1)).values
-    below = int(torch.count_nonzero(values < lo))  # count_nonzero: 20x faster than a bool sum
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
-    return values.kthvalue(k).values
+    below, inside = 0, []
+    for start in range(0, n, chunk):
+        part = entries(slice(start, start + chunk))
+        below += int(torch.count_nonzero(part < lo))  # count_nonzero: 20x faster than a bool sum
+        inside.append(part[(part >= lo) & (part <= hi)])
+    within = torch.cat(inside)
+    if below < k <= below + within.numel():
+        return within.kthvalue(k - below).values
+    return torch.cat([entries(slice(start, start + chunk)) for start in range(0, n, chunk)]).kthvalue(k).values
 
 
 def rank_range_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
