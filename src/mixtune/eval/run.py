@@ -53,17 +53,21 @@ def max_tokens_for(records: list[dict], tokenizer, slack: float = 4.0, floor: in
 
 def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int = 0, difficulty: int = 1,
              batch_size: int = 64, progress=None, condition: str | None = None,
-             tasks: Mapping[str, object] | None = None) -> dict[str, AbilityScore]:
+             tasks: Mapping[str, object] | None = None,
+             transform: Callable[[str], str] | None = None) -> dict[str, AbilityScore]:
     """Score ``model`` on ``n`` held-out (test split) problems of each ability, greedy decoding.
 
     The problems depend only on (ability, n, seed, difficulty), so every model evaluated with the
     same arguments answers the same questions. Unknown abilities raise with close matches.
     ``condition``: C-RLFT's inference condition, the class tag the prompts carry. ``tasks``:
     abilities from the user's files (:mod:`mixtune.eval.tasks`) by name; each scores its first
-    ``n`` records, with its own prompt format and budget.
+    ``n`` records, with its own prompt format and budget. ``transform``: a rewording of each prompt
+    (:mod:`mixtune.analysis.conjugate`), given a built-in problem's user message and a generate
+    task's question; the problems and gold answers stay the same.
 
     Raises:
-        ConfigError: ``n`` or ``batch_size`` is below 1, or an ability is unknown.
+        ConfigError: ``n`` or ``batch_size`` is below 1, an ability is unknown, or ``transform`` is
+            given with a code, multiple-choice or log-likelihood task.
     """
     if n < 1 or batch_size < 1:
         raise ConfigError(f"evaluation needs n >= 1 problems per ability and batch_size >= 1; got n = {n}, "
@@ -73,20 +77,26 @@ def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int 
         if tasks and name in tasks:
             from mixtune.eval.tasks import run_task
 
-            out[name] = run_task(name, tasks[name], model, tokenizer, n=n, batch_size=batch_size, progress=progress)
+            out[name] = run_task(name, tasks[name], model, tokenizer, n=n, batch_size=batch_size, progress=progress,
+                                 transform=transform)
             continue
         records = ABILITIES.get(name).generate(n, seed=seed, split="test", difficulty=difficulty)
         out[name] = score_records(model, tokenizer, name, records, batch_size=batch_size, progress=progress,
-                                  condition=condition)
+                                  condition=condition, transform=transform)
     return out
 
 
 def score_records(model, tokenizer, ability: str, records: list[dict], *, batch_size: int = 64, progress=None,
-                  condition: str | None = None) -> AbilityScore:
+                  condition: str | None = None, transform: Callable[[str], str] | None = None) -> AbilityScore:
     """Score ``model`` on given problems of a built-in ability (e.g. a validation sample): greedy,
     prompted with the chat template (and ``condition``), budgeted by :func:`max_tokens_for`, each
-    output scored by the ability."""
+    output scored by the ability. ``transform`` rewrites the text of every user turn before the chat
+    template (the examples show the rewritten prompt); the gold replies, hence the budget, and the
+    answers are left as they are."""
     impl = ABILITIES.get(ability)
+    if transform is not None:
+        records = [r | {"messages": [m | {"content": transform(m["content"])} if m["role"] == "user" else m
+                                     for m in r["messages"]]} for r in records]
     prompts = [prompt_text(r["messages"], tokenizer, condition) for r in records]
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size,
                        max_new_tokens=max_tokens_for(records, tokenizer), progress=progress)

@@ -33,7 +33,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
@@ -324,8 +324,10 @@ def _shots(task: GenerateTask) -> list[tuple[str, str]]:
     return [(_fill(task.prompt, r, w, task.template), _references(r, field, w, task.template)[0]) for w, r in picked]
 
 
-def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer) -> list[str]:
-    """Each item's full prompt: system, few-shot examples and question, in the task's format."""
+def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer,
+                   transform: Callable[[str], str] | None = None) -> list[str]:
+    """Each item's full prompt: system, few-shot examples and question, in the task's format;
+    ``transform`` rewrites each filled question (not the few-shot examples) before the format is applied."""
     from mixtune.data.format import prompt_text
 
     shots = _shots(task)
@@ -333,6 +335,8 @@ def render_prompts(task: GenerateTask, items: list[tuple[str, dict]], tokenizer)
     out = []
     for where, record in items:
         question = _fill(task.prompt, record, where, task.template)
+        if transform is not None:
+            question = transform(question)
         if chat:
             messages = [{"role": "system", "content": task.system}] if task.system else []
             for q, a in shots:
@@ -355,11 +359,20 @@ def score_output(task: GenerateTask, output: str, record: dict, where: str) -> f
         raise DataError(f"{where}: scorer {task.scorer} raised {type(e).__name__}: {e}") from None
 
 
-def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
-    """Score ``model`` on the task: generate for the first ``n`` items, score each output."""
+def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: int, progress=None,
+             transform: Callable[[str], str] | None = None):
+    """Score ``model`` on the task: generate for the first ``n`` items, score each output.
+    ``transform`` rewrites a generate task's questions (:func:`render_prompts`).
+
+    Raises:
+        ConfigError: ``transform`` is given for a code, multiple-choice or log-likelihood task.
+    """
     from mixtune.eval.generate import generate
     from mixtune.eval.run import AbilityScore
 
+    if transform is not None and not isinstance(task, GenerateTask):
+        raise ConfigError(f"task {name}: a prompt transform applies to generate tasks and built-in abilities, "
+                          f"not to a {task.kind} task")
     if isinstance(task, CodeTask):
         return run_code_task(name, task, model, tokenizer, n=n, batch_size=batch_size, progress=progress)
     if isinstance(task, ChoiceTask):
@@ -367,7 +380,7 @@ def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: in
     if isinstance(task, LoglikelihoodTask):
         return run_loglikelihood_task(name, task, model, tokenizer, n=n, batch_size=batch_size)
     items = load_items(task, n)
-    prompts = render_prompts(task, items, tokenizer)
+    prompts = render_prompts(task, items, tokenizer, transform)
     outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
                        stop=task.stop, progress=progress)
     scores = [score_output(task, o, r, w) for o, (w, r) in zip(outputs, items)]
