@@ -68,6 +68,8 @@ def kind_of(data: dict) -> str:
         return "tasks"
     if "strategies" in data or "specialists" in data:
         return "study"
+    if set(data) == {"analysis"}:
+        return "analysis fragment"
     if "sources" in data:
         return "recipe"
     if set(data) <= {"train", "run", "load", "stages", "strategy", "format", "mixture", "prefix", "seed"}:
@@ -126,10 +128,13 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
             recipe = data
         elif kind in ("recipe fragment", "study"):  # a study block: completed with the recipe's sources
             recipe = BASE_RECIPE | data
+        elif kind == "analysis fragment":  # a study's analysis section, of a study with the runs it names
+            recipe = BASE_RECIPE | {"specialists": ["math", "code"], "strategies": [
+                {"name": "sequential", "order": ["math", "code", "general"]}, {"name": "dmt", "k": [0.125]}]} | data
         else:
             recipe = BASE_RECIPE | {"train": data}
         (tmp_path / "block.yaml").write_text(yaml.safe_dump(recipe) if kind != "recipe" else text)
-        args = (["study", "block.yaml", "--dry-run"] if kind == "study" else
+        args = (["study", "block.yaml", "--dry-run"] if kind in ("study", "analysis fragment") else
                 ["train", "block.yaml", "--dry-run", "--no-estimate"])
     result = CliRunner().invoke(app, args, catch_exceptions=True)
     assert result.exit_code == 0, f"{name}:{line} ({kind}): {result.exception or result.output}"

@@ -86,7 +86,7 @@ def _quiet_transformers() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
-LISTS = ("abilities", "strategies", "methods", "mixing", "merges", "scorers")
+LISTS = ("abilities", "strategies", "methods", "mixing", "merges", "scorers", "transforms")
 """What ``mixtune list`` lists: one registry each."""
 
 
@@ -127,6 +127,12 @@ def _registry_rows(what: str) -> tuple[str, list[tuple[str, str]]]:
 
         return ("Merge methods (mixtune merge, a study's merges:; parameters: mixtune merge --list)",
                 [(n, _first_sentence(MERGE_METHODS.get(n).fn.__doc__)) for n in MERGE_METHODS])
+    if what == "transforms":
+        from mixtune.analysis import TRANSFORMS
+
+        return ("Prompt transforms (analysis.conjugate.transforms; or a template with {prompt}, or python:module:function)",
+                [(n, f"{_first_sentence(TRANSFORMS.get(n).fn.__doc__)} [{', '.join(TRANSFORMS.get(n).abilities)}]")
+                 for n in TRANSFORMS])
     from mixtune.eval.scorers import SCORERS
 
     return "Scorers (a task file's scorer:)", [(n, _first_sentence(SCORERS.get(n).__doc__)) for n in SCORERS]
@@ -138,7 +144,7 @@ def list_cmd(
         metavar="[WHAT]", help=f"One of {', '.join(LISTS)} (default: all).")] = None,
 ) -> None:
     """List what mixtune has by name: built-in abilities (with their difficulty levels), strategies, tuning
-    methods, mixing modes, merge methods and scorers."""
+    methods, mixing modes, merge methods, scorers and the conjugate prompts' transforms."""
     from mixtune.data.abilities import ABILITIES
 
     if what is not None and what not in LISTS:
@@ -479,6 +485,9 @@ def study_cmd(
             console.print(f"{len(merges)} merges" + (
                 f"; {searched} searches each score their grid on validation problems apart from the test problems "
                 "and score the chosen point" if searched else ""))
+        if cfg.analysis.methods():
+            console.print(f"analyses of the runs: {', '.join(cfg.analysis.methods())} (mixtune analyze; "
+                          "results in the report's \"why\" section)")
         return
     _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
                notes=[f"mixtune study {recipe}"], jobs=jobs)
@@ -534,6 +543,50 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A 
     # the study's own title, notes, machine, time and verdict (a folder from before they were kept: its name)
     title = None if "title" in study.meta() else f"mixtune study {study_dir.name}"
     console.print(f"wrote {study.report(title=title)}")
+
+
+@app.command(cls=_Command, name="analyze")
+def analyze_cmd(
+    folder: Annotated[Path, typer.Argument(metavar="RUN_OR_STUDY", help="A study folder (with results.sqlite) or a "
+                                                                        "`mixtune train` output folder (with stages/).")],
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", "-m", metavar="LIST",
+        help="Comma-separated analyses: task_vectors, intruders, conjugate, tuco, localize (studies only). Default: "
+             "a study's own `analysis` section, else task_vectors,intruders,conjugate.")] = None,
+    abilities: Annotated[Optional[str], typer.Option(
+        "--abilities", metavar="LIST", help="Run folders: abilities to score and prompt (built-in names or task "
+                                            "files; default: the recipe's run.eval abilities or built-in sources).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Run folders: problems per ability.")] = 100,
+    base: Annotated[Optional[Path], typer.Option("--base", metavar="DIR", help="Run folders: the model training "
+                                                                               "started from (default: OUT/base or the recipe's model).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N", help="Studies: run up to N analyses at once.")] = 1,
+) -> None:
+    """What fine-tuning changed, and why an ability was lost: task-vector geometry, intruder dimensions,
+    conjugate prompts (suppressed or erased), tuning contribution, skill localisation.
+
+    A study folder: its models are analysed (nothing is trained) and report.html gains a "why" section.
+    A run folder: each stage against the starting model, written to OUT/analysis.json and OUT/analysis.html.
+    """
+    from mixtune.analyze import analyze_run, analyze_study
+    from mixtune.core import CheckpointError
+
+    _quiet_transformers()
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    log = lambda m: console.print(f"[dim]{escape(m)}[/]")  # noqa: E731
+    if (folder / "results.sqlite").exists():
+        console.print(f"wrote {analyze_study(folder, names, log=log, jobs=jobs)}")
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    wanted = [a.strip() for a in abilities.split(",") if a.strip()] if abilities else None
+    out = analyze_run(folder, names, abilities=wanted, n=n, base=base, log=log)
+    for row in out.get("conjugate", []):
+        console.print(f"{row['run']:>16}  {row['ability']:<10} {row['transform']:<10} plain {row['plain']:.3f}  "
+                      f"conjugate {row['conjugate']:.3f}  p {row['p']:.3g}")
+    for row in out.get("intruders", []):
+        counts = ", ".join(f"eps {e:g}: {sum(m['intruders'][str(e)] for m in row['rows'])}" for e in row["eps"])
+        console.print(f"{row['run']:>16}  intruders {counts}")
+    console.print(f"wrote {folder / 'analysis.json'} and {folder / 'analysis.html'}")
 
 
 @app.command(cls=_Command, name="merge")
@@ -659,7 +712,9 @@ def demo(
 
     Trains a base (pretraining on copying and number facts), one specialist per ability, multi-task, sequential,
     mixed-sequential and DMT at two k values; merges the specialists (TIES and LiNeS, the scale searched on
-    validation problems); scores every model on held-out problems, and writes OUT/report.html. Offline, on CPU; resumable (run it again to continue).
+    validation problems); scores every model on held-out problems; analyses why (the specialists' task vectors,
+    each ability under a conjugate prompt), and writes OUT/report.html. Offline, on CPU; resumable (run it again
+    to continue).
     """
     from importlib.resources import files
 

@@ -40,6 +40,8 @@ Layout of ``DIR``::
     runs/<name>      a relative link to the model each run ends with, ``runs/dmt-k0.125 ->
                      ../models/<key>``; see :func:`link_names` for the names
     work/<key>/      a stage being trained (checkpoints; resumed if interrupted)
+    analysis/        the ``analysis`` section's results, one JSON file per node (``<method>-<hash>.json``;
+                     conjugate scores are scores, in ``evals/``), and adapters' merged models (``full/``)
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from mixtune.data.sources import SourceConfig
 from mixtune.models import LoadConfig
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig, StrategyConfig, plan_stages
+from mixtune.study_analysis import AnalysisConfig
 from mixtune.study_merges import MergeEntry, check_merges
 from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.methods import MethodConfig
@@ -132,6 +135,10 @@ class StudyConfig(Strict):
     (see :mod:`mixtune.study_merges`)."""
     eval: EvalConfig = EvalConfig()
     """What every model is scored on."""
+    analysis: AnalysisConfig = AnalysisConfig()
+    """What fine-tuning changed in each run, and why an ability was lost (:mod:`mixtune.study_analysis`):
+    task-vector geometry, intruder dimensions, conjugate prompts, tuning contribution, skill
+    localisation; e.g. ``{task_vectors: {}, conjugate: {transforms: [frame]}}``. None by default."""
 
     @model_validator(mode="after")
     def _quantized(self) -> StudyConfig:
@@ -142,6 +149,17 @@ class StudyConfig(Strict):
                 refuse_quantized(self.load.quantization, m.name)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _analysis_runs(self) -> StudyConfig:
+        from mixtune.study_analysis import check_analysis
+
+        problems = check_analysis(self.analysis, [r.name for r in expand(self)])
+        if problems:  # each at its own key (analysis.conjugate.runs.0), so the message gives its line
+            raise ValidationError.from_exception_data("StudyConfig", [
+                InitErrorDetails(type=PydanticCustomError("analysis_run", "{msg}", {"msg": msg}), loc=loc,
+                                 input=_at(self.model_dump(by_alias=True), loc)) for loc, msg in problems])
         return self
 
     @model_validator(mode="after")
@@ -513,6 +531,7 @@ class Study:
         (and their searches) and theirs. Fills ``self._actions`` (per node key: run it, is it done)
         and ``self._records`` (the runs to record before anything runs)."""
         from mixtune.graph import Node
+        from mixtune.study_analysis import analysis_nodes
         from mixtune.study_merges import merge_nodes
 
         runs = runs if runs is not None else expand(self.cfg)
@@ -526,7 +545,7 @@ class Study:
                 self._actions.setdefault(k, (lambda r=r, i=i: self._train_stage(r, i), lambda k=k: self._trained(k)))
         for r in runs:
             nodes.append(self.eval_node(self._final_key(r), r))
-        return nodes + merge_nodes(self, runs)
+        return nodes + merge_nodes(self, runs) + analysis_nodes(self, runs)
 
     def eval_node(self, key: str, run, *, node_key: str | None = None, needs: tuple[str, ...] | None = None,
                   model_key=None):
@@ -961,6 +980,7 @@ class Study:
         ``verdict`` lines are stored, and a later report without them shows the stored ones.
         """
         from mixtune.report import build_report
+        from mixtune.study_analysis import Analyses
 
         meta = self.meta()
         if verdict is not None:
@@ -1004,7 +1024,8 @@ class Study:
         return build_report(self.results(), curves, self.out / "report.html", title=title, notes=notes,
                             sources=list(self.cfg.sources), mixing=mixing, val_losses=val_losses,
                             abilities=list(self.abilities), verdict=verdict, items=self.item_scores(),
-                            during={n: p for n, p in during.items() if p}, searches=self.searches())
+                            during={n: p for n, p in during.items() if p}, searches=self.searches(),
+                            analysis=Analyses(self, expand(self.cfg)).report_data())
 
 
 _WORKER: dict[str, Study] = {}

@@ -58,7 +58,8 @@ def test_list_shows_every_registry_by_name():
 def test_every_example_recipe_previews():
     assert len(EXAMPLES) >= 1  # the check must see the shipped recipes
     for path in EXAMPLES:
-        if "strategies" in path.read_text():  # a study: list its runs
+        text = path.read_text()
+        if "strategies:" in text or "specialists:" in text:  # a study: list its runs
             out = mixtune("study", path, "--dry-run").stdout
             assert "distinct stages to train" in out
         else:
@@ -126,8 +127,12 @@ def test_demo_quick_runs_the_whole_study_and_writes_the_report(tmp_path):
     assert len(rows) == 11 * 3 and all(r["n"] == "20" for r in rows)
     assert "search chose ties(lambda=" in out and "search chose lines(lambda=" in out
     html = (demo / "report.html").read_text()
-    assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 2
+    # the bar chart, the loss curves, and the "why" section's two heat-maps (cosines, sign conflicts)
+    assert "<h2>Gains and forgetting</h2>" in html and html.count("data:image/png;base64,") == 4
     assert "Merge-parameter search" in html
+    why = html.split("Why: what fine-tuning changed", 1)[1]
+    # the conjugate table: the seven runs the demo names, each ability under the frame
+    assert why.count("<td>frame</td>") == 7 * 3 and "specialist:general" in why
     from mixtune.report.verdict import QUICK
 
     assert QUICK in out and "sequential forgets" not in out  # a quick run claims nothing

@@ -10,6 +10,7 @@ from mixtune.core import atomic_write_text
 from mixtune.report import plots
 from mixtune.report.forgetting import deltas, mean_scores
 from mixtune.report.paired import binomial_se, format_p, paired_bootstrap, paired_test
+from mixtune.report.why import why_section
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -105,7 +106,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                  val_losses: dict[str, dict[str, float]] | None = None, abilities: list[str] = (),
                  verdict: list[str] = (), items: dict[str, dict[str, list[float]]] | None = None,
                  during: dict[str, list[tuple[int, str, str, float]]] | None = None,
-                 searches: list[dict] = ()) -> Path:
+                 searches: list[dict] = (), analysis: dict | None = None) -> Path:
     """Write the report from study results.
 
     Args:
@@ -132,6 +133,8 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
         searches: merge-parameter searches, as :meth:`mixtune.study.Study.searches` returns: per
             search its ``run`` id and ``points`` (``name``, validation ``scores`` per ability,
             ``objective``, ``chosen``): a table each, under the scores.
+        analysis: the study's stored analyses (:meth:`mixtune.study_analysis.Analyses.report_data`):
+            the "why" section (:func:`mixtune.report.why.why_section`), after gains and forgetting.
     """
     if not rows:
         return atomic_write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -231,6 +234,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                      + "".join(_signed(d[n].get(a, {}).get("vs_base")) for a in abilities)
                      + "".join(_signed(d[n].get(a, {}).get("vs_specialist")) for a in abilities) + "</tr>")
     parts.append("</table>")
+    parts += why_section(analysis or {}, abilities)
 
     if curves:
         parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "

@@ -104,3 +104,37 @@ def scaling(amounts: list[float], series: dict[tuple[str, str], dict[float, floa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def heatmap(labels: list[str], matrix: list[list[float]], *, title: str, vmin: float = -1.0, vmax: float = 1.0,
+            cmap: str = "RdBu_r") -> bytes:
+    """A square matrix over ``labels`` (e.g. task-vector cosines of runs), each cell annotated."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.6 * n))
+    im = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap)
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v - (vmin + vmax) / 2) > 0.6 * (vmax - vmin) / 2 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _png(fig)
+
+
+def lines(series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str, logx: bool = False) -> bytes:
+    """One line per name of ``series`` (``(x, y)`` points), e.g. intruder counts against eps per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (name, points) in enumerate(series.items()):
+        if points:
+            ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i // len(MARKERS) % len(LINESTYLES)],
+                    color=PALETTE[i % len(PALETTE)], label=name, lw=1.4)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
