@@ -13,7 +13,7 @@ from mixtune.analysis import intruder_table, task_vector_table
 from mixtune.cli import app
 from mixtune.core import ConfigError, validate
 from mixtune.study import Study, StudyConfig, expand
-from mixtune.study_analysis import Analyses, base_key, model_folder, with_methods
+from mixtune.study_analysis import Analyses, base_key, model_folder, tuco_prompts, with_methods
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,6 +127,18 @@ def test_analysis_settings_are_checked(tiny_dir):
         config(tiny_dir, analysis={"conjugate": {"runs": ["specialist:maths"]}})
     with pytest.raises(ConfigError, match="unknown analysis 'tucco'"):
         with_methods(config(tiny_dir).analysis, ["tucco"])
+
+
+def test_tuco_prompts_are_the_first_test_prompts_as_the_model_reads_them(tokenizer, tmp_path):
+    from mixtune.data.abilities import ABILITIES
+    from mixtune.data.format import prompt_text
+    from mixtune.eval.tasks import ChoiceTask
+
+    records = ABILITIES.get("math").generate(2, seed=3, split="test", difficulty=2)
+    assert tuco_prompts("math", 2, tokenizer, {}, seed=3, difficulty=2, condition="<good>") == [
+        prompt_text(r["messages"], tokenizer, "<good>") for r in records]
+    mc = ChoiceTask(path=tmp_path / "qa.jsonl", prompt="{question}", choices="question", gold="answer")
+    assert tuco_prompts("qa", 2, tokenizer, {"qa": mc}) == []  # a task that does not generate has none
 
 
 def test_mixtune_analyze_adds_analyses_to_a_study_and_analyses_a_run_folder(analysed, tiny_dir, tmp_path):

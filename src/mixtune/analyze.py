@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mixtune.core import CheckpointError, ConfigError, atomic_write_text
-from mixtune.study_analysis import METHODS, AnalysisConfig, full_model, with_methods
+from mixtune.study_analysis import METHODS, AnalysisConfig, full_model, tuco_prompts, with_methods
 
 RUN_METHODS = ("task_vectors", "intruders", "conjugate", "tuco")
 """The analyses of a run folder (skill localisation needs a study's specialists)."""
@@ -45,14 +45,11 @@ def analyze_study(folder: Path, methods: list[str] | None, *, log: Callable[[str
     cfg = cfg.model_copy(update={"analysis": analysis})
     study = Study(cfg, folder, log=log, jobs=jobs)
     runs = expand(cfg)
-    study.graph(runs)
+    nodes = [n for n in study.graph(runs) if n.kind == "analysis"]
     untrained = [r.id for r in runs if r.stages and not study._trained(study._final_key(r))]
     if untrained:
         raise CheckpointError(f"{folder}: {len(untrained)} runs are not trained yet ({', '.join(untrained[:3])}"
                               f"{', ...' if len(untrained) > 3 else ''}); run `mixtune study` on it first")
-    from mixtune.study_analysis import analysis_nodes
-
-    nodes = analysis_nodes(study, runs)
     log(f"analysis: {', '.join(analysis.methods())}; {len(nodes)} nodes")
     # the trained models are there, so every node's needs are met: run them as a graph of their own
     nodes = [n.__class__(n.key, n.kind, (), n.label) for n in nodes]
@@ -156,7 +153,8 @@ def _behaviour(start: Path, stages: list[tuple[str, Path]], abilities: list[str]
     """Conjugate and plain scores of the start and every stage, and each stage's TuCo."""
     from mixtune.eval import evaluate, load_for_eval
     from mixtune.eval.tasks import tasks_in
-    from mixtune.report.paired import paired_test, standard_error
+    from mixtune.report.paired import standard_error
+    from mixtune.report.why import paired_scores
 
     names, tasks = tasks_in(abilities)
     out: dict = {}
@@ -175,15 +173,10 @@ def _behaviour(start: Path, stages: list[tuple[str, Path]], abilities: list[str]
                 for a, sc in got.items():
                     first = [float(x["score"]) for x in plain[a].examples]
                     second = [float(x["score"]) for x in sc.examples]
-                    test, p = paired_test(first, second)
-                    rows.append({"run": name, "ability": a, "transform": t, "plain": plain[a].score,
-                                 "conjugate": sc.score, "p": p, "test": test, "n": len(first)})
+                    rows.append({"run": name, "ability": a, "transform": t, **paired_scores(first, second)})
         out["conjugate"] = rows
     if cfg.tuco is not None:
         from mixtune.analysis import tuning_contribution
-        from mixtune.data.abilities import ABILITIES
-        from mixtune.data.format import prompt_text
-        from mixtune.eval.tasks import GenerateTask, load_items, render_prompts
 
         base, _ = load_for_eval(start)
         rows = []
@@ -192,13 +185,9 @@ def _behaviour(start: Path, stages: list[tuple[str, Path]], abilities: list[str]
             tuned, tokenizer = load_for_eval(path)
             per = {}
             for a in names:
-                if a in tasks:
-                    if not isinstance(tasks[a], GenerateTask):
-                        continue
-                    prompts = render_prompts(tasks[a], load_items(tasks[a], cfg.tuco.n), tokenizer)
-                else:
-                    prompts = [prompt_text(r["messages"], tokenizer) for r in
-                               ABILITIES.get(a).generate(cfg.tuco.n, seed=0, split="test")]
+                prompts = tuco_prompts(a, cfg.tuco.n, tokenizer, tasks)
+                if not prompts:
+                    continue
                 values = tuning_contribution(base, tuned, tokenizer, prompts)
                 per[a] = {"mean": sum(values) / len(values), "se": standard_error(values), "n": len(values),
                           "values": values}

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,13 +172,32 @@ def base_key(study: Study, run: Run) -> str:
 def own_runs(study: Study, runs: list[Run], names: list[str] | None = None) -> list[Run]:
     """The runs with stages after the prefix (``names``: only those of these names)."""
     out = [r for r in runs if len(r.stages) > len(study.cfg.prefix)]
-    return _named(out, names, runs)
+    return _named(out, names)
 
 
-def _named(out: list[Run], names: list[str] | None, runs: list[Run]) -> list[Run]:
+def _named(out: list[Run], names: list[str] | None) -> list[Run]:
     """The runs of ``out`` named in ``names`` (None: all); the names are checked when the study is read
     (:func:`check_analysis`)."""
     return out if names is None else [r for r in out if r.name in names]
+
+
+def tuco_prompts(ability: str, n: int, tokenizer, tasks: Mapping, *, seed: int = 0, difficulty: int = 1,
+                 condition: str | None = None) -> list[str]:
+    """The first ``n`` test prompts of ``ability`` as the model reads them, the prompts TuCo is measured on:
+    a task's of ``tasks`` (none for a task that does not generate), else the built-in ability's test
+    split at ``seed`` and ``difficulty``, under ``condition``."""
+    from mixtune.data.abilities import ABILITIES
+    from mixtune.data.format import prompt_text
+
+    if ability in tasks:
+        from mixtune.eval.tasks import GenerateTask, load_items, render_prompts
+
+        task = tasks[ability]
+        if not isinstance(task, GenerateTask):
+            return []
+        return render_prompts(task, load_items(task, n), tokenizer)
+    records = ABILITIES.get(ability).generate(n, seed=seed, split="test", difficulty=difficulty)
+    return [prompt_text(rec["messages"], tokenizer, condition) for rec in records]
 
 
 def model_folder(study: Study, key: str, run: Run) -> Path:
@@ -234,14 +254,12 @@ class Analyses:
                 fn = (lambda r=r: self._intruders(r)) if method == "intruders" else (lambda r=r: self._tuco(r))
                 out.append(self._node(Node(key, "analysis", self._needs([r]), f"{r.id}: {method}"), fn, key))
         if c.conjugate is not None:
-            from mixtune.graph import Node as N
-
-            chosen = _named(list(self.runs), c.conjugate.runs, self.runs)
+            chosen = _named(list(self.runs), c.conjugate.runs)
             for r in chosen:
                 key = "conjugate-" + self.study._final_key(r)
                 self.study._actions.setdefault(key, (lambda r=r: self._conjugate(r),
                                                      lambda r=r: not self._missing_conjugate(r)))
-                out.append(N(key, "analysis", self.study.needs(self.study._final_key(r)), f"{r.id}: conjugate"))
+                out.append(Node(key, "analysis", self.study.needs(self.study._final_key(r)), f"{r.id}: conjugate"))
         if c.localize is not None:
             for r in self._specialists():
                 key = self._run_key("localize", r)
@@ -336,36 +354,21 @@ class Analyses:
         self.study.db.commit()
         return {"model_key": key, "lambda": s.mitigate, "eps": s.mitigate_eps, "matrices": changed}
 
-    def _prompts(self, ability: str, n: int, tokenizer) -> list[str]:
-        """The first ``n`` test prompts of ``ability`` under the study's evaluation settings, as the model reads them."""
-        from mixtune.data.abilities import ABILITIES
-        from mixtune.data.format import prompt_text
-
-        e = self.study.cfg.eval
-        if ability in self.study.tasks:
-            from mixtune.eval.tasks import GenerateTask, load_items, render_prompts
-
-            task = self.study.tasks[ability]
-            if not isinstance(task, GenerateTask):
-                return []
-            return render_prompts(task, load_items(task, min(n, e.n)), tokenizer)
-        records = ABILITIES.get(ability).generate(min(n, e.n), seed=e.seed, split="test", difficulty=e.difficulty)
-        return [prompt_text(rec["messages"], tokenizer, e.condition) for rec in records]
-
     def _tuco(self, r: Run) -> None:
         from mixtune.analysis import tuning_contribution
         from mixtune.eval import load_for_eval
         from mixtune.report.paired import standard_error
 
-        s = self.cfg.tuco
+        s, e = self.cfg.tuco, self.study.cfg.eval
         self.study.log(f"{r.id}: tuning contribution on {s.n} prompts per ability")
         base, _ = load_for_eval(model_folder(self.study, base_key(self.study, r), r))
         tuned, tokenizer = load_for_eval(model_folder(self.study, self.study._final_key(r), r))
         out = {}
         for a in self.study.abilities:
-            prompts = self._prompts(a, s.n, tokenizer)
+            prompts = tuco_prompts(a, min(s.n, e.n), tokenizer, self.study.tasks, seed=e.seed,
+                                   difficulty=e.difficulty, condition=e.condition)
             if prompts:
-                values = tuning_contribution(base, tuned, tokenizer, prompts, batch_size=self.study.cfg.eval.batch_size)
+                values = tuning_contribution(base, tuned, tokenizer, prompts, batch_size=e.batch_size)
                 out[a] = {"mean": sum(values) / len(values), "se": standard_error(values), "n": len(values),
                           "values": values}
         self._write(self._run_key("tuco", r), {"run": r.name, "seed": r.seed, "amount": r.amount, "abilities": out})
@@ -440,7 +443,7 @@ class Analyses:
             records = ABILITIES.get(ability).generate(s.learn_n, seed=0, split="train", difficulty=e.difficulty)
         for sparsity in s.sparsity:
             if records is not None:  # localize leaves the model holding the graft of the region it returns
-                model.load_state_dict({k: v for k, v in load_file(_weights(tuned_dir)).items()}, strict=False)
+                model.load_state_dict(load_file(_weights(tuned_dir)), strict=False)
                 masks = localize_on_records(model, base, tuned, records, tokenizer, sparsity=sparsity, epochs=s.learn)
             else:
                 masks = basepatch(base, tuned, sparsity)
@@ -450,7 +453,7 @@ class Analyses:
                            batch_size=e.batch_size, condition=e.condition, tasks=self.study.tasks)
             curve.append({"sparsity": sparsity, "kept": int(sum(int(m.sum()) for m in masks.values())),
                           "scores": {a: sc.score for a, sc in got.items()}})
-        model.load_state_dict({k: v for k, v in load_file(_weights(tuned_dir)).items()}, strict=False)
+        model.load_state_dict(load_file(_weights(tuned_dir)), strict=False)
         full = evaluate(model, tokenizer, abilities, n=min(s.n, e.n), seed=e.seed, difficulty=e.difficulty,
                         batch_size=e.batch_size, condition=e.condition, tasks=self.study.tasks)
         masks_dir = self.dir / "masks"
@@ -471,7 +474,7 @@ class Analyses:
 
     def report_data(self) -> dict:
         """What the report's "why" section shows, from the stored results (absent ones left out)."""
-        from mixtune.report.paired import paired_test
+        from mixtune.report.why import paired_scores
 
         c, out = self.cfg, {}
         if c.task_vectors is not None:
@@ -494,23 +497,21 @@ class Analyses:
                 out["localize"] = {"rows": rows, "overlap": self._mask_overlap(rows)}
         if c.conjugate is not None:
             rows = []
-            for r in _named(list(self.runs), c.conjugate.runs, self.runs):
+            for r in _named(list(self.runs), c.conjugate.runs):
                 plain = self.study._eval_keys(self.study._final_key(r))
                 for (t, a), (ek, _) in self._conjugate_keys(r).items():
                     first, second = self._items(plain.get(a)), self._items(ek)
                     if not first or len(first) != len(second):
                         continue
-                    test, p = paired_test(first, second)
                     rows.append({"run": r.name, "seed": r.seed, "amount": r.amount, "ability": a, "transform": t,
-                                 "plain": sum(first) / len(first), "conjugate": sum(second) / len(second),
-                                 "p": p, "test": test, "n": len(first)})
+                                 **paired_scores(first, second)})
             if rows:
                 out["conjugate"] = rows
         return out
 
     def _mitigated_scores(self, row: dict) -> list[dict]:
         """Per ability: the run's plain score, its mitigated model's, and the paired test's p."""
-        from mixtune.report.paired import paired_test
+        from mixtune.report.why import paired_scores
 
         r = next(r for r in self.runs if r.name == row["run"] and r.seed == row["seed"] and r.amount == row["amount"])
         plain = self.study._eval_keys(self.study._final_key(r))
@@ -519,9 +520,7 @@ class Analyses:
             first = self._items(plain.get(a))
             second = self._items(self._eval_key(row["mitigated"]["model_key"], self.study._eval_settings(a)))
             if first and len(first) == len(second):
-                test, p = paired_test(first, second)
-                out.append({"ability": a, "plain": sum(first) / len(first), "mitigated": sum(second) / len(second),
-                            "p": p, "test": test, "n": len(first)})
+                out.append({"ability": a, **paired_scores(first, second, "mitigated")})
         return out
 
     def _items(self, ek: str | None) -> list[float]:

@@ -47,6 +47,15 @@ def test_one_colour_mapping_in_order_of_first_appearance():
     assert plots.colors(["math", "code", "general"])["general"] == c["general"]
 
 
+def test_a_figure_is_embedded_as_a_data_uri_with_its_alt_text_escaped():
+    import base64
+
+    png = b"\x89PNG\r\n\x1a\n"
+    tag = plots.img(png, 'a "b" <c>')
+    assert tag == f'<img alt="a &quot;b&quot; &lt;c&gt;" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    assert base64.b64decode(tag.split("base64,")[1].removesuffix('">')) == png
+
+
 def test_every_chart_gives_an_ability_the_same_colour(drawn, tmp_path):
     build_report(rows(amounts=(0.5, 1.0)), CURVES, tmp_path / "r.html", title="t", sources=SOURCES,
                  mixing=CURVES)

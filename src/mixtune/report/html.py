@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
@@ -20,10 +19,6 @@ border-bottom:1px solid #eee;text-align:right}th:first-child,td:first-child{text
 .pos{color:#1a7f37}.neg{color:#c62828}.muted{color:#777;font-size:.9em}img{max-width:100%}
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px}
 """
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _number(v) -> float | None:
@@ -205,7 +200,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
                  + ("standard deviation over seeds" if len(seeds) > 1 else
                     "standard error of the score over its n problems: sqrt(p(1-p)/n) for an accuracy p, "
                     "s/sqrt(n) for other scores") + ".</p>"
-                 + _img(bars, "bar chart"))
+                 + plots.img(bars, "bar chart"))
     paired = paired_rows(items or {}, runs, abilities)
     if paired:
         parts.append("<h2>Paired comparisons with the base</h2><p class=muted>Each run against the base model on "
@@ -239,17 +234,19 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     if curves:
         parts.append("<h2>Training loss per ability</h2><p class=muted>Loss on each source's tokens over the run; "
                      "dashed lines are stage boundaries. A source keeps being measured only while it is in the "
-                     "mixture.</p>" + _img(plots.loss_curves(curves, list(sources), palette=palette), "loss curves"))
+                     "mixture.</p>"
+                     + plots.img(plots.loss_curves(curves, list(sources), palette=palette), "loss curves"))
     if during:
         parts.append("<h2>Scores during training</h2><p class=muted>Each ability's score on its evaluation problems "
                      "(run.eval: fewer problems than the final scores above, so noisier) over the run; dashed lines "
                      "are stage boundaries.</p>"
-                     + _img(plots.loss_curves(during, during_names, ylabel="score", palette=palette), "scores during training"))
+                     + plots.img(plots.loss_curves(during, during_names, ylabel="score", palette=palette),
+                                 "scores during training"))
     if mixing:
         parts.append("<h2>Mixture proportions</h2><p class=muted>Share of each source in the batches over the run "
                      "(online mixing changes it as it learns).</p>"
-                     + _img(plots.loss_curves(mixing, list(sources), ylabel="proportion", palette=palette),
-                                "mixture proportions"))
+                     + plots.img(plots.loss_curves(mixing, list(sources), ylabel="proportion", palette=palette),
+                                 "mixture proportions"))
     if val_losses:
         cols = [s for s in sources if any(s in v for v in val_losses.values())]
         parts.append("<h2>Validation loss per source</h2><p class=muted>Held-out examples of each source, at the end "
@@ -263,6 +260,7 @@ def build_report(rows: list[dict], curves: dict[str, list[tuple[int, str, str, f
     if len(amounts) > 1:
         series = {(n, a): {am: means[(n, am)][a][0] for am in amounts if (n, am) in means and a in
                            means[(n, am)]} for n in runs for a in abilities}
-        parts.append("<h2>Data amount</h2>" + _img(plots.scaling(amounts, series, palette=palette), "scaling curves"))
+        parts.append("<h2>Data amount</h2>"
+                     + plots.img(plots.scaling(amounts, series, palette=palette), "scaling curves"))
     parts.append("</body></html>")
     return atomic_write_text(out, "\n".join(parts))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 
 import matplotlib
@@ -19,6 +21,11 @@ def colors(names: list[str]) -> dict[str, str]:
     other sources): every chart of a report takes its colours from this one mapping, so an ability
     (and the source of the same name) has the same colour in every chart, whichever it shows."""
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def img(png: bytes, alt: str) -> str:
+    """An HTML ``<img>`` showing ``png`` (a figure of this module) embedded as a data URI, so a report is one file."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _png(fig) -> bytes:

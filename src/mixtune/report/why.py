@@ -3,15 +3,11 @@ erased or only suppressed, from a study's stored analyses (:mod:`mixtune.study_a
 
 from __future__ import annotations
 
-import base64
 import html
+from collections.abc import Sequence
 
 from mixtune.report import plots
-from mixtune.report.paired import format_p
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+from mixtune.report.paired import format_p, paired_test
 
 
 def _e(text) -> str:
@@ -30,6 +26,15 @@ def reading(plain: float, conjugate: float, p: float, alpha: float = 0.05) -> st
     return "no significant change"
 
 
+def paired_scores(plain: Sequence[float], other: Sequence[float], name: str = "conjugate") -> dict:
+    """A model's per-problem scores ``plain`` against ``other`` on the same problems (under a conjugate
+    prompt, or of its mitigated model: ``name``), as :func:`conjugate_part` and :func:`intruder_part`
+    read them: the two mean scores (keys ``"plain"`` and ``name``), the paired test and its ``p``
+    (:func:`mixtune.report.paired.paired_test`), and the number of problems ``n``."""
+    test, p = paired_test(plain, other)
+    return {"plain": sum(plain) / len(plain), name: sum(other) / len(other), "p": p, "test": test, "n": len(plain)}
+
+
 def task_vector_part(tables: list[dict]) -> list[str]:
     parts = ["<h3>Task vectors</h3><p class=muted>tau = theta_run - theta_base for every run with stages of its "
              "own. Cosine of the whole-model task vectors (Ilharco et al., 2023): near 0, the runs changed "
@@ -39,10 +44,10 @@ def task_vector_part(tables: list[dict]) -> list[str]:
              "(what TIES' sign election resolves; 0.5 is what unrelated random updates give).</p>"]
     for t in tables:
         label = f"seed {t['seed']}, amount {t['amount']:g}" if len(tables) > 1 else ""
-        parts.append(_img(plots.heatmap(t["runs"], t["cosine"], title=f"task-vector cosine {label}".strip()),
-                          "task-vector cosines"))
-        parts.append(_img(plots.heatmap(t["runs"], t["sign_conflicts"], vmin=0.0, vmax=1.0, cmap="Reds",
-                                        title=f"sign conflicts {label}".strip()), "sign conflicts"))
+        parts.append(plots.img(plots.heatmap(t["runs"], t["cosine"], title=f"task-vector cosine {label}".strip()),
+                               "task-vector cosines"))
+        parts.append(plots.img(plots.heatmap(t["runs"], t["sign_conflicts"], vmin=0.0, vmax=1.0, cmap="Reds",
+                                             title=f"sign conflicts {label}".strip()), "sign conflicts"))
         parts.append("<table><tr><th>run</th><th>|tau|</th><th>largest block</th></tr>")
         for name, norm, layers in zip(t["runs"], t["norm"], t["layer_norms"]):
             blocks = {k: v for k, v in layers.items() if k != "other"}
@@ -89,8 +94,8 @@ def intruder_part(rows: list[dict]) -> list[str]:
                              f"<td class='{cls}'>{diff:+.3f}</td><td>{format_p(x['p'])}</td></tr>")
         parts.append("</table>")
     if len(eps) > 1:
-        parts.append(_img(plots.lines(series, xlabel="eps", ylabel="intruder dimensions (all matrices)"),
-                          "intruders against eps"))
+        parts.append(plots.img(plots.lines(series, xlabel="eps", ylabel="intruder dimensions (all matrices)"),
+                               "intruders against eps"))
     return parts
 
 
@@ -147,13 +152,13 @@ def localize_part(data: dict) -> list[str]:
                      + "</tr>")
         series[r["run"]] = [(p["sparsity"], a) for p, a in zip(r["curve"], accs)]
     parts.append("</table>")
-    parts.append(_img(plots.lines(series, xlabel="share of parameters grafted", ylabel="accuracy", logx=True),
-                      "graft accuracy against sparsity"))
+    parts.append(plots.img(plots.lines(series, xlabel="share of parameters grafted", ylabel="accuracy", logx=True),
+                           "graft accuracy against sparsity"))
     overlap = data.get("overlap", {})
     for sparsity, matrix in overlap.get("jaccard", {}).items():
         if len(overlap["runs"]) > 1:
-            parts.append(_img(plots.heatmap(overlap["runs"], matrix, vmin=0.0, vmax=1.0, cmap="Blues",
-                                            title=f"mask overlap at sparsity {sparsity}"), "mask overlap"))
+            parts.append(plots.img(plots.heatmap(overlap["runs"], matrix, vmin=0.0, vmax=1.0, cmap="Blues",
+                                                 title=f"mask overlap at sparsity {sparsity}"), "mask overlap"))
     return parts
 
 
