@@ -30,6 +30,8 @@ class PreparedStage:
     packed: Packed
     groups: Groups | None = None
     """With a grouped ``mixing`` mode: the training rows of each source and its held-out validation rows."""
+    records: tuple[dict, ...] = ()
+    """An objective stage's records (prompts, pairs), in mixture order."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
     stages = []
     for s, stage in enumerate(recipe.resolved_stages()):
         streamed = any(isinstance(loaded[n], StreamedSource) for n in stage.mixture.sources)
+        if streamed and stage.objective is not None:
+            raise ConfigError(f"stage {stage.name!r}: objective {stage.objective.name} samples its prompts' replies "
+                              "in memory; its sources cannot be streamed (drop stream: true)")
         try:
             mixture = mix(stage.mixture, loaded, seed=(recipe.seed, s), lazy=streamed)
         except ConfigError as e:
@@ -108,7 +113,8 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
             packed = pack(examples, recipe.format.seq_len, pad_id=pad_id,
                           sources=[names.index(n) for n, _ in mixture.picks], long_examples=recipe.format.long_examples,
                           where=where)
-            stages.append(PreparedStage(stage, mixture, examples, packed))
+            records = tuple(loaded[n][i] for n, i in mixture.picks) if stage.objective is not None else ()
+            stages.append(PreparedStage(stage, mixture, examples, packed, records=records))
         else:
             packed, groups = pack_groups(mixture, examples, names, stage.mixing.validation, recipe, pad_id, where)
             stages.append(PreparedStage(stage, mixture, examples, packed, groups))
@@ -219,13 +225,19 @@ def select_sources(recipe: Recipe, loaded: dict[str, list[dict]], tokenizer, mod
 
 def stage_plan(recipe: Recipe, data: PreparedData) -> list[StageData]:
     """Each prepared stage with its resolved length, learning rate and schedule."""
+    from mixtune.train.post_sft import objective_length
+
     text = dump_config(recipe)
     out = []
     for st in data.stages:
         c = st.config
-        steps = stage_steps(st.packed.input_ids.shape[0], recipe.train, steps=c.steps, epochs=c.epochs)
+        if c.objective is None:
+            steps = stage_steps(st.packed.input_ids.shape[0], recipe.train, steps=c.steps, epochs=c.epochs)
+        else:  # an objective stage's length counts its prompts
+            steps = objective_length(len(st.records), recipe.train, c.objective, steps=c.steps, epochs=c.epochs)
         out.append(StageData(c.name, st.packed, steps, c.lr or recipe.train.lr, c.schedule or recipe.train.schedule,
-                             c.mixing, st.groups, text))
+                             c.mixing, st.groups, text, c.objective, st.records,
+                             tuple(data.source_names.index(n) for n, _ in st.mixture.picks) if st.records else ()))
     return out
 
 

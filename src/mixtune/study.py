@@ -211,7 +211,7 @@ def expand(study: StudyConfig) -> list[Run]:
         variants.append((f"specialist:{s}", "sequential", {"order": [s]},
                          plan_stages(_strategy({"name": "sequential", "order": [s]}), sources)))
     for spec in study.strategies:
-        listed = {k: v for k, v in spec.items() if isinstance(v, list) and k != "order"}
+        listed = {k: v for k, v in spec.items() if isinstance(v, list) and not _takes_list(spec.get("name"), k)}
         for combo in itertools.product(*listed.values()) if listed else [()]:
             params = spec | dict(zip(listed, combo))
             strategy = _strategy(params)
@@ -219,11 +219,49 @@ def expand(study: StudyConfig) -> list[Run]:
             name = f"{params['name']}({label})" if label else params["name"]
             variants.append((name, params["name"], {k: v for k, v in params.items() if k != "name"},
                              plan_stages(strategy, sources)))
+    variants = _distinct_names(variants)
     methods = [m.model_dump(mode="json") for m in study.methods] or [None]
     return [Run(name if method is None or not stages else f"{name} [{method_label(method)}]", strat, params, seed,
                 amount, [*study.prefix, *stages], method if stages else None)
             for seed in study.seeds for amount in study.amounts for method in methods
             for name, strat, params, stages in variants if stages or method == methods[0]]
+
+
+def _distinct_names(variants: list[tuple]) -> list[tuple]:
+    """Runs of one strategy listed twice with the same name (e.g. ``post_sft`` with two objectives)
+    are named by the parameters that tell them apart: ``post_sft(objective=rft,lr=0.0005)``."""
+    by_name: dict[str, list[int]] = {}
+    for i, (name, *_rest) in enumerate(variants):
+        by_name.setdefault(name, []).append(i)
+    out = list(variants)
+    for name, idx in by_name.items():
+        if len(idx) < 2:
+            continue
+        keys = sorted({k for i in idx for k in variants[i][2]})
+        differ = [k for k in keys if len({json.dumps(variants[i][2].get(k), sort_keys=True) for i in idx}) > 1]
+        for i in idx:
+            label = ",".join(f"{k}={_compact(variants[i][2][k])}" for k in differ if k in variants[i][2])
+            out[i] = (f"{name.split('(')[0]}({label})" if "(" not in name else f"{name[:-1]},{label})",
+                      *variants[i][1:])
+    return out
+
+
+def _takes_list(strategy: str | None, key: str) -> bool:
+    """Whether a strategy's parameter is itself a list (sequential's ``order``), so a list value is
+    one value, not one run per element."""
+    import types
+    import typing
+
+    from mixtune.strategy import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        return False
+    field = STRATEGIES.get(strategy).params.model_fields.get(key)
+    if field is None:
+        return False
+    ann = field.annotation
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    return any(typing.get_origin(a) is list for a in args)
 
 
 def method_label(method: dict) -> str:
@@ -276,7 +314,8 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     keys, chain = [], []
     own = run_method(study, run)
     for i, st in enumerate(run.stages):
-        entry = st.model_dump(mode="json", exclude={"name"})
+        # an SFT stage leaves its objective out, so keys from before objectives existed stay valid
+        entry = st.model_dump(mode="json", exclude={"name"} | ({"objective"} if st.objective is None else set()))
         if own is not None and i >= len(study.prefix):
             entry |= own
         chain.append(entry)

@@ -373,3 +373,22 @@ def test_domain_text_then_dmt_a_raw_text_stage_trains_every_token(tmp_path):
     assert first.packed.n_tokens == tokens  # nothing dropped or truncated
     later = data.stages[1].packed
     assert bool(((later.labels != IGNORE) & (later.example_ids >= 0)).any())  # the conversations train as before
+
+
+def test_preference_pairs_in_trl_shapes_become_the_chosen_conversation_and_the_rejected_reply(tmp_path):
+    p = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},  # standard
+        {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "3+3?"}],  # conversational
+         "chosen": [{"role": "assistant", "content": "6"}],
+         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "7"}]}]},
+    ])
+    recs = load_source("prefs", src(path=p))
+    assert recs[0] == {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                       "rejected": "5", "ability": "prefs"}
+    assert recs[1]["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "3+3?"},
+                                   {"role": "assistant", "content": "6"}]
+    assert recs[1]["rejected"] == "7"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": [
+        {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: \"rejected\" must be a string or a list holding one assistant"):
+        load_source("bad", src(path=bad))

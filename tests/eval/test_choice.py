@@ -18,7 +18,7 @@ from mixtune.eval.choice import (
     encode_pair,
     score_multiple_choice,
 )
-from mixtune.eval.prefix import MIN_SHARED_PREFIX, shared_prefix
+from mixtune.models.prefix import MIN_SHARED_PREFIX, shared_prefix
 from mixtune.models import load_model
 
 # MMLU-style questions with choices of unequal length, so acc and acc_norm can disagree. Two contexts end

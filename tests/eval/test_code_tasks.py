@@ -9,7 +9,7 @@ import pytest
 
 from mixtune.eval import evaluate, load_for_eval, parse_abilities
 
-generate_module = sys.modules["mixtune.eval.generate"]  # the module (mixtune.eval.generate is also a function's name)
+generate_module = sys.modules["mixtune.models.generate"]  # the module (mixtune.models.generate is also a function's name)
 from mixtune.eval.passk import pass_at_k
 
 PROBLEMS = [

@@ -10,7 +10,7 @@ import pytest
 from mixtune.core import ConfigError
 from mixtune.eval import evaluate, load_for_eval, parse_abilities
 from mixtune.eval.lm_eval_tasks import from_lm_eval
-from mixtune.eval.prefix import shared_prefix
+from mixtune.models.prefix import shared_prefix
 
 QUESTIONS = ["What is 2 + 3?", "Reverse the words: red blue", "What is 7 - 4?", "Sort: c a b", "Count: x x x",
              "Capitalise: hello"]

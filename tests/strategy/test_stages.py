@@ -15,7 +15,23 @@ def counts(strategy: dict) -> list[tuple[str, dict[str, int]]]:
 
 
 def test_registered_strategies_cite_the_paper():
-    assert STRATEGIES.names() == ["multi_task", "sequential", "mixed_sequential", "dmt"]
+    assert STRATEGIES.names() == ["multi_task", "sequential", "mixed_sequential", "dmt", "post_sft"]
+
+
+def test_post_sft_is_sft_then_the_objective_on_the_prompt_sources():
+    from mixtune.core import ConfigError
+    from mixtune.strategy import plan_stages
+    from mixtune.strategy.stages import PostSftParams
+
+    stages = plan_stages(PostSftParams(sft=["math", "code"], prompts=["math"], objective={"name": "grpo"}, steps=5,
+                                       lr=1e-5), ["math", "code", "general"])
+    assert [(s.name, list(s.mixture.sources)) for s in stages] == [("1-math+code", ["math", "code"]),
+                                                                  ("2-grpo", ["math"])]
+    assert stages[0].objective is None and stages[1].objective.name == "grpo"
+    assert (stages[1].steps, stages[1].lr) == (5, 1e-5)
+    assert [s.name for s in plan_stages(PostSftParams(sft=["math"]), ["math"])] == ["1-math"]
+    with pytest.raises(ConfigError, match="names chat, not sources"):
+        plan_stages(PostSftParams(sft=["math"], prompts=["chat"], objective={"name": "rft"}), ["math"])
 
 
 def test_multi_task_is_one_stage_of_everything():

@@ -15,6 +15,11 @@ keys                              becomes
                                   "content"}``): ``human``/``user`` -> user, ``gpt``/
                                   ``chatgpt``/``assistant``/``model`` -> assistant,
                                   ``system`` -> system
+``prompt`` + ``chosen`` +         a preference pair (TRL's convention): the prompt (a
+``rejected``                      string, one user turn, or a list of turns) and the chosen
+                                  reply (a string, or a list holding one assistant turn) make
+                                  the conversation; the rejected reply is kept as ``rejected``
+                                  (a string), for ``dpo`` stages (SFT trains on the chosen)
 ``prompt`` + ``completion``       one user turn, one assistant turn
 ``instruction`` + ``output``      user turn = instruction (+ blank line + ``input``
 (+ optional ``input``; Alpaca)    when present), assistant turn = output
@@ -445,6 +450,14 @@ def normalise_record(obj: Any, where: str, *, default_ability: str, system: str 
     elif "conversations" in obj:
         messages = _sharegpt(obj["conversations"], where)
         rest = {k: v for k, v in obj.items() if k != "conversations"}
+    elif "prompt" in obj and "chosen" in obj and "rejected" in obj:
+        messages = _turns(obj["prompt"], where, "prompt", "user") + _turns(obj["chosen"], where, "chosen", "assistant")
+        rejected = _turns(obj["rejected"], where, "rejected", "assistant")
+        _check_messages(rejected, where)
+        if len(rejected) != 1:
+            raise DataError(f'{where}: "rejected" must be a string or a list holding one assistant turn')
+        rest = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected")}
+        rest["rejected"] = rejected[0]["content"]
     elif "prompt" in obj and "completion" in obj:
         messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
         rest = {k: v for k, v in obj.items() if k not in ("prompt", "completion")}
@@ -459,6 +472,7 @@ def normalise_record(obj: Any, where: str, *, default_ability: str, system: str 
         raise DataError(
             f"{where}: no conversation found; keys present: {', '.join(map(str, obj)) or '(none)'}. Expected "
             f'"messages" (a list of {{"role", "content"}}), "conversations" (ShareGPT), "prompt" + "completion", '
+            f'"prompt" + "chosen" + "rejected" (preference pairs), '
             f'"instruction" + "output", or "text" (raw text, for continued pretraining)'
         )
     own = rest.pop("system", None)
@@ -475,6 +489,16 @@ def normalise_record(obj: Any, where: str, *, default_ability: str, system: str 
         raise DataError(f"{where}: \"ability\" must be a non-empty string, found {ability!r}")
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     return rest | {"messages": clean, "ability": ability}
+
+
+def _turns(value: Any, where: str, key: str, role: str) -> list[dict]:
+    """A preference field as turns: a string is one ``role`` turn; a list is turns (content parts joined)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f'{where}: "{key}" must be a string or a non-empty list of turns, found {value!r:.80}')
+    return [m | {"content": _text_of(m["content"], where, f"{key}[{i}].content")}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(value)]
 
 
 def _text_record(obj: dict, where: str, default_ability: str) -> dict:

@@ -1,6 +1,6 @@
 """The eval stage: batched generation and sampling, per-ability scores, abilities from files, pass@k."""
 
-from mixtune.eval.generate import generate, sample
+from mixtune.models.generate import generate, sample
 from mixtune.eval.passk import mean_pass_at_k, pass_at_k
 from mixtune.eval.run import (AbilityScore, ability_scorer, during_training, evaluate, load_for_eval, parse_abilities,
                               write_results)

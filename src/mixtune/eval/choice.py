@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mixtune.core import DataError
-from mixtune.eval.prefix import cache_arg, cache_rows, last_logits_only, pad_after, prefix_cache, shared_prefix
+from mixtune.models.prefix import cache_arg, cache_rows, last_logits_only, pad_after, prefix_cache, shared_prefix
 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 

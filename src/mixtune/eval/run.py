@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING
 from mixtune.core import CheckpointError, ConfigError, atomic_write_text
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.format import prompt_text
-from mixtune.eval.generate import generate
+from mixtune.models.generate import generate, max_tokens_for
 
 if TYPE_CHECKING:
     from mixtune.models import LoadConfig
@@ -30,25 +29,6 @@ class AbilityScore:
     higher_is_better: bool = True
     examples: list[dict] = field(default_factory=list, repr=False)
     """Per problem: prompt, output, gold answer, score."""
-
-
-def max_tokens_for(records: list[dict], tokenizer, slack: float = 4.0, floor: int = 128) -> int:
-    """A generation budget with room for a verbose model: ``max(floor, ceil(slack * longest))``, where
-    ``longest`` is the longest gold reply of ``records`` in ``tokenizer``'s tokens.
-
-    The gold replies are terse (``2+8=10. 10-4=6. Answer: 6``). An instruct model writes each
-    step as a sentence, often restating the question first: some 3-4 times the tokens, hence
-    ``slack = 4``. Even before a one-word answer it writes a sentence or two, and a 3-step word
-    problem worked in prose runs to some 50-100 tokens of a 50k-token vocabulary (a rough count
-    of typical replies), hence the floor of 128. Generation stops once every sequence of a batch
-    has emitted EOS (:func:`mixtune.eval.generate.generate`), so a model that stops pays nothing
-    for the room; one that never stops (an untrained model) runs the whole budget, about 3x the
-    time of the old one. (The budget was once 1.5x the gold, at least 16: a real 135M instruct
-    model was cut off before its ``Answer:`` line on 19 of 20 maths problems.)
-    """
-    longest = max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
-                  for r in records)
-    return max(floor, math.ceil(slack * longest))
 
 
 def evaluate(model, tokenizer, abilities: list[str], *, n: int = 200, seed: int = 0, difficulty: int = 1,

@@ -367,7 +367,7 @@ def run_task(name: str, task, model, tokenizer, *, n: int | None, batch_size: in
     Raises:
         ConfigError: ``transform`` is given for a code, multiple-choice or log-likelihood task.
     """
-    from mixtune.eval.generate import generate
+    from mixtune.models.generate import generate
     from mixtune.eval.run import AbilityScore
 
     if transform is not None and not isinstance(task, GenerateTask):
@@ -446,7 +446,7 @@ def code_passes(task: CodeTask, items: list[tuple[str, dict]], completions: list
 def run_code_task(name: str, task: CodeTask, model, tokenizer, *, n: int | None, batch_size: int, progress=None):
     """pass@k of ``model`` on the first ``n`` problems: greedy completions for one sample, else seeded
     samples, each completion run against the problem's tests in the sandbox."""
-    from mixtune.eval.generate import generate, sample
+    from mixtune.models.generate import generate, sample
     from mixtune.eval.passk import pass_at_k
     from mixtune.eval.run import AbilityScore
 

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from mixtune.core import ConfigError, Registry, Strict
 from mixtune.data.mixture import MixtureConfig, Take
 from mixtune.strategy.mixing import MixingConfig, check_mixing
+from mixtune.strategy.objectives import ObjectiveConfig
 
 Schedule = Literal["cosine", "linear", "constant"]
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -51,6 +52,10 @@ class StageConfig(Strict):
     mixing: MixingConfig | None = None
     """How the stage's sources are mixed into batches: a mixing mode, e.g. ``{name: stratified}``
     or ``{name: aioli}`` (default: the stage's rows shuffled together). See docs/methods.md."""
+    objective: ObjectiveConfig | None = None
+    """What the stage trains for after SFT: ``{name: rft}`` (rejection sampling), ``{name: dpo}``
+    (DPO, IPO, SimPO) or ``{name: grpo}``, its mixture's records being prompts whose ability scores
+    the completions (default: SFT on the records). See docs/training.md."""
 
     @field_validator("name")
     @classmethod
@@ -64,6 +69,8 @@ class StageConfig(Strict):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give at most one of steps and epochs")
         check_mixing(self.mixing, list(self.mixture.sources))  # e.g. static weights of sources not in the stage
+        if self.objective is not None and self.mixing is not None:
+            raise ValueError(f"objective {self.objective.name} draws its prompts shuffled; drop mixing")
         return self
 
 
@@ -165,6 +172,40 @@ def dmt(p: DmtParams, sources: list[str]) -> list[StageConfig]:
     return [StageConfig(name="1-specialists", mixture=_all(specialists)),
             StageConfig(name=f"2-general+k={p.k:.4g}",
                         mixture=MixtureConfig(sources={p.general: None, **replay}))]
+
+
+class PostSftParams(Strict):
+    name: Literal["post_sft"] = "post_sft"
+    sft: list[str] = Field(min_length=1)
+    """The sources SFT trains on first, together (in a study, the same stage as the run that trains
+    exactly them: ``[math]`` is ``specialist:math``'s, every source is ``multi_task``'s; trained once)."""
+    objective: ObjectiveConfig | None = None
+    """The stage after SFT, e.g. ``{name: grpo, group: 8}`` (None: SFT alone). In a study, a list
+    gives one run per objective."""
+    prompts: list[str] | None = None
+    """The sources whose records are the objective's prompts (default: ``sft``)."""
+    steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps of the objective stage (default: ``train.steps``, else ``train.epochs`` over
+    its prompts)."""
+    lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate of the objective stage (default: the training section's; RL and
+    preference stages usually want a smaller one than SFT)."""
+
+
+@register("post_sft", PostSftParams)
+def post_sft(p: PostSftParams, sources: list[str]) -> list[StageConfig]:
+    """SFT, then a stage after SFT (rejection sampling: Yuan et al., 2023, arXiv:2308.01825; DPO:
+    Rafailov et al., 2023; GRPO: Shao et al., 2024): ``1-<sft sources>`` on the ``sft`` sources,
+    then ``2-<objective>`` on the ``prompts`` sources' records."""
+    prompts = p.prompts or p.sft
+    unknown = [s for s in dict.fromkeys([*p.sft, *prompts]) if s not in sources]
+    if unknown:
+        raise ConfigError(f"strategy post_sft names {', '.join(unknown)}, not sources ({', '.join(sources)})")
+    stages = [StageConfig(name="1-" + "+".join(p.sft), mixture=_all(p.sft))]
+    if p.objective is not None:
+        stages.append(StageConfig(name=f"2-{p.objective.name}", mixture=_all(prompts), objective=p.objective,
+                                  steps=p.steps, lr=p.lr))
+    return stages
 
 
 StrategyConfig = Annotated[

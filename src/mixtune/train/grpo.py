@@ -6,7 +6,8 @@ Shapes: ``G`` completions per prompt, laid out consecutively (prompt 0's G, then
 ``B`` = n_prompts * G rows; per-token tensors are ``(B, T)`` over the completion tokens only, with
 ``mask`` 1 on the tokens that are trained (0 on padding and, where used, tool output).
 
-Compared with TRL at commit f2cd57710ae3 (``v1.9.0-26``, version 1.10.0.dev0, 2026-07-24):
+Read against TRL at commit f2cd57710ae3 (version 1.10.0.dev0, 2026-07-24) and checked equal to TRL
+1.16.0 to 1e-6 on the same log-probabilities by ``tests/train/test_trl_parity.py``:
 ``trl/trainer/grpo_trainer.py`` (the advantages in ``_generate_and_score_completions``,
 ``_compute_loss``) and ``trl/trainer/utils.py`` (``nanstd``). Where TRL's conventions differ from
 ours, each function says so.

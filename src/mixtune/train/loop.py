@@ -48,6 +48,7 @@ from mixtune.train.losses import (LossMode, mask_thought, masked_thought_rate, p
                                   token_weights)
 from mixtune.train.methods import TUNERS
 from mixtune.train.methods.base import check_dtypes, load_full, refuse_quantized
+from mixtune.strategy.objectives import DpoParams, GrpoParams, ObjectiveConfig, RftParams
 
 ROW_FIELDS = ("input_ids", "labels", "position_ids", "source_ids")
 
@@ -68,6 +69,12 @@ class StageData:
     recipe_text: str = ""
     """The recipe that trains this stage (YAML), written beside its checkpoints and export and compared
     on resume: a study writes the same text for a stage every run that shares it trains."""
+    objective: ObjectiveConfig | None = None
+    """What the stage trains for after SFT (:mod:`mixtune.strategy.objectives`; None: SFT on ``packed``)."""
+    records: tuple[dict, ...] = ()
+    """An objective stage's records (its prompts, pairs, gold replies), in mixture order."""
+    record_sources: tuple[int, ...] = ()
+    """The source id of each of ``records``."""
 
 
 def stage_steps(n_rows: int, cfg: TrainConfig, *, steps: int | None, epochs: float | None) -> int:
@@ -204,8 +211,10 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         index = first_stage + s
         model, optimizer, scheduler, trainable = start_stage(acc, model, tuner, params, stage, cfg, seed, index, log)
         set_seed(seed_int(seed, "stage", index))  # so a stage resumed from an export runs as it did
-        mixer = make_mixer(stage.mixing, StageRows(stage.packed.input_ids.shape[0], cfg.batch_size, seed, index,
-                                                   stage.groups))
+        # an objective's start, from the stage's starting weights (a checkpoint is restored after it)
+        stage, prepared, n_rows, per_step = start_objective(acc, model, tokenizer, stage, cfg, seed, index, out_dir,
+                                                            log)
+        mixer = make_mixer(stage.mixing, StageRows(n_rows, per_step, seed, index, stage.groups))
         start = 0
         if ckpt is not None and s == at.stage:
             check_checkpoint(ckpt, model)
@@ -213,7 +222,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             if (ckpt / "mixer.json").exists():
                 mixer.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
             start = at.step
-        runner = StepRunner(acc, model, cfg, rule, tuner, stage, source_names, mixer)
+        runner = make_runner(acc, model, cfg, rule, tuner, stage, source_names, mixer, tokenizer, seed=seed,
+                             index=index, prepared=prepared)
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
 
         def export_best(dest: Path, best: dict) -> None:
@@ -226,30 +236,16 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
             evals.maybe(model, global_step=at.global_step, stage=stage.name, stage_step=0, stage_end=False,
                         export=export_best)
         for step in range(start, stage.steps):
-            # 4) one optimizer step over the global batch the mixer chose, then what the mixer observes
-            runner.validate(step, after=False)
-            rows = mixer.rows(step)
-            batch = {k: getattr(stage.packed, k)[rows] for k in ROW_FIELDS}
-            weights = rule.weights(batch, stage.packed.example_ids[rows], mixer.loss_weights(), runner.group_ids)
-            if cfg.masked_thought is not None:
-                mt = cfg.masked_thought
-                batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"],
-                                                  masked_thought_rate(step, stage.steps, mt.rate, mt.warmup),
-                                                  torch_generator(seed, "masked-thought", index, step),
-                                                  vocab_size=acc.unwrap_model(model).config.vocab_size,
-                                                  mask_id=rule.mask_id)
-            step_sums, step_counts = runner.forward_backward(batch, weights)
+            # 4) one optimizer step: the runner's gradients of the step's global batch (SFT on the rows the
+            # mixer chose, or an objective's pairs or sampled groups), then what the mixer observes
+            tokens = runner.step(step)
             grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             at = Progress(stage=s, step=step + 1, global_step=at.global_step + 1)
-            runner.observe_batch(step, batch, step_sums, step_counts)
-            runner.validate(step, after=True)
-            tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
+            runner.after(step)
             bar.advance(tokens)
-            runner.window.tokens += tokens
-            runner.window.steps += tuner.aux_loss is not None
 
             # 5) log, evaluate, checkpoint
             if at.step % options.log_every == 0 or at.step == stage.steps:
@@ -355,15 +351,59 @@ def start_stage(acc, model, tuner, params, stage: StageData, cfg: TrainConfig, s
     return model, optimizer, scheduler, trainable
 
 
+def start_objective(acc, model, tokenizer, stage: StageData, cfg: TrainConfig, seed: int, index: int, out_dir: Path,
+                    log) -> tuple[StageData, object, int, int]:
+    """What an objective stage prepares from its starting weights (:mod:`mixtune.train.post_sft`):
+    rft's sampled rows (the stage then trains as SFT on them), dpo's pairs with their reference
+    log-probabilities, grpo's frozen reference. Returns the stage (rft: with its new rows), what
+    the runner needs, and the rows (or pairs, or prompts) the mixer draws from and how many a step takes."""
+    from mixtune.train import post_sft
+
+    p = stage.objective
+    if p is not None:
+        post_sft.check_processes(p, cfg, acc.num_processes)
+    bare = acc.unwrap_model(model)
+    kw = dict(acc=acc, seed=seed, index=index, out_dir=out_dir, log=log)
+    if isinstance(p, RftParams):
+        import dataclasses
+
+        stage = dataclasses.replace(stage, packed=post_sft.rft_rows(stage, p, bare, tokenizer, **kw))
+    elif isinstance(p, DpoParams):
+        pairs = post_sft.preference_pairs(stage, p, bare, tokenizer, **kw)
+        return stage, pairs, len(pairs.chosen), cfg.batch_size
+    elif isinstance(p, GrpoParams):
+        from mixtune.train.rollouts import check_rewardable
+
+        check_rewardable(stage.records, stage.name)
+        reference = post_sft.frozen_copy(bare) if p.beta > 0 else None
+        return stage, reference, len(stage.records), p.prompts
+    return stage, None, stage.packed.input_ids.shape[0], cfg.batch_size
+
+
+def make_runner(acc, model, cfg: TrainConfig, rule: LossRule, tuner, stage: StageData, source_names: list[str],
+                mixer: Mixer, tokenizer, *, seed: int, index: int, prepared):
+    """The stage's step runner: SFT's :class:`StepRunner`, or an objective's (:mod:`mixtune.train.post_sft`)."""
+    from mixtune.train import post_sft
+
+    p = stage.objective
+    if isinstance(p, DpoParams):
+        return post_sft.PreferenceRunner(acc, model, cfg, p, prepared, mixer, tokenizer, stage, source_names)
+    if isinstance(p, GrpoParams):
+        return post_sft.GrpoRunner(acc, model, cfg, p, mixer, tokenizer, stage, source_names, seed=seed, index=index,
+                                   reference=prepared)
+    return StepRunner(acc, model, cfg, rule, tuner, stage, source_names, mixer, seed=seed, index=index)
+
+
 class StepRunner:
     """The parts of one stage's optimizer step that need the model: the forward and backward passes
     over the micro-batches, and the losses the stage's mixer asks for (validation losses, DoReMi's
     reference losses on the batch). Owns the stage's log window."""
 
     def __init__(self, acc, model, cfg: TrainConfig, rule: LossRule, tuner, stage: StageData,
-                 source_names: list[str], mixer: Mixer) -> None:
+                 source_names: list[str], mixer: Mixer, *, seed: int = 0, index: int = 0) -> None:
         self.acc, self.model, self.cfg, self.rule, self.tuner = acc, model, cfg, rule, tuner
-        self.stage, self.source_names, self.mixer = stage, source_names, mixer
+        self.stage, self.source_names, self.mixer, self.seed, self.index = stage, source_names, mixer, seed, index
+        self._last = None
         self.group_ids = (torch.tensor([source_names.index(g) for g in stage.groups.names])
                           if stage.groups is not None else None)
         self.reference = None
@@ -373,6 +413,33 @@ class StepRunner:
             self.reference = load_model(mixer.reference)[0].to(acc.device).eval()
         model.train()
         self.window = Window(len(source_names))
+
+    def step(self, step: int) -> int:
+        """The gradients of ``step``'s global batch (the rows the mixer chose, their token weights, Masked
+        Thought's corruption); returns the real tokens of the global batch."""
+        cfg, stage, rule = self.cfg, self.stage, self.rule
+        self.validate(step, after=False)
+        rows = self.mixer.rows(step)
+        batch = {k: getattr(stage.packed, k)[rows] for k in ROW_FIELDS}
+        weights = rule.weights(batch, stage.packed.example_ids[rows], self.mixer.loss_weights(), self.group_ids)
+        if cfg.masked_thought is not None:
+            mt = cfg.masked_thought
+            batch["input_ids"] = mask_thought(batch["input_ids"], batch["labels"],
+                                              masked_thought_rate(step, stage.steps, mt.rate, mt.warmup),
+                                              torch_generator(self.seed, "masked-thought", self.index, step),
+                                              vocab_size=self.acc.unwrap_model(self.model).config.vocab_size,
+                                              mask_id=rule.mask_id)
+        sums, counts = self.forward_backward(batch, weights)
+        self._last = (batch, sums, counts)
+        tokens = int((stage.packed.example_ids[rows] >= 0).sum())  # real tokens in the global batch
+        self.window.tokens += tokens
+        self.window.steps += self.tuner.aux_loss is not None
+        return tokens
+
+    def after(self, step: int) -> None:
+        """What the mixer observes once the step's update is made."""
+        self.observe_batch(step, *self._last)
+        self.validate(step, after=True)
 
     def forward_backward(self, batch: dict, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's micro-batches of the global batch, forward and backward (gradients synchronised

@@ -27,6 +27,20 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view_as(shifted)  # (B, L-1)
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label token (the policy term of preference and RL losses).
+
+    Returns:
+        ``(logps, mask)``, each ``(B, L - 1)``: log p(``labels[:, t + 1]`` | position ``t``) in at
+        least float32, 0 where the label is ignored, and the mask of the scored positions.
+    """
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    x = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    picked = x.gather(-1, torch.where(mask, target, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked - torch.logsumexp(x, dim=-1), 0.0), mask
+
+
 def per_source(values: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, n_sources: int) -> tuple[
         torch.Tensor, torch.Tensor]:
     """Sum of ``values`` and count of trained tokens per source, for the shifted positions.

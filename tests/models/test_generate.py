@@ -31,9 +31,9 @@ def test_batched_and_unbatched_greedy_outputs_are_identical(tiny_dir, tokenizer)
 def test_few_shot_prompts_read_their_shared_prefix_once_and_generate_as_alone(tiny_dir, tokenizer, monkeypatch):
     import importlib
 
-    from mixtune.eval.prefix import MIN_SHARED_PREFIX
+    from mixtune.models.prefix import MIN_SHARED_PREFIX
 
-    gen_module = importlib.import_module("mixtune.eval.generate")  # the module; mixtune.eval.generate is the function
+    gen_module = importlib.import_module("mixtune.models.generate")  # the module; mixtune.models.generate is the function
 
     model = sharpened(tiny_dir)
     shots = "".join(f"Q: what is {i} plus {i}?\nA: {2 * i}\n\n" for i in range(4))
@@ -76,7 +76,7 @@ def test_evaluate_scores_gold_replies_one_and_others_zero(tiny_dir, tokenizer, m
 
 
 def test_budget_is_four_times_the_longest_gold_reply_and_at_least_128():
-    from mixtune.eval.run import max_tokens_for
+    from mixtune.models.generate import max_tokens_for
 
     def words(text, add_special_tokens):  # a tokenizer of one token per word
         return {"input_ids": text.split()}
@@ -123,7 +123,7 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 from mixtune.core import ConfigError  # noqa: E402
-from mixtune.eval.generate import draw, sample, sampling_probs, stream_seed  # noqa: E402
+from mixtune.models.generate import draw, sample, sampling_probs, stream_seed  # noqa: E402
 
 
 def mixed_prompts(tokenizer, n=6):

@@ -1,7 +1,7 @@
 """Batched generation: left padding, KV cache, per-example stop at EOS or a stop string.
 
 Prompts sorted by length share batches; a prefix every prompt starts with (a few-shot prompt) runs
-once and each batch continues from its cache (:mod:`mixtune.eval.prefix`).
+once and each batch continues from its cache (:mod:`mixtune.models.prefix`).
 
 Greedy by default. Sampling (temperature, top-k, top-p, several samples per prompt) runs on the
 same batched ``model.generate`` path: a logits processor draws each row's next token from that
@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mixtune.core import ConfigError
-from mixtune.eval.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
+from mixtune.models.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 64,
@@ -70,7 +70,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
 
 def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 128,
-           batch_size: int = 64, stop: Sequence[str] = (), progress=None) -> list[list[str]]:
+           batch_size: int = 64, stop: Sequence[str] = (), progress=None,
+           return_ids: bool = False) -> list[list[str]] | list[list[tuple[str, list[int]]]]:
     """``num_samples`` sampled completions per prompt, each from its own seeded stream (see the module doc).
 
     Completions are batched as in :func:`generate`; ``batch_size`` counts completions (a prompt
@@ -88,9 +89,12 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, te
         seed: seed of the streams; a different seed gives different samples.
         batch_size: completions per forward pass.
         progress: optional callable given the number of prompts whose samples all finished, after each batch.
+        return_ids: give each completion with the token ids the model generated (through its first
+            EOS, included; all ``max_new_tokens`` when it never stopped), for training on them.
 
     Returns:
-        For each prompt, in input order, a list of ``num_samples`` completions (sample index order).
+        For each prompt, in input order, a list of ``num_samples`` completions (sample index order);
+        with ``return_ids``, ``(text, ids)`` pairs.
 
     Raises:
         ConfigError: a decoding parameter is out of range.
@@ -98,7 +102,26 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, te
     check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
     return _decode(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, stop=stop, progress=progress,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, return_ids=return_ids)
+
+
+def max_tokens_for(records: list[dict], tokenizer, slack: float = 4.0, floor: int = 128) -> int:
+    """A generation budget with room for a verbose model: ``max(floor, ceil(slack * longest))``, where
+    ``longest`` is the longest gold reply of ``records`` in ``tokenizer``'s tokens.
+
+    The gold replies are terse (``2+8=10. 10-4=6. Answer: 6``). An instruct model writes each
+    step as a sentence, often restating the question first: some 3-4 times the tokens, hence
+    ``slack = 4``. Even before a one-word answer it writes a sentence or two, and a 3-step word
+    problem worked in prose runs to some 50-100 tokens of a 50k-token vocabulary (a rough count
+    of typical replies), hence the floor of 128. Generation stops once every sequence of a batch
+    has emitted EOS (:func:`mixtune.models.generate.generate`), so a model that stops pays nothing
+    for the room; one that never stops (an untrained model) runs the whole budget, about 3x the
+    time of the old one. (The budget was once 1.5x the gold, at least 16: a real 135M instruct
+    model was cut off before its ``Answer:`` line on 19 of 20 maths problems.)
+    """
+    longest = max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+                  for r in records)
+    return max(floor, math.ceil(slack * longest))
 
 
 def check_decoding(*, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
@@ -178,6 +201,11 @@ def stream_seed(seed: int, index: int, prompt: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _through_eos(ids: list[int], eos: int | None) -> list[int]:
+    """Generated ids up to and including the first EOS (what follows it is padding)."""
+    return ids[:ids.index(eos) + 1] if eos is not None and eos in ids else ids
+
+
 class _SeededDraw(LogitsProcessor):
     """Replace each row's scores by a one-hot of the token drawn from that row's stream, so greedy picks it."""
 
@@ -194,14 +222,15 @@ class _SeededDraw(LogitsProcessor):
 
 def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int, batch_size: int,
             stop: Sequence[str], progress: Callable[[int], object] | None, temperature: float, top_k: int,
-            top_p: float, seed: int) -> list[list[str]]:
-    """Completions (prompt i, sample j) in batches of ``batch_size`` rows; greedy when temperature is 0."""
+            top_p: float, seed: int, return_ids: bool = False) -> list[list]:
+    """Completions (prompt i, sample j) in batches of ``batch_size`` rows; greedy when temperature is 0;
+    with ``return_ids`` each with its generated token ids (through the first EOS)."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # rows sorted by prompt length (a prompt's samples stay together); stable, so ties keep input order
     rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)),
                   key=lambda r: len(prompts[r[0]]))
-    out: list[list[str]] = [[""] * num_samples for _ in prompts]
+    out: list[list] = [[""] * num_samples for _ in prompts]
     left = [num_samples] * len(prompts)
     device = next(model.parameters()).device
     tokens = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -230,12 +259,13 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
                 stop_strings=list(stop) or None, tokenizer=tokenizer if stop else None,
                 temperature=None, top_p=None, top_k=None, logits_processor=processors, **past,
             )
-        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        new = generated[:, ids.shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         done = 0
-        for (i, j), text in zip(batch, texts):
+        for r, ((i, j), text) in enumerate(zip(batch, texts)):
             for s in stop:
                 text = text.split(s, 1)[0]
-            out[i][j] = text
+            out[i][j] = (text, _through_eos(new[r].tolist(), tokenizer.eos_token_id)) if return_ids else text
             left[i] -= 1
             done += left[i] == 0
         if progress is not None:

@@ -1,7 +1,7 @@
 """A prefix shared by every prompt of a task (a few-shot prompt, a task description) runs once.
 
 Both scoring paths use it: :mod:`mixtune.eval.choice` (log-likelihoods) and
-:mod:`mixtune.eval.generate` (completions). The shared tokens go through the model once, as a
+:mod:`mixtune.models.generate` (completions). The shared tokens go through the model once, as a
 batch of one; each batch then starts from copies of that KV cache and pads *after* the shared
 part (``[shared][pad...][own tokens]``, the padding masked out), so every row's last column is its
 last prompt token and positions follow from the attention mask. The numbers are those of running

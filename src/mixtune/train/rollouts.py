@@ -1,0 +1,107 @@
+"""Completions of a stage's prompts, sampled and scored: the sampler and the verifiable rewards of
+the stages after SFT (:mod:`mixtune.strategy.objectives`).
+
+A prompt is a record's conversation without its last assistant turn, rendered as evaluation
+renders it (:func:`mixtune.data.format.prompt_text`); its reward is its ability's exact scorer
+(:mod:`mixtune.data.abilities`) on the completion, 1 when the answer is right, else 0. Sampling is
+:func:`mixtune.models.generate.sample`: batched, KV-cached, and each completion drawn from its own
+stream of (seed, sample index, prompt), so it does not depend on batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mixtune.core import ConfigError
+from mixtune.data.abilities import ABILITIES
+from mixtune.data.format import prompt_text
+from mixtune.train.losses import IGNORE
+from mixtune.strategy.objectives import Sampling
+
+
+def check_rewardable(records: Sequence[dict], stage: str) -> None:
+    """Raise :class:`ConfigError` unless every record is a conversation whose ability has a scorer."""
+    names = sorted({r.get("ability", "?") for r in records if "messages" in r} - set(ABILITIES))
+    if names:
+        raise ConfigError(f"stage {stage!r}: its objective rewards completions with their ability's scorer, and "
+                          f"{', '.join(map(repr, names))} has none; its prompts must come from built-in abilities "
+                          f"({', '.join(ABILITIES)})")
+    if any("messages" not in r for r in records):
+        raise ConfigError(f"stage {stage!r}: its objective samples replies to prompts, and raw-text records have none")
+
+
+def reward(record: dict, completion: str) -> float:
+    """The record's ability's score of ``completion`` (1 right, 0 wrong; never raises)."""
+    return float(ABILITIES.get(record["ability"]).score(completion, record))
+
+
+def prompt_of(record: dict, tokenizer) -> str:
+    """The rendered prompt of a record: every turn before its last assistant turn, and the generation prompt."""
+    return prompt_text(record["messages"], tokenizer)
+
+
+def budget(records: Sequence[dict], tokenizer, sampling: Sampling) -> int:
+    """Tokens a completion may take: ``sampling.max_new_tokens``, else evaluation's budget for these records."""
+    from mixtune.models.generate import max_tokens_for
+
+    return sampling.max_new_tokens or max_tokens_for(list(records), tokenizer)
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """``samples`` completions of each prompt, laid out prompt by prompt (prompt 0's, then prompt 1's ...)."""
+
+    prompt_ids: list[list[int]]
+    """Per completion, its prompt's token ids."""
+    completion_ids: list[list[int]]
+    """Per completion, the generated ids (through EOS)."""
+    texts: list[str]
+    rewards: torch.Tensor
+    """``(n_prompts * samples,)`` float64."""
+    prompt_index: list[int]
+    """Per completion, the position of its prompt in the records given."""
+
+
+def rollout(model, tokenizer, records: Sequence[dict], *, samples: int, sampling: Sampling, seed: int,
+            max_new_tokens: int) -> Rollouts:
+    """Sample ``samples`` completions of each record's prompt from ``model`` and score them.
+
+    The model is left in training mode (generation puts it in eval mode)."""
+    from mixtune.models.generate import sample
+
+    prompts = [prompt_of(r, tokenizer) for r in records]
+    was_training = model.training
+    got = sample(model, tokenizer, prompts, num_samples=samples, temperature=sampling.temperature,
+                 top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, max_new_tokens=max_new_tokens,
+                 batch_size=sampling.batch_size, return_ids=True)
+    model.train(was_training)
+    prompt_tokens = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    p_ids, c_ids, texts, rewards, index = [], [], [], [], []
+    for i, (record, completions) in enumerate(zip(records, got)):
+        for text, ids in completions:
+            p_ids.append(prompt_tokens[i])
+            c_ids.append(ids)
+            texts.append(text)
+            rewards.append(reward(record, text))
+            index.append(i)
+    return Rollouts(p_ids, c_ids, texts, torch.tensor(rewards, dtype=torch.float64), index)
+
+
+def completion_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+                     pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt + completion rows, right-padded: ``input_ids``, ``labels`` (the completion's ids, -100
+    on the prompt and padding) and ``position_ids``, each ``(B, L)``."""
+    length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+        labels[b, len(p):len(p) + len(c)] = torch.tensor(c)
+    return {"input_ids": ids, "labels": labels,
+            "position_ids": torch.arange(length).expand(len(prompt_ids), -1).contiguous()}
+
+
+__all__ = ["Rollouts", "budget", "check_rewardable", "completion_batch", "prompt_of", "reward", "rollout"]
