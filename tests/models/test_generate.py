@@ -281,3 +281,19 @@ def test_bad_decoding_parameters_are_config_errors(tokenizer, kw, words):
 def test_greedy_generate_rejects_sampling_knobs_without_temperature(tokenizer):
     with pytest.raises(ConfigError, match="no effect with temperature = 0"):
         generate(None, tokenizer, ["x"], top_k=5)
+
+
+def test_samples_with_their_ids_are_the_samples_and_their_ids_the_tokens_drawn(tiny_dir, tokenizer):
+    # return_ids decodes in a loop whose finished rows leave the batch: the same draws as generate's path
+    model = sharpened(tiny_dir)
+    prompts = mixed_prompts(tokenizer)
+    kw = dict(num_samples=3, temperature=1.0, top_p=0.9, top_k=50, seed=5, max_new_tokens=12)
+    texts = sample(model, tokenizer, prompts, batch_size=8, **kw)
+    with_ids = sample(model, tokenizer, prompts, batch_size=5, return_ids=True, **kw)
+    assert [[t for t, _ in row] for row in with_ids] == texts
+    eos = tokenizer.eos_token_id
+    for row in with_ids:
+        for text, ids in row:
+            assert ids and (ids[-1] == eos or len(ids) == 12) and eos not in ids[:-1]  # through the first EOS
+            assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert any(len(ids) < 12 for row in with_ids for _, ids in row)  # some rows left the batch early

@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mixtune.core import ConfigError
-from mixtune.models.prefix import cache_arg, cache_rows, pad_after, prefix_cache, shared_prefix
+from mixtune.models.prefix import cache_arg, cache_rows, last_logits_only, pad_after, prefix_cache, shared_prefix
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, batch_size: int = 64,
@@ -90,7 +90,9 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, te
         batch_size: completions per forward pass.
         progress: optional callable given the number of prompts whose samples all finished, after each batch.
         return_ids: give each completion with the token ids the model generated (through its first
-            EOS, included; all ``max_new_tokens`` when it never stopped), for training on them.
+            EOS, included; all ``max_new_tokens`` when it never stopped), for training on them. Without
+            ``stop`` strings, these samples come from a decoding loop whose finished rows leave the
+            batch (:func:`_sample_shrinking`): the same tokens, in less time when lengths vary.
 
     Returns:
         For each prompt, in input order, a list of ``num_samples`` completions (sample index order);
@@ -100,6 +102,9 @@ def sample(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, te
         ConfigError: a decoding parameter is out of range.
     """
     check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    if return_ids and not stop and temperature > 0:
+        return _sample_shrinking(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     return _decode(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, stop=stop, progress=progress,
                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, return_ids=return_ids)
@@ -201,6 +206,61 @@ def stream_seed(seed: int, index: int, prompt: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _uniforms(seed: int, rows: Sequence[tuple[int, int]], prompts: Sequence[str], n: int) -> torch.Tensor:
+    """``(B, n)`` float64 uniforms: row (i, j)'s stream, sample j of prompt i (see the module doc)."""
+    return torch.stack([torch.rand(n, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(stream_seed(seed, j, prompts[i])))
+                        for i, j in rows])
+
+
+@torch.inference_mode()
+def _sample_shrinking(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int,
+                      batch_size: int, temperature: float, top_k: int, top_p: float, seed: int) -> list[list]:
+    """Sampled completions and their ids, as :func:`_decode` draws them (each row's own stream, the
+    same inverse-CDF draw), from a loop of its own: a row that emits EOS leaves the batch and its
+    KV cache, so a step costs the rows still running rather than the whole batch until its longest
+    sample ends (in RL, a few long samples would otherwise set the pace of all)."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)), key=lambda r: len(prompts[r[0]]))
+    out: list[list] = [[None] * num_samples for _ in prompts]
+    device = next(model.parameters()).device
+    tokens = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    kw = cache_arg(model)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        ids, mask, _ = pad_after((), [tokens[i] for i, _ in batch], pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        uniforms = _uniforms(seed, batch, prompts, max_new_tokens)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **last_logits_only(model))
+        cache, logits = getattr(res, kw), res.logits[:, -1]
+        live = torch.arange(len(batch))  # the batch rows still generating, in cache order
+        made: list[list[int]] = [[] for _ in batch]
+        last = positions[:, -1]
+        for t in range(max_new_tokens):
+            probs = sampling_probs(logits.float(), temperature=temperature, top_k=top_k, top_p=top_p)
+            drawn = draw(probs, uniforms[live, t].to(probs.device))
+            for r, tok in zip(live.tolist(), drawn.tolist()):
+                made[r].append(tok)
+            going = drawn != eos if eos is not None else torch.ones_like(drawn, dtype=torch.bool)
+            if t == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():  # finished rows leave the batch and the cache
+                keep = going.nonzero().squeeze(-1)
+                cache.reorder_cache(keep)
+                live, drawn, mask, last = live[keep.cpu()], drawn[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            last = last + 1
+            res = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
+                        **{kw: cache})
+            cache, logits = getattr(res, kw), res.logits[:, -1]
+        for (i, j), ids_made in zip(batch, made):
+            out[i][j] = (tokenizer.decode(ids_made, skip_special_tokens=True), ids_made)
+    return out
+
+
 def _through_eos(ids: list[int], eos: int | None) -> list[int]:
     """Generated ids up to and including the first EOS (what follows it is padding)."""
     return ids[:ids.index(eos) + 1] if eos is not None and eos in ids else ids
@@ -247,10 +307,7 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
             past = {cache_kw: cache_rows(start_cache, torch.zeros(len(batch), dtype=torch.long, device=device))}
         processors = None
         if temperature > 0:
-            uniforms = torch.stack([
-                torch.rand(max_new_tokens, dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(stream_seed(seed, j, prompts[i])))
-                for i, j in batch])  # (B, max_new_tokens)
+            uniforms = _uniforms(seed, batch, prompts, max_new_tokens)  # (B, max_new_tokens)
             processors = LogitsProcessorList([_SeededDraw(uniforms, ids.shape[1], temperature, top_k, top_p)])
         with torch.inference_mode():
             generated = model.generate(

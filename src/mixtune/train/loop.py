@@ -223,7 +223,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
                 mixer.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
             start = at.step
         runner = make_runner(acc, model, cfg, rule, tuner, stage, source_names, mixer, tokenizer, seed=seed,
-                             index=index, prepared=prepared)
+                             index=index, prepared=prepared, log=log)
         bar = StageBar(stage.name, stage.steps, start, enabled=progress and acc.is_main_process)
 
         def export_best(dest: Path, best: dict) -> None:
@@ -381,7 +381,7 @@ def start_objective(acc, model, tokenizer, stage: StageData, cfg: TrainConfig, s
 
 
 def make_runner(acc, model, cfg: TrainConfig, rule: LossRule, tuner, stage: StageData, source_names: list[str],
-                mixer: Mixer, tokenizer, *, seed: int, index: int, prepared):
+                mixer: Mixer, tokenizer, *, seed: int, index: int, prepared, log):
     """The stage's step runner: SFT's :class:`StepRunner`, or an objective's (:mod:`mixtune.train.post_sft`)."""
     from mixtune.train import post_sft
 
@@ -390,7 +390,7 @@ def make_runner(acc, model, cfg: TrainConfig, rule: LossRule, tuner, stage: Stag
         return post_sft.PreferenceRunner(acc, model, cfg, p, prepared, mixer, tokenizer, stage, source_names)
     if isinstance(p, GrpoParams):
         return post_sft.GrpoRunner(acc, model, cfg, p, mixer, tokenizer, stage, source_names, seed=seed, index=index,
-                                   reference=prepared)
+                                   reference=prepared, log=log)
     return StepRunner(acc, model, cfg, rule, tuner, stage, source_names, mixer, seed=seed, index=index)
 
 

@@ -315,6 +315,113 @@ class PreferenceRunner:
                 "stage_step": at.step, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
 
+@dataclass(frozen=True)
+class PackedGroups:
+    """Groups of completions packed one group a row, ``[prompt][c_1][c_2]...[c_G]``: each
+    completion sees the prompt and itself (a block-causal 4D mask), positions restart after the
+    prompt for every completion, so each completion reads as if alone after its prompt while the
+    prompt goes through the model once per group instead of G times."""
+
+    input_ids: torch.Tensor
+    """``(R, L)``, one row a group, right-padded."""
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+    """``(R, 1, L, L)`` bool: may position i attend to position j."""
+    row: torch.Tensor
+    """Per completion token: its row, the position whose logits predict it, its id, its completion
+    (index in the batch) and its place in that completion; each ``(N,)``."""
+    pred: torch.Tensor
+    token: torch.Tensor
+    completion: torch.Tensor
+    place: torch.Tensor
+
+
+def pack_groups(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], group: int,
+                pad_id: int) -> PackedGroups:
+    """Pack consecutive groups of ``group`` completions (each group sharing its prompt) one a row."""
+    rows, positions, spans = [], [], []
+    row, pred, token, completion, place = [], [], [], [], []
+    for r, lo in enumerate(range(0, len(completion_ids), group)):
+        prompt = list(prompt_ids[lo])
+        ids, pos, blocks = list(prompt), list(range(len(prompt))), []
+        for b in range(lo, min(lo + group, len(completion_ids))):
+            c = list(completion_ids[b])
+            start = len(ids)
+            for k, t in enumerate(c):
+                row.append(r)
+                pred.append(len(prompt) - 1 if k == 0 else start + k - 1)
+                token.append(t)
+                completion.append(b)
+                place.append(k)
+            ids += c
+            pos += range(len(prompt), len(prompt) + len(c))
+            blocks.append((start, len(ids)))
+        rows.append(ids)
+        positions.append(pos)
+        spans.append((len(prompt), blocks))
+    width = max(len(x) for x in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself (no empty rows)
+    for r, (ids, pos, (n_prompt, blocks)) in enumerate(zip(rows, positions, spans)):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        position_ids[r, :len(pos)] = torch.tensor(pos)
+        mask[r, :n_prompt, :n_prompt] = causal[:n_prompt, :n_prompt]
+        for a, b in blocks:
+            mask[r, a:b, :n_prompt] = True
+            mask[r, a:b, a:b] = causal[:b - a, :b - a]
+    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return PackedGroups(input_ids, position_ids, mask.unsqueeze(1), as_t(row), as_t(pred), as_t(token),
+                        as_t(completion), as_t(place))
+
+
+def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int,
+                     device, *, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every completion token under ``model``, ``(B, T)`` with its mask.
+
+    ``group=None``: each completion is a padded row ``[prompt][completion]``. ``group=G``: each
+    group of G consecutive completions (one prompt) is one packed row (:func:`pack_groups`); the
+    same numbers up to float rounding, with the prompt read once per group."""
+    if group is None:
+        batch = {k: v.to(device) for k, v in completion_batch(prompt_ids, completion_ids, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return token_logps(logits, batch["labels"])
+    pk = pack_groups(prompt_ids, completion_ids, group, pad_id)
+    logits = model(input_ids=pk.input_ids.to(device), position_ids=pk.position_ids.to(device),
+                   attention_mask=pk.mask.to(device), use_cache=False).logits
+    picked = logits[pk.row.to(device), pk.pred.to(device)].float()  # (N, V)
+    logp = picked.gather(-1, pk.token.to(device)[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    width = max(len(c) for c in completion_ids)
+    out = torch.zeros(len(completion_ids), width, device=device, dtype=logp.dtype)
+    mask = torch.zeros(len(completion_ids), width, device=device, dtype=torch.bool)
+    where = (pk.completion.to(device), pk.place.to(device))
+    out = out.index_put(where, logp)
+    mask[where] = True
+    return out, mask
+
+
+@torch.no_grad()
+def packing_works(model, device, *, tolerance: float = 1e-3) -> bool:
+    """Whether ``model`` honours a packed group's 4D attention mask: a made-up prompt and two
+    completions give the same log-probabilities packed as padded (eval mode, so dropout is off)."""
+    was = model.training
+    model.eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(vocab, (12,), generator=g).tolist()
+    completions = [torch.randint(vocab, (n,), generator=g).tolist() for n in (5, 3)]
+    try:
+        a, mask = completion_logps(model, [prompt] * 2, completions, 0, device)
+        b, _ = completion_logps(model, [prompt] * 2, completions, 0, device, group=2)
+        # the padded rows hold [prompt][completion] positions, the packed ones the completions' alone
+        ok = all(bool((a[i][mask[i]] - b[i, :len(c)]).abs().max() < tolerance) for i, c in enumerate(completions))
+    except Exception:  # a model that refuses a 4D mask
+        ok = False
+    model.train(was)
+    return ok
+
+
 def frozen_copy(model):
     """A frozen, eval-mode copy of ``model`` (GRPO's reference: the stage's starting weights)."""
     ref = copy.deepcopy(model)
@@ -331,13 +438,17 @@ class GrpoRunner:
     update and the clip acts on later ones, as TRL with ``num_iterations=1``)."""
 
     def __init__(self, acc, model, cfg, p: GrpoParams, mixer, tokenizer, stage, source_names, *, seed: int,
-                 index: int, reference) -> None:
+                 index: int, reference, log) -> None:
         self.acc, self.model, self.cfg, self.p, self.mixer, self.tokenizer = acc, model, cfg, p, mixer, tokenizer
         self.stage, self.seed, self.index, self.reference = stage, seed, index, reference
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.records = list(stage.records)
         self.max_new = budget(self.records, tokenizer, p.sampling)
         self.meter = Meter()
+        self.packed = packing_works(acc.unwrap_model(model), acc.device)
+        if not self.packed:
+            log.note(f"stage {stage.name}: this model does not take a packed group's attention mask (its "
+                     "log-probabilities differ from the padded rows'); each completion is a padded row")
         model.train()
 
     def step(self, step: int) -> int:
@@ -352,24 +463,22 @@ class GrpoRunner:
         n_tokens = lengths.sum()
         if world > 1:
             n_tokens = acc.reduce(n_tokens.to(acc.device), reduction="sum").cpu()
-        micro = cfg.micro_batch_size
+        # packed: a micro-batch is whole groups, each group one row (its prompt read once)
+        micro = max(1, cfg.micro_batch_size // p.group) * p.group if self.packed else cfg.micro_batch_size
         starts = list(range(0, len(ro.texts), micro))
         kl_sum = 0.0
         for g, lo in enumerate(starts):
             part = slice(lo, lo + micro)
-            batch = {k: v.to(acc.device) for k, v in
-                     completion_batch(ro.prompt_ids[part], ro.completion_ids[part], self.pad_id).items()}
-            m = batch["input_ids"].shape[0]
+            prompts, completions = ro.prompt_ids[part], ro.completion_ids[part]
+            m = len(completions)
             with nullcontext() if g == len(starts) - 1 else acc.no_sync(self.model):
-                logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                    use_cache=False).logits
-                logp, mask = token_logps(logits, batch["labels"])
+                logp, mask = completion_logps(self.model, prompts, completions, self.pad_id, acc.device,
+                                              group=p.group if self.packed else None)
                 ref = None
                 if p.beta > 0:
                     with torch.no_grad():
-                        ref = token_logps(self.reference(input_ids=batch["input_ids"],
-                                                         position_ids=batch["position_ids"], use_cache=False).logits,
-                                          batch["labels"])[0]
+                        ref = completion_logps(self.reference, prompts, completions, self.pad_id, acc.device,
+                                               group=p.group if self.packed else None)[0]
                     d = (ref - logp.detach())
                     kl_sum += float(((d.exp() - d - 1) * mask).sum())
                 kw = dict(epsilon=p.epsilon, epsilon_high=p.epsilon_high, beta=p.beta, aggregation=p.aggregation)
