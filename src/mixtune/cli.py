@@ -133,7 +133,7 @@ def _registry_rows(what: str) -> tuple[str, list[tuple[str, str]]]:
         return ("Prompt transforms (analysis.conjugate.transforms; or a template with {prompt}, or python:module:function)",
                 [(n, f"{_first_sentence(TRANSFORMS.get(n).fn.__doc__)} [{', '.join(TRANSFORMS.get(n).abilities)}]")
                  for n in TRANSFORMS])
-    from mixtune.eval.scorers import SCORERS
+    from mixtune.data.scorers import SCORERS
 
     return "Scorers (a task file's scorer:)", [(n, _first_sentence(SCORERS.get(n).__doc__)) for n in SCORERS]
 

@@ -37,7 +37,7 @@ def test_list_shows_abilities_and_levels():
 
 
 def test_list_shows_every_registry_by_name():
-    from mixtune.eval.scorers import SCORERS
+    from mixtune.data.scorers import SCORERS
     from mixtune.merge.methods import MERGE_METHODS
     from mixtune.strategy.mixing import MIXING_MODES
     from mixtune.strategy.stages import STRATEGIES

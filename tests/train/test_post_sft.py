@@ -62,8 +62,7 @@ def recipe(tiny_dir, objective: dict, *, steps=4, save_every=0, sources=None, lr
     })
 
 
-def even_length(record, completion):  # a reward half the samples earn, whatever the model
-    return float(len(completion) % 2 == 0)
+EVEN = {"scorer": "tests.train.rewards:even_length"}  # half the samples earn it, whatever the model
 
 
 def log_of(out):
@@ -71,15 +70,14 @@ def log_of(out):
 
 
 OBJECTIVES = {
-    "rft": {"name": "rft", "samples": 2, "sampling": {"max_new_tokens": 12}},
-    "dpo": {"name": "dpo", "samples": 3, "sampling": {"max_new_tokens": 12}},
-    "grpo": {"name": "grpo", "group": 3, "prompts": 2, "sampling": {"max_new_tokens": 12}},
+    "rft": {"name": "rft", "samples": 2, "sampling": {"max_new_tokens": 12}, "reward": EVEN},
+    "dpo": {"name": "dpo", "samples": 3, "sampling": {"max_new_tokens": 12}, "reward": EVEN},
+    "grpo": {"name": "grpo", "group": 3, "prompts": 2, "sampling": {"max_new_tokens": 12}, "reward": EVEN},
 }
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_a_killed_objective_stage_resumes_to_bitwise_identical_weights(name, tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("mixtune.train.rollouts.reward", even_length)
+def test_a_killed_objective_stage_resumes_to_bitwise_identical_weights(name, tiny_dir, tmp_path):
     full = run_training(recipe(tiny_dir, OBJECTIVES[name], save_every=2), tiny_dir, tmp_path / "full", progress=False)
 
     class Killed(Exception):
@@ -115,10 +113,10 @@ def test_a_killed_objective_stage_resumes_to_bitwise_identical_weights(name, tin
         assert all("reward_margin" in e and 0 <= e["reward_accuracy"] <= 1 for e in post)
 
 
-def test_grpo_learns_what_its_reward_asks(tiny_dir, tmp_path, monkeypatch):
+def test_grpo_learns_what_its_reward_asks(tiny_dir, tmp_path):
     # reward: stop early. The tiny model's samples run to the budget at first; GRPO raises the EOS
-    monkeypatch.setattr("mixtune.train.rollouts.reward", lambda record, text: float(len(text) < 12))
-    objective = {"name": "grpo", "group": 8, "prompts": 4, "beta": 0.0, "sampling": {"max_new_tokens": 16}}
+    objective = {"name": "grpo", "group": 8, "prompts": 4, "beta": 0.0, "sampling": {"max_new_tokens": 16},
+                 "reward": {"scorer": "tests.train.rewards:short"}}
     run_training(recipe(tiny_dir, objective, steps=12, lr=3e-3), tiny_dir, tmp_path, progress=False)
     post = [e for e in log_of(tmp_path) if e.get("stage") == "post" and "step" in e]
     first, last = sum(e["reward"] for e in post[:3]) / 3, sum(e["reward"] for e in post[-3:]) / 3
@@ -185,3 +183,24 @@ def test_a_packed_group_gives_the_padded_rows_log_probabilities(arch):
     pk = pack_groups(prompt_ids, completions, 3, 0)
     assert pk.input_ids.shape == (2, 7 + 9) and pk.position_ids[0].tolist() == list(range(10)) + [7, 8, 9, 10, 11, 7]
     assert pk.mask[0, 0, 10, 6] and not pk.mask[0, 0, 10, 7]  # the second completion sees the prompt, not the first
+
+
+def test_rewards_are_the_built_in_ability_a_scorer_over_a_field_or_the_users_function():
+    from mixtune.data.abilities import ABILITIES
+    from mixtune.strategy.objectives import Reward
+    from mixtune.train.rollouts import check_rewardable, reward
+
+    maths = ABILITIES.get("math").generate(1, seed=0)[0]
+    assert reward(maths, f"so. Answer: {maths['answer']}") == 1.0 and reward(maths, "Answer: -1") == 0.0
+    mine = rec("How many legs has a cat?", "4") | {"ability": "trivia", "gold": ["4", "four"]}
+    numeric = Reward(scorer="numeric", references="gold")
+    assert reward(mine, "It has 4 legs.", numeric) == 1.0 and reward(mine, "3", numeric) == 0.0
+    assert reward(mine, "four", Reward(scorer="exact", references="gold")) == 1.0
+    assert reward(mine, "ab", Reward(scorer="tests.train.rewards:even_length")) == 1.0
+    with pytest.raises(ConfigError, match=r"'trivia' has none; take prompts from built-in abilities"):
+        check_rewardable([mine], "rl")
+    with pytest.raises(ConfigError, match=r"references = 'answer', and record 1 of the stage has no such field"):
+        check_rewardable([mine], "rl", Reward(scorer="exact"))
+    check_rewardable([mine], "rl", numeric)
+    with pytest.raises(ValueError, match="scorer"):
+        Reward(scorer="nonsense")

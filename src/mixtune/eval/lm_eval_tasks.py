@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from mixtune.core import ConfigError
-from mixtune.eval.scorers import ScorerParams
+from mixtune.data.scorers import ScorerParams
 from mixtune.eval.tasks import ChoiceTask, GenerateTask, LoglikelihoodTask
 
 SUPPORTED = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split",

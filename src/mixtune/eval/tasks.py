@@ -9,7 +9,7 @@ A task file names one or more abilities::
         prompt: "Question: {question}\\nAnswer:"   # a template over the record's fields
         references: answer                  # a field holding a string or a list of strings
         scorer: numeric                     # exact | numeric | regex | contains | package.module:function
-        scorer_options: {extract: gsm8k}    # see mixtune.eval.scorers.ScorerParams
+        scorer_options: {extract: gsm8k}    # see mixtune.data.scorers.ScorerParams
         max_new_tokens: 256
         stop: ["\\n\\nQuestion:"]
         fewshot: 5                          # examples shown before each question, drawn (seeded) from
@@ -42,7 +42,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 
 from mixtune.core import ConfigError, DataError, Strict, existing_path, load_config
 from mixtune.data.sources import read_rows
-from mixtune.eval.scorers import SCORERS, ScorerParams, check_scorer, user_scorer
+from mixtune.data.scorers import SCORERS, ScorerParams, check_scorer, user_scorer
 
 
 class GenerateTask(Strict):
@@ -66,7 +66,7 @@ class GenerateTask(Strict):
     preamble: str = ""
     """Text put verbatim before everything else of a plain prompt (lm-eval's ``description``)."""
     scorer: str = "exact"
-    """``exact``, ``numeric``, ``regex``, ``contains`` (mixtune.eval.scorers) or ``package.module:function``,
+    """``exact``, ``numeric``, ``regex``, ``contains`` (mixtune.data.scorers) or ``package.module:function``,
     called as ``function(output, record) -> float``."""
     scorer_options: ScorerParams = ScorerParams()
     """Options of the built-in scorers (case, punctuation, which number, the regex)."""

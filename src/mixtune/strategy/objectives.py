@@ -2,7 +2,7 @@
 
 A stage without ``objective`` is SFT on its packed rows. With one, its mixture's records are
 *prompts* (their last assistant turn is the gold reply, their ``ability`` names the scorer that
-rewards a completion), and the stage trains by:
+rewards a completion, or the objective's ``reward`` says how to score it), and the stage trains by:
 
 ========  ==============================================================================
 ``rft``   rejection sampling (Yuan et al., 2023, arXiv:2308.01825): k samples per prompt from
@@ -34,7 +34,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from mixtune.core import Strict
+from mixtune.core import ConfigError, Strict
+from mixtune.data.scorers import ScorerParams, check_scorer
 
 
 class Sampling(Strict):
@@ -52,8 +53,31 @@ class Sampling(Strict):
     """Completions per generation batch."""
 
 
+class Reward(Strict):
+    """How a completion is rewarded when the prompts are the user's own: a scorer over a record
+    field, as a task file scores (:mod:`mixtune.data.scorers`)."""
+
+    scorer: str = "exact"
+    """``exact``, ``numeric``, ``regex``, ``contains`` or ``package.module:function``, called as
+    ``function(completion, record) -> float`` (a reward in [0, 1]; 1 is "accepted" for rft and dpo)."""
+    references: str = "answer"
+    """The record field holding the reference answer (a string or a list of accepted strings)."""
+    scorer_options: ScorerParams = ScorerParams()
+    """Options of the built-in scorers (case, punctuation, which number, the regex)."""
+
+    @model_validator(mode="after")
+    def _known(self) -> Reward:
+        try:
+            check_scorer(self.scorer)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
 class RftParams(Strict):
     name: Literal["rft"] = "rft"
+    reward: Reward | None = None
+    """How a completion is scored (default: its record's built-in ability's scorer)."""
     samples: int = Field(default=4, ge=1)
     """k, completions sampled per prompt (Yuan et al. sample 100 on GSM8K; a few suffice to see the effect)."""
     keep: int | None = Field(default=None, ge=1)
@@ -75,6 +99,8 @@ class RftParams(Strict):
 
 class DpoParams(Strict):
     name: Literal["dpo"] = "dpo"
+    reward: Reward | None = None
+    """How an on-policy completion is scored (default: its record's built-in ability's scorer)."""
     loss: Literal["dpo", "ipo", "simpo"] = "dpo"
     """``dpo`` (sigmoid, Rafailov et al.), ``ipo`` (Azar et al., 2023, arXiv:2310.12036, on mean
     token log-probabilities as TRL) or ``simpo`` (Meng et al., 2024, arXiv:2405.14734: no
@@ -93,6 +119,8 @@ class DpoParams(Strict):
 
 class GrpoParams(Strict):
     name: Literal["grpo"] = "grpo"
+    reward: Reward | None = None
+    """How a completion is scored (default: its record's built-in ability's scorer)."""
     group: int = Field(default=8, ge=2)
     """G, completions sampled per prompt (DeepSeekMath: 64; TRL's default 8)."""
     prompts: int = Field(default=8, ge=1)
@@ -121,4 +149,4 @@ def objective_batch(objective: RftParams | DpoParams | GrpoParams, batch_size: i
     return objective.prompts if isinstance(objective, GrpoParams) else batch_size
 
 
-__all__ = ["DpoParams", "GrpoParams", "ObjectiveConfig", "RftParams", "Sampling", "objective_batch"]
+__all__ = ["DpoParams", "GrpoParams", "ObjectiveConfig", "Reward", "RftParams", "Sampling", "objective_batch"]

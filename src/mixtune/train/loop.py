@@ -374,7 +374,7 @@ def start_objective(acc, model, tokenizer, stage: StageData, cfg: TrainConfig, s
     elif isinstance(p, GrpoParams):
         from mixtune.train.rollouts import check_rewardable
 
-        check_rewardable(stage.records, stage.name)
+        check_rewardable(stage.records, stage.name, p.reward)
         reference = post_sft.frozen_copy(bare) if p.beta > 0 else None
         return stage, reference, len(stage.records), p.prompts
     return stage, None, stage.packed.input_ids.shape[0], cfg.batch_size

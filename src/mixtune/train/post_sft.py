@@ -61,13 +61,13 @@ def shared(acc, items: Sequence, work: Callable[[list], list]) -> list:
 
 
 def sampled_records(acc, model, tokenizer, records: Sequence[dict], *, samples: int, sampling, seed: int,
-                    max_new_tokens: int) -> list[list[tuple[str, float]]]:
+                    max_new_tokens: int, how=None) -> list[list[tuple[str, float]]]:
     """Per record, its ``samples`` completions and their rewards (processes share the prompts)."""
     def work(part: list) -> list:
         if not part:
             return []
         ro = rollout(model, tokenizer, part, samples=samples, sampling=sampling, seed=seed,
-                     max_new_tokens=max_new_tokens)
+                     max_new_tokens=max_new_tokens, how=how)
         out = [[] for _ in part]
         for i, text, r in zip(ro.prompt_index, ro.texts, ro.rewards.tolist()):
             out[i].append((text, r))
@@ -115,9 +115,10 @@ def rft_records(p: RftParams, records: Sequence[dict], sampled: Sequence[Sequenc
 def rft_rows(stage, p: RftParams, model, tokenizer, *, acc, seed: int, index: int, out_dir, log) -> Packed:
     """Sample the stage's prompts, keep what the scorer accepts, pack it (the rows rft trains on)."""
     records = list(stage.records)
-    check_rewardable(records, stage.name)
+    check_rewardable(records, stage.name, p.reward)
     sampled = sampled_records(acc, model, tokenizer, records, samples=p.samples, sampling=p.sampling,
-                              seed=seed_int(seed, "rft", index), max_new_tokens=budget(records, tokenizer, p.sampling))
+                              seed=seed_int(seed, "rft", index), max_new_tokens=budget(records, tokenizer, p.sampling),
+                              how=p.reward)
     rate = acceptance(records, sampled)
     kept = rft_records(p, records, sampled)
     n_own = sum(r is not records[i] for i, r in kept)
@@ -168,9 +169,10 @@ def preference_pairs(stage, p: DpoParams, model, tokenizer, *, acc, seed: int, i
     pairs = [(i, records[i], _reply(records[i], records[i]["rejected"])) for i in given]
     if todo:
         asked = [records[i] for i in todo]
-        check_rewardable(asked, stage.name)
+        check_rewardable(asked, stage.name, p.reward)
         sampled = sampled_records(acc, model, tokenizer, asked, samples=p.samples, sampling=p.sampling,
-                                  seed=seed_int(seed, "dpo", index), max_new_tokens=budget(asked, tokenizer, p.sampling))
+                                  seed=seed_int(seed, "dpo", index), max_new_tokens=budget(asked, tokenizer, p.sampling),
+                                  how=p.reward)
         rate = acceptance(asked, sampled)
         for i, record, outs in zip(todo, asked, sampled):
             good = [t for t, r in outs if r >= 1.0]
@@ -456,7 +458,7 @@ class GrpoRunner:
         rows = self.mixer.rows(step)[acc.process_index::world]
         records = [self.records[i] for i in rows]
         ro = rollout(acc.unwrap_model(self.model), self.tokenizer, records, samples=p.group, sampling=p.sampling,
-                     seed=seed_int(self.seed, "grpo", self.index, step), max_new_tokens=self.max_new)
+                     seed=seed_int(self.seed, "grpo", self.index, step), max_new_tokens=self.max_new, how=p.reward)
         adv = group_advantages(ro.rewards, p.group, scale=p.scale_rewards).float()
         n_global = p.prompts * p.group
         lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)

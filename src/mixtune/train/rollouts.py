@@ -3,7 +3,8 @@ the stages after SFT (:mod:`mixtune.strategy.objectives`).
 
 A prompt is a record's conversation without its last assistant turn, rendered as evaluation
 renders it (:func:`mixtune.data.format.prompt_text`); its reward is its ability's exact scorer
-(:mod:`mixtune.data.abilities`) on the completion, 1 when the answer is right, else 0. Sampling is
+(:mod:`mixtune.data.abilities`) on the completion, 1 when the answer is right, else 0, or the
+objective's ``reward`` (a scorer over a field of the user's records, or the user's function). Sampling is
 :func:`mixtune.models.generate.sample`: batched, KV-cached, and each completion drawn from its own
 stream of (seed, sample index, prompt), so it does not depend on batching.
 """
@@ -15,27 +16,48 @@ from dataclasses import dataclass
 
 import torch
 
-from mixtune.core import ConfigError
+from mixtune.core import ConfigError, DataError
 from mixtune.data.abilities import ABILITIES
 from mixtune.data.format import prompt_text
+from mixtune.data.scorers import SCORERS, user_scorer
+from mixtune.strategy.objectives import Reward, Sampling
 from mixtune.train.losses import IGNORE
-from mixtune.strategy.objectives import Sampling
 
 
-def check_rewardable(records: Sequence[dict], stage: str) -> None:
-    """Raise :class:`ConfigError` unless every record is a conversation whose ability has a scorer."""
-    names = sorted({r.get("ability", "?") for r in records if "messages" in r} - set(ABILITIES))
-    if names:
-        raise ConfigError(f"stage {stage!r}: its objective rewards completions with their ability's scorer, and "
-                          f"{', '.join(map(repr, names))} has none; its prompts must come from built-in abilities "
-                          f"({', '.join(ABILITIES)})")
+def check_rewardable(records: Sequence[dict], stage: str, how: Reward | None = None) -> None:
+    """Raise :class:`ConfigError` unless every record is a conversation that ``how`` can score:
+    without ``how``, its ability must be a built-in one; with a built-in scorer, it must have the
+    ``references`` field."""
     if any("messages" not in r for r in records):
         raise ConfigError(f"stage {stage!r}: its objective samples replies to prompts, and raw-text records have none")
+    if how is None:
+        names = sorted({r.get("ability", "?") for r in records} - set(ABILITIES))
+        if names:
+            raise ConfigError(f"stage {stage!r}: its objective rewards completions with their ability's scorer, and "
+                              f"{', '.join(map(repr, names))} has none; take prompts from built-in abilities "
+                              f"({', '.join(ABILITIES)}) or say how to score them (objective.reward: {{scorer: ..., "
+                              "references: FIELD}})")
+    elif ":" not in how.scorer:
+        missing = next((i for i, r in enumerate(records) if how.references not in r), None)
+        if missing is not None:
+            raise ConfigError(f"stage {stage!r}: objective.reward.references = {how.references!r}, and record "
+                              f"{missing + 1} of the stage has no such field (it has: {', '.join(records[missing])})")
 
 
-def reward(record: dict, completion: str) -> float:
-    """The record's ability's score of ``completion`` (1 right, 0 wrong; never raises)."""
-    return float(ABILITIES.get(record["ability"]).score(completion, record))
+def reward(record: dict, completion: str, how: Reward | None = None) -> float:
+    """The score of ``completion``: by ``how`` (:class:`~mixtune.strategy.objectives.Reward`), else by
+    the record's built-in ability (1 right, 0 wrong). Built-in scorers never raise; a user's
+    function that raises stops the stage, naming it."""
+    if how is None:
+        return float(ABILITIES.get(record["ability"]).score(completion, record))
+    if ":" in how.scorer:
+        try:
+            return float(user_scorer(how.scorer)(completion, record))
+        except Exception as e:
+            raise DataError(f"objective.reward.scorer {how.scorer} raised {type(e).__name__}: {e}") from None
+    refs = record[how.references]
+    refs = [str(r) for r in refs] if isinstance(refs, list) else [str(refs)]
+    return float(SCORERS.get(how.scorer)(completion, refs, how.scorer_options))
 
 
 def prompt_of(record: dict, tokenizer) -> str:
@@ -66,7 +88,7 @@ class Rollouts:
 
 
 def rollout(model, tokenizer, records: Sequence[dict], *, samples: int, sampling: Sampling, seed: int,
-            max_new_tokens: int) -> Rollouts:
+            max_new_tokens: int, how: Reward | None = None) -> Rollouts:
     """Sample ``samples`` completions of each record's prompt from ``model`` and score them.
 
     The model is left in training mode (generation puts it in eval mode)."""
@@ -85,7 +107,7 @@ def rollout(model, tokenizer, records: Sequence[dict], *, samples: int, sampling
             p_ids.append(prompt_tokens[i])
             c_ids.append(ids)
             texts.append(text)
-            rewards.append(reward(record, text))
+            rewards.append(reward(record, text, how))
             index.append(i)
     return Rollouts(p_ids, c_ids, texts, torch.tensor(rewards, dtype=torch.float64), index)
 

@@ -5,7 +5,7 @@ from decimal import Decimal
 import pytest
 
 from mixtune.core import ConfigError
-from mixtune.eval.scorers import SCORERS, ScorerParams, check_scorer, extract_number, normalise
+from mixtune.data.scorers import SCORERS, ScorerParams, check_scorer, extract_number, normalise
 
 
 def score(name, output, refs, **kw):
