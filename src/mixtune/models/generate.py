@@ -217,8 +217,9 @@ def _uniforms(seed: int, rows: Sequence[tuple[int, int]], prompts: Sequence[str]
 def _sample_shrinking(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int,
                       batch_size: int, temperature: float, top_k: int, top_p: float, seed: int) -> list[list]:
     """Sampled completions and their ids, as :func:`_decode` draws them (each row's own stream, the
-    same inverse-CDF draw), from a loop of its own: a row that emits EOS leaves the batch and its
-    KV cache, so a step costs the rows still running rather than the whole batch until its longest
+    same inverse-CDF draw), from a loop of its own: a prompt's samples share one reading of the
+    prompt (its KV cache copied to each), and a row that emits EOS leaves the batch and its KV
+    cache, so a step costs the rows still running rather than the whole batch until its longest
     sample ends (in RL, a few long samples would otherwise set the pace of all)."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -230,12 +231,17 @@ def _sample_shrinking(model, tokenizer, prompts: Sequence[str], *, num_samples: 
     kw = cache_arg(model)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        ids, mask, _ = pad_after((), [tokens[i] for i, _ in batch], pad_id, device)
+        # each distinct prompt is read once; its samples' rows start from copies of its cache
+        distinct = list(dict.fromkeys(i for i, _ in batch))
+        ids, mask, _ = pad_after((), [tokens[i] for i in distinct], pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         uniforms = _uniforms(seed, batch, prompts, max_new_tokens)
         res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     **last_logits_only(model))
-        cache, logits = getattr(res, kw), res.logits[:, -1]
+        which = torch.tensor([distinct.index(i) for i, _ in batch], device=device)
+        cache, logits = getattr(res, kw), res.logits[:, -1][which]
+        cache.reorder_cache(which)
+        mask, positions = mask[which], positions[which]
         live = torch.arange(len(batch))  # the batch rows still generating, in cache order
         made: list[list[int]] = [[] for _ in batch]
         last = positions[:, -1]

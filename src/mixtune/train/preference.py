@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtune.core import ConfigError
-
-IGNORE = -100
+from mixtune.train.losses import IGNORE, token_logps
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
@@ -39,11 +38,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     Returns:
         ``(B,)`` log-probabilities.
     """
-    target = labels[:, 1:]  # (B, L-1)
-    scored = target != ignore_index
-    x = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, L-1, V)
-    picked = x.gather(-1, torch.where(scored, target, 0).unsqueeze(-1)).squeeze(-1)
-    token = torch.where(scored, picked - torch.logsumexp(x, dim=-1), 0.0)  # (B, L-1)
+    if ignore_index != IGNORE:
+        labels = labels.masked_fill(labels == ignore_index, IGNORE)
+    token, scored = token_logps(logits, labels)  # (B, L-1)
     total = token.sum(-1)
     if average:
         return total / scored.sum(-1).clamp(min=1)
