@@ -230,6 +230,13 @@ def _print_stage(st, title: str, steps: int | None = None) -> None:
     console.print(table)
     p = st.packed
     trained = int((p.labels != -100).sum())
+    if (obj := st.config.objective) is not None:  # its prompts are the records; what it trains on comes later
+        per = {"grpo": lambda o: f"{o.prompts} prompts x {o.group} samples a step",
+               "rft": lambda o: f"{o.samples} samples per prompt at the stage's start, the accepted trained as SFT",
+               "dpo": lambda o: f"pairs from the records' rejected replies, else from {o.samples} samples per prompt"}
+        console.print(f"objective {obj.name}: {len(st.records):,} prompts; {per[obj.name](obj)}"
+                      + (f"; {steps:,} optimizer steps" if steps is not None else ""))
+        return
     console.print(
         f"packed into {p.input_ids.shape[0]:,} rows of {p.input_ids.shape[1]} tokens: "
         f"{p.efficiency:.1%} real tokens, {trained:,} trained ({trained / max(p.n_tokens, 1):.0%} of real)"

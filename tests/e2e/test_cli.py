@@ -155,6 +155,16 @@ def test_train_dry_run_shows_exact_stage_counts_an_estimate_and_trains_nothing(t
     assert not (tmp_path / "run").exists()
 
 
+def test_train_dry_run_says_what_an_objective_stage_samples(tmp_path):
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text("sources: {math: {builtin: math, n: 40}}\nformat: {seq_len: 128}\nstages:\n"
+                      "  - {name: rl, mixture: {sources: {math: {}}}, epochs: 2, objective: {name: grpo, prompts: 4}}\n")
+    out = mixtune("train", recipe, "--dry-run", "--no-estimate", "--out", tmp_path / "run").stdout
+    # an objective stage's length counts its prompts: 2 epochs x 40 prompts / 4 a step
+    assert "objective grpo: 40 prompts; 4 prompts x 8 samples a step; 20 optimizer steps" in out
+    assert "packed into" not in out.split("stage rl")[1]
+
+
 def test_train_runs_and_resumes_from_the_cli(tmp_path):
     args = ("train", "examples/dmt.yaml", "train.steps=3", "prefix.0.steps=3",
             "prefix.0.mixture.sources.arithmetic.count=50", *(f"sources.{s}.n=50" for s in ("echo", "math", "code",
