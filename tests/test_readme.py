@@ -62,8 +62,10 @@ def yaml_blocks() -> list[tuple[str, int, str]]:
 
 def kind_of(data: dict) -> str:
     """Which command a block is written for; fragments are completed with a small recipe."""
-    if "models" in data or "merge_method" in data:
+    if "models" in data or "merge_method" in data or "slices" in data:
         return "merge"
+    if set(data) == {"parameters"}:
+        return "merge parameters fragment"
     if set(data) == {"tasks"}:
         return "tasks"
     if "strategies" in data or "specialists" in data:
@@ -110,16 +112,26 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
         names, tasks = parse_abilities(str(tmp_path / "block.yaml"))
         assert names == list(data["tasks"]) and all(load_items(tasks[n], 1) for n in names)
         return
+    if kind == "merge parameters fragment":  # per-tensor parameters (gradients, filters): of a slerp
+        kind, data = "merge", {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+                               "dtype": "float32"} | data
+        text = yaml.safe_dump(data)
     if kind == "merge":
         from mixtune.builtin import init_builtin
 
-        for i, m in enumerate([data.get("base_model"), *(e["model"] for e in data["models"])]):
+        in_slices = [s["model"] for sl in data.get("slices", []) for s in sl["sources"]]
+        for i, m in enumerate(dict.fromkeys([data.get("base_model"), *(e["model"] for e in data.get("models", [])),
+                                             *in_slices])):
             if m and not (tmp_path / m).exists():
                 init_builtin(tmp_path / m, size="tiny", seed=i)  # same architecture, different weights
         args = ["merge", "block.yaml", "--dry-run"]
         (tmp_path / "block.yaml").write_text(text)
     else:
         if kind == "recipe":
+            if not data.get("model", "builtin:").startswith("builtin:"):  # a model folder the block starts from
+                from mixtune.builtin import init_builtin
+
+                init_builtin(tmp_path / data["model"], size="tiny", seed=0)
             for src in data["sources"].values():
                 if "path" in src:  # a file the block reads: give it one
                     (tmp_path / src["path"]).parent.mkdir(parents=True, exist_ok=True)

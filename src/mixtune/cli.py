@@ -619,23 +619,27 @@ def merge_cmd(
     """
     from mixtune.core import parse_overrides
     from mixtune.merge import MERGE_METHODS, load_merge_config
-    from mixtune.merge.run import check_inputs, merge, open_inputs, resolve
+    from mixtune.merge.run import check_merge, merge, resolve
 
     if list_methods:
         def plain(text: str | None) -> str:  # one line, without the docstrings' ``code`` marks
             return " ".join((text or "").replace("``", "").split())
 
-        def yaml_value(v: object) -> str:  # a default as it is written in the YAML
+        def yaml_value(info) -> str:  # a default as it is written in the YAML
+            v = info.default
+            if info.is_required():
+                return "(required)"
             return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
         for name in MERGE_METHODS:
             m = MERGE_METHODS.get(name)
-            console.print(Text(name + ("" if m.needs_base else "  (no base model)"), style="bold"))
+            base = "" if m.needs_base else "  (base model optional)" if m.optional_base else "  (no base model)"
+            console.print(Text(name + base, style="bold"))
             console.print(Text("  " + plain(m.fn.__doc__)))
             fields = [("parameters", f, i) for f, i in m.params.model_fields.items()]
             fields += [("models[].parameters", f, i) for f, i in m.model_params.model_fields.items()]
             for where, field, info in fields:
-                line = f"    {where}.{info.alias or field} = {yaml_value(info.default)}: {plain(info.description)}"
+                line = f"    {where}.{info.alias or field} = {yaml_value(info)}: {plain(info.description)}"
                 console.print(Text(line))
         return
     if config is None:
@@ -643,15 +647,9 @@ def merge_cmd(
     items = list(overrides or []) + ([f"dtype={dtype}"] if dtype else [])
     cfg = load_merge_config(config, parse_overrides(items))
     _, params, _, base, models = resolve(cfg, config.parent)
-    # --dry-run checks every input; a real run opens only the first, to count tensors (merge checks the rest)
-    inputs = open_inputs(base, models if dry_run else [] if base else models[:1])
-    try:
-        if dry_run:
-            check_inputs(inputs[0], inputs[1:], cfg.vocab)
-        n_tensors = len(inputs[0].keys())
-    finally:
-        for r in inputs:
-            r.close()
+    # the config, every input's headers and the plan of every output tensor (slices may stack models of
+    # different depths), before anything is written; the count sizes the progress bar
+    n_tensors = check_merge(cfg, config.parent)
     if dry_run:
         console.print(f"{cfg.method}: {n_tensors} tensors, {len(models)} model(s){f' on base {base}' if base else ''}; "
                       f"parameters {params.model_dump(by_alias=True)}")

@@ -42,6 +42,8 @@ def test_merge_list_describes_every_parameter_and_gives_the_lines_formula():
     assert "(||sum tau||_1 / ||sum tau||_1)" not in text
     assert "``" not in text and "None" not in text and "True" not in text  # plain text; YAML's null and true
     assert "parameters.beta = null:" in text and "parameters.normalize = true:" in text
+    assert "parameters.t = (required):" in text and "Undefined" not in text  # slerp's t has no default
+    assert "nuslerp (base model optional)" in text and "linear (no base model)" in text
 
 
 def test_a_header_that_lies_about_a_shape_is_one_error_line_at_dry_run(tmp_path):

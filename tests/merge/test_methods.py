@@ -3,20 +3,17 @@
 import pytest
 import torch
 
+from mixtune.merge.compat import LinearParams, MergekitModelParams, MergekitParams, mergekit_sparsify
 from mixtune.merge.context import Context
 from mixtune.merge.methods import (
     MERGE_METHODS,
     BreadcrumbsParams,
     DareParams,
     DareTiesParams,
-    LinearParams,
-    MergekitModelParams,
-    MergekitParams,
     TiesParams,
     breadcrumbs_mask,
     dare_drop,
     elect_sign,
-    mergekit_sparsify,
     trim_mask,
 )
 from mixtune.merge.run import merge_tensors
@@ -135,11 +132,18 @@ def test_merging_identical_models_returns_them(name, params):
 
 
 def test_every_method_cites_its_paper_and_preserves_shape():
+    models = [{"w": M1}, {"w": M2}, {"w": M1 - TAU2}]
     for name in MERGE_METHODS:
         m = MERGE_METHODS.get(name)
         assert "arXiv:" in m.fn.__doc__
-        out = merge_dicts(name, m.params(), {"w": BASE} if m.needs_base else None, [{"w": M1}, {"w": M2}])["w"]
+        params = m.params.model_validate({"t": 0.5} if name == "slerp" else {})
+        n = m.n_models[1] or 2
+        out = merge_dicts(name, params, {"w": BASE} if m.needs_base else None, models[:n])["w"]
         assert out.shape == BASE.shape and out.dtype == torch.float32
+        if m.mergekit:  # mergekit's methods compute in, and return, the dtype they are given
+            half = merge_dicts(name, params, {"w": BASE.bfloat16()} if m.needs_base else None,
+                               [{"w": x["w"].bfloat16()} for x in models[:n]])["w"]
+            assert half.dtype == torch.bfloat16
 
 
 # -- mergekit's variants ----------------------------------------------------------------------
@@ -198,17 +202,27 @@ def test_mergekit_magnitude_keeps_at_least_one_entry():
     assert torch.equal(mergekit_sparsify(X, 1.0, "magnitude", torch.Generator()), X)
 
 
-def test_rank_range_mask_counts_exactly_and_breaks_ties_by_position():
-    from mixtune.merge.methods import rank_range_mask
+def test_mergekit_selection_is_the_mask_torchs_sort_gives_ties_included():
+    """mergekit keeps argsort(|d|, descending)[:k] (magnitude) and sort(|d|).indices[a:b] (outliers); torch's
+    sort is not stable, so among equal magnitudes at a cut the survivors are the sort's. Both selections
+    must give those masks: by thresholds when no tie straddles a cut, by the sort when one does."""
+    from mixtune.merge.compat import rank_range, top_k_mask
 
-    v = T([3.0, 1, 2, 2, 2, 5, 0])  # ascending ranks: 0->0, 1->1, 2s->2,3,4 (positions 2,3,4), 3->5, 5->6
-    assert rank_range_mask(v, 3, 6).tolist() == [True, False, False, True, True, False, False]
-    assert rank_range_mask(v, 5, 7).sum() == 2 and rank_range_mask(v, 4, 4).sum() == 0
-    g = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
-    for start, stop in [(0, 10), (123, 4567), (9000, 10_000)]:
-        m = rank_range_mask(g, start, stop)
-        assert m.sum() == stop - start
-        assert g[m].min() >= g.sort().values[start] and g[m].max() <= g.sort().values[stop - 1]
+    v = T([3.0, 1, 2, 2, 2, 5, 0])
+    assert top_k_mask(v, 2).tolist() == [True, False, False, False, False, True, False]  # no tie at the cut
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 70_000):
+        w = torch.randn(n, generator=g).to(torch.bfloat16).abs().float()  # bf16: thousands of equal magnitudes
+        distinct = torch.randperm(n, generator=g).float()
+        for x in (w, distinct):
+            for k in (1, n // 10, n // 2, n - 1):
+                want = torch.zeros(n, dtype=torch.bool)
+                want[torch.argsort(x, descending=True)[:k]] = True
+                assert torch.equal(top_k_mask(x, k), want), (n, k)
+            for a, b in ((0, n // 3), (n // 4, n - n // 5), (n - 7, n), (5, 5)):
+                want = torch.zeros(n, dtype=torch.bool)
+                want[torch.sort(x).indices[a:b]] = True
+                assert torch.equal(rank_range(x, a, b), want), (n, a, b)
 
 
 def test_kth_smallest_is_exact_on_large_tensors_with_ties():

@@ -70,14 +70,23 @@ def test_merge_streams_casts_and_copies_side_files(three, tmp_path):
     out = merge(cfg, tmp_path / "out")
     got = load_file(str(out / "model.safetensors"))
     b, m1, m2 = (load_file(str(p / "model.safetensors")) for p in three)
-    want = b["a.weight"].float() + 0.5 * ((m1["a.weight"].float() - b["a.weight"].float())
-                                          + (m2["a.weight"].float() - b["a.weight"].float()))
-    assert got["a.weight"].dtype == torch.bfloat16  # the base's dtype by default
-    assert torch.equal(got["a.weight"], want.to(torch.bfloat16))
+    # mergekit's task_arithmetic computes in the inputs' bf16: sum of the deltas, x lambda, + base
+    b16, d1, d2 = b["a.weight"], m1["a.weight"] - b["a.weight"], m2["a.weight"] - b["a.weight"]
+    assert got["a.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["a.weight"], b16 + torch.stack([d1, d2]).sum(0) * 0.5)
     assert torch.equal(got["steps"], torch.tensor([3, 4]))  # integer buffers are copied
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists() and (out / "merge.yaml").exists()
+    # dtype float32: computed in float32; out_dtype bfloat16 writes that rounded once
+    want = b["a.weight"].float() + 0.5 * ((m1["a.weight"].float() - b["a.weight"].float())
+                                          + (m2["a.weight"].float() - b["a.weight"].float()))
     f32 = merge(cfg.model_copy(update={"dtype": "float32"}), tmp_path / "out32")
-    assert load_file(str(f32 / "model.safetensors"))["a.weight"].dtype == torch.float32
+    assert torch.equal(load_file(str(f32 / "model.safetensors"))["a.weight"], want)
+    cast = merge(cfg.model_copy(update={"dtype": "float32", "out_dtype": "bfloat16"}), tmp_path / "cast")
+    assert torch.equal(load_file(str(cast / "model.safetensors"))["a.weight"], want.to(torch.bfloat16))
+    # a paper method computes in float32 whatever the inputs, and writes the base's dtype
+    lines = merge(MergeConfig(method="lines", base_model=base, models=[{"model": ft1}, {"model": ft2}],
+                              parameters={"alpha": 0.5, "beta": 0.0}), tmp_path / "lines")
+    assert torch.equal(load_file(str(lines / "model.safetensors"))["a.weight"], want.to(torch.bfloat16))
     # seeded methods are deterministic across runs
     dare = MergeConfig(method="dare_paper", base_model=base, models=[{"model": ft1}, {"model": ft2}],
                        parameters={"drop": 0.5}, seed=3)

@@ -3,46 +3,75 @@
 mixtune's form::
 
     method: ties_paper            # `mixtune merge --list` describes each
-    base_model: ./base            # required by every method except linear
+    base_model: ./base            # required by every method except linear, passthrough, nuslerp
     models:
       - {model: ./math, weight: 1.0}
       - {model: ./code, weight: 1.0, parameters: {density: 0.5}}   # per-model (mergekit methods)
     parameters: {density: 0.2, lambda: 1.0}
-    dtype: bfloat16               # default: each tensor keeps the base's dtype
+    dtype: bfloat16               # mergekit methods compute in it; paper methods write it
+    out_dtype: bfloat16           # the dtype written (default: dtype)
     seed: 0                       # random methods (DARE)
     max_shard_size: 5GB
     vocab: error                  # or pad / truncate when vocabulary sizes differ
     files_from: ./math            # config + tokenizer over the base's (default: the base's)
 
+or, instead of ``models``, ``slices`` (a frankenmerge, or a merge of layer ranges)::
+
+    slices:
+      - sources: [{model: ./a, layer_range: [0, 24]}]
+      - sources: [{model: ./b, layer_range: [8, 32]}]
+
 mergekit's form (recognised by its ``merge_method`` key) is read as mergekit reads it:
-``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters`` (``weight``,
-``density``, ``gamma``), top-level ``parameters`` (method parameters, and per-model defaults such
-as a shared ``density``), ``dtype``, ``out_dtype``, ``random_seed`` and ``tokenizer_source: base``.
-Its method names run mergekit's variants. Not supported, and an error naming the field: slices,
-per-layer gradients (list-valued parameters), other tokenizer sources, and methods outside the
-task-arithmetic family and ``linear``. One difference remains by design: mixtune computes in
-float32, where mergekit computes in the inputs' dtype unless ``dtype`` is set.
-Paths are taken from the config's folder.
+``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``, ``slices[].sources[]``
+(``model``, ``layer_range``, ``parameters``), ``slices[].base_model``, ``slices[].parameters``,
+top-level ``parameters`` (method parameters, and per-model defaults such as a shared ``density``),
+``dtype``, ``out_dtype``, ``random_seed`` and ``tokenizer_source: base``. Parameters of mergekit's
+methods may be gradients and filter lists (:mod:`mixtune.merge.settings`). Not supported, and an
+error naming the field: ``modules``, other tokenizer sources, ``tokenizer``, ``chat_template``, and
+methods mixtune does not have. Paths are taken from the config's folder.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mixtune.core import ConfigError, Strict, load_config
 from mixtune.core.config import apply_override, validate
 
 
+
 class ModelEntry(Strict):
     model: Path
-    weight: float = 1.0
-    parameters: dict = {}
+    weight: float | list | dict | None = None
+    """This model's weight, or a gradient / filter list (mergekit methods); null: ``parameters.weight``
+    at the top level, else 1."""
+    parameters: dict[str, Any] = {}
     """Per-model parameters of the method besides the weight (mergekit's ``density``, ``gamma``)."""
+
+
+class SliceSource(Strict):
+    model: Path
+    layer_range: tuple[int, int]
+    """Layers [start, end) of this model (0-based, end excluded, as mergekit)."""
+    weight: float | list | dict | None = None
+    """As ``models[].weight``; null: the slice's, then the top level's ``parameters.weight``, else 1."""
+    parameters: dict[str, Any] = {}
+    """Per-model parameters for this source (over the slice's and the top level's)."""
+
+
+class SliceEntry(Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    """The models whose layer ranges (all of one length) are merged into this slice's layers; the
+    base, for methods that take one, is among them."""
+    base_model: Path | None = None
+    """This slice's base (default: the top-level ``base_model``)."""
+    parameters: dict[str, Any] = {}
+    """Parameters for this slice's tensors, over the top level's."""
 
 
 class MergeConfig(Strict):
@@ -50,70 +79,137 @@ class MergeConfig(Strict):
 
     method: str
     base_model: Path | None = None
-    models: list[ModelEntry] = Field(min_length=1)
-    parameters: dict = {}
+    models: list[ModelEntry] = []
+    """The models merged tensor by tensor (give this or ``slices``)."""
+    slices: list[SliceEntry] = []
+    """Output layers made slice by slice from layer ranges of the inputs, stacked in order (give this
+    or ``models``); embeddings come with the first slice's sources, the final norm and head with the last's,
+    and the output's layer count is the sum of the slices' (a frankenmerge with ``passthrough``)."""
+    parameters: dict[str, Any] = {}
+    """The method's parameters, and defaults of its per-model ones (``density``, ``weight``)."""
     dtype: str | None = None
-    """float32, bfloat16 or float16 for floating tensors; default: as the base stores them."""
+    """float32, bfloat16, float16 or float64. mergekit's methods cast their inputs to it and compute in
+    it, as mergekit does (default: the inputs' stored dtype); paper methods compute in float32 and
+    only write in it. Unless ``out_dtype`` is set, the merged tensors are written in it (default:
+    the compute dtype for mergekit's methods, the base's stored dtype for paper methods)."""
+    out_dtype: str | None = None
+    """The dtype the merged tensors are written in, when it differs from ``dtype`` (mergekit's
+    ``out_dtype``: e.g. compute in float32, write bfloat16)."""
     seed: int = 0
     max_shard_size: str | int = "5GB"
     """Largest output shard: bytes, or e.g. 5GB, 500MB, 2GiB."""
     vocab: Literal["error", "pad", "truncate"] = "error"
     """When embedding and head rows differ: stop (default), pad every input with zero rows to the
-    largest vocabulary (as fine-tuning transfer does), or cut them to the base's (as mergekit does)."""
+    largest vocabulary (as fine-tuning transfer does), or cut them to the base's."""
     files_from: Path | None = None
     """Folder whose config and tokenizer files go beside the merged weights, over the base's
     (default: the base's; for ``transfer``, the fine-tune's)."""
 
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give models (merged tensor by tensor) or slices (layer ranges), not "
+                             f"{'both' if self.models else 'neither'}")
+        return self
 
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
-_PER_MODEL = ("density", "gamma")
+
+def _dtype(name: Any) -> Any:
+    """mergekit's dtype names, which may carry a ``torch.`` prefix."""
+    return name.removeprefix("torch.") if isinstance(name, str) else name
+
+
+def _own(entry: dict, where: str, method: str, takes_weight: bool) -> dict:
+    """A model or slice source's fields in mixtune's form: its weight out of its parameters."""
+    params = dict(entry.get("parameters") or {})
+    out = {"model": entry["model"], "parameters": params}
+    if "weight" in params:
+        weight = params.pop("weight")
+        if not takes_weight:
+            raise ConfigError(f"{where}.parameters.weight: {method} takes no weights")
+        out["weight"] = weight
+    return out
 
 
 def from_mergekit(doc: dict, where: str = "config") -> dict:
     """mixtune's config fields for a mergekit YAML document (raises ConfigError naming the field)."""
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed",
+    from mixtune.merge.methods import MERGE_METHODS
+
+    known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "random_seed",
              "tokenizer_source"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"{where}: mergekit field {key!r} is not supported by mixtune "
                               f"(supported: {', '.join(sorted(known))})")
     method = doc["merge_method"]
-    if method not in MERGEKIT_METHODS:
+    ours = [n for n in MERGE_METHODS if MERGE_METHODS.get(n).mergekit]
+    if method not in ours:
         raise ConfigError(f"{where}: merge_method {method!r} is not supported by mixtune; mergekit methods it runs: "
-                          f"{', '.join(MERGEKIT_METHODS)}")
+                          f"{', '.join(ours)}")
+    spec = MERGE_METHODS.get(method)
+    takes_base = spec.needs_base or spec.optional_base
+    takes_weight = spec.weighted
     if doc.get("tokenizer_source") not in (None, "base"):
         raise ConfigError(f"{where}: tokenizer_source {doc['tokenizer_source']!r}: only 'base' is supported")
-
-    def scalar(name: str, value, field: str):
-        if isinstance(value, list | dict):
-            raise ConfigError(f"{where}: {field} {name} = {value!r}: per-layer gradients and filters are not "
-                              "supported; give one number")
-        return value
-
-    top = {k: scalar(k, v, "parameters") for k, v in (doc.get("parameters") or {}).items()}
-    defaults = {k: top.pop(k) for k in [*_PER_MODEL, "weight"] if k in top}
+    top = dict(doc.get("parameters") or {})
+    if "weight" in top and not takes_weight:
+        raise ConfigError(f"{where}: parameters.weight: {method} takes no weights")
     base = doc.get("base_model")
-    models = []
-    for i, entry in enumerate(doc.get("models") or []):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{where}: models[{i}] needs a 'model' path")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise ConfigError(f"{where}: models[{i}] field {sorted(extra)[0]!r} is not supported")
-        params = defaults | {k: scalar(k, v, f"models[{i}].parameters")
-                             for k, v in (entry.get("parameters") or {}).items()}
-        if method != "linear" and entry["model"] == base:
-            continue  # mergekit takes the task vectors of the other models only
-        if "weight" not in params:
-            raise ConfigError(f"{where}: models[{i}] ({entry['model']}) has no weight (mergekit requires one)")
-        models.append({"model": entry["model"], "weight": params.pop("weight"), "parameters": params})
-    # mergekit cuts embeddings and heads whose vocabulary differs to the base's
-    out = {"method": method, "models": models, "parameters": top, "vocab": "truncate"}
+    out: dict = {"method": method, "parameters": top}
+    if doc.get("models") and doc.get("slices"):
+        raise ConfigError(f"{where}: give models or slices, not both (mergekit takes exactly one)")
+    if doc.get("slices"):
+        slices = []
+        for s, sl in enumerate(doc["slices"]):
+            if not isinstance(sl, dict) or not sl.get("sources"):
+                raise ConfigError(f"{where}: slices[{s}] needs sources (a list of {{model, layer_range}})")
+            extra = set(sl) - {"sources", "base_model", "parameters", "residual_weight"}
+            if extra or sl.get("residual_weight") is not None:
+                field = sorted(extra)[0] if extra else "residual_weight"
+                raise ConfigError(f"{where}: slices[{s}] field {field!r} is not supported")
+            sources = []
+            for j, src in enumerate(sl["sources"]):
+                here = f"slices[{s}].sources[{j}]"
+                if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                    raise ConfigError(f"{where}: {here} needs a 'model' and a 'layer_range'")
+                extra = set(src) - {"model", "layer_range", "parameters"}
+                if extra:
+                    raise ConfigError(f"{where}: {here} field {sorted(extra)[0]!r} is not supported")
+                sources.append(_own(src, f"{where}: {here}", method, takes_weight) | {"layer_range": src["layer_range"]})
+            entry = {"sources": sources, "parameters": dict(sl.get("parameters") or {})}
+            if sl.get("base_model") is not None:
+                entry["base_model"] = sl["base_model"]
+            slice_base = sl.get("base_model") or base
+            for j, src in enumerate(sources):
+                is_base = takes_base and src["model"] == slice_base
+                if takes_weight and not is_base and "weight" not in src and "weight" not in entry["parameters"] \
+                        and "weight" not in top:
+                    raise ConfigError(f"{where}: slices[{s}].sources[{j}] ({src['model']}) has no weight (mergekit "
+                                      "requires one)")
+            slices.append(entry)
+        out["slices"] = slices
+    else:
+        models = []
+        for i, entry in enumerate(doc.get("models") or []):
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise ConfigError(f"{where}: models[{i}] needs a 'model' path")
+            extra = set(entry) - {"model", "parameters"}
+            if extra:
+                raise ConfigError(f"{where}: models[{i}] field {sorted(extra)[0]!r} is not supported")
+            if takes_base and entry["model"] == base:
+                continue  # mergekit takes the base as the base, not as one of the models
+            own = _own(entry, f"{where}: models[{i}]", method, takes_weight)
+            if takes_weight and "weight" not in own and "weight" not in top:
+                raise ConfigError(f"{where}: models[{i}] ({entry['model']}) has no weight (mergekit requires one)")
+            models.append(own)
+        out["models"] = models
+    # mergekit stops at embeddings whose vocabulary differs unless told how to align them; mixtune
+    # cuts them to the base's rows (see docs/merging.md)
+    out["vocab"] = "truncate"
     if base is not None:
         out["base_model"] = base
-    dtype = doc.get("out_dtype") or doc.get("dtype")
-    if dtype is not None:
-        out["dtype"] = dtype
+    for key in ("dtype", "out_dtype"):
+        if doc.get(key) is not None:
+            out[key] = _dtype(doc[key])
     if doc.get("random_seed") is not None:
         out["seed"] = doc["random_seed"]
     return out

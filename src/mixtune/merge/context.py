@@ -60,8 +60,8 @@ class Context:
         layer: the block index in ``key`` (None for embeddings, final norm, head).
         num_layers: the number of blocks in the model (1 + the largest index).
         known: whole-model statistics found so far, by name.
-        dtype: the dtype the output tensor is written in; a method may return it directly
-            (it computes in float32 either way).
+        dtype: the dtype the output tensor is written in; a paper method may return it directly
+            (it computes in float32 either way); mergekit's methods return their inputs' dtype.
     """
 
     key: str = "tensor"

@@ -1,25 +1,24 @@
 """Merge methods: one small pure function per method, on the tensors of one parameter.
 
-Every function gets the base tensor (None for methods without a base), the models' tensors as
-stored (bf16, say), their weights, its validated parameters and a :class:`~mixtune.merge.context.Context`
-(the parameter's name and block index, a seeded generator, the per-model parameters, whole-model
-statistics), and returns the merged tensor, computed in float32. Formulas follow the official code
-of each paper, as summarised in shared/methods/merging.md; where a selection needs a top-k or
-quantile, ``scope`` says over what it is taken:
+Every function gets the base tensor (None for methods without a base), the models' tensors, their
+weights, its validated parameters and a :class:`~mixtune.merge.context.Context` (the parameter's
+name and block index, a seeded generator, the per-model parameters, whole-model statistics), and
+returns the merged tensor.
+
+Two families share the registry. This module holds the paper methods (``ties_paper``,
+``dare_paper``, ``dare_ties_paper``, ``breadcrumbs_paper``, ``pcb``, ``lines``, ``compeft``,
+``transfer``, ``graft``): they get the tensors as stored (bf16, say), compute in float32 and follow
+each paper's official code, as summarised in shared/methods/merging.md. Where a selection needs a
+top-k or quantile, ``scope`` says over what it is taken, the paper's code being the default:
 
 - ``global``: every floating-point parameter of the model at once, per model (the TIES, PCB and
   ComPEFT code flatten the whole model this way); found by streaming passes before the merge;
 - ``per_tensor``: the whole tensor, flattened;
 - ``per_row``: each row along the last dimension (1-D tensors: the whole vector).
 
-Two families share the registry. The paper methods (``ties_paper``, ``dare_paper``,
-``dare_ties_paper``, ``breadcrumbs_paper``, ``pcb``, ``lines``, ``compeft``, ``transfer``, ``graft``) follow
-each paper's official code, with its scope as the default. The mergekit names (``linear``,
-``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
-``breadcrumbs_ties``) reproduce mergekit 0.1.5's variants, so a mergekit config gives the tensors it
-gave there: per-tensor selection, per-model ``density`` defaulting to 1 (no sparsification),
-L1-norm rescaling instead of 1/(1 - p), sign election on weighted deltas and a weighted divisor
-(shared/methods/merging.md lists every difference).
+The mergekit names (``linear``, ``task_arithmetic``, ``ties``, ``slerp``, ``passthrough``, ...)
+live in :mod:`mixtune.merge.compat`: they reproduce mergekit 0.1.5 operation for operation, in the
+config's ``dtype``.
 Notation: theta_0 the base, tau_i = theta_i - theta_0 the task vectors, d a kept fraction.
 """
 
@@ -29,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -53,15 +51,28 @@ class MergeMethod:
     files_from: int = 0
     """Which input's config and tokenizer files the output takes (0: the base, or the first model
     for methods without one; i: the i-th model, 1-based)."""
+    mergekit: bool = False
+    """Computes as mergekit 0.1.5 does (:mod:`mixtune.merge.compat`): the inputs are cast to the
+    config's ``dtype`` (default: their stored dtype, promoted) and the method's arithmetic runs in
+    it; its parameters may vary by tensor (gradients, filters: :mod:`mixtune.merge.settings`).
+    Otherwise the method gets the tensors as stored and computes in float32."""
+    optional_base: bool = False
+    """Uses a base when one is given, and merges the models alone otherwise (mergekit's nuslerp)."""
+    n_models: tuple[int, int | None] = (1, None)
+    """The fewest and the most models it merges besides the base (None: any number)."""
+    weighted: bool = True
+    """Takes a weight per model (slerp, model_stock and passthrough do not; giving one is an error)."""
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", require_citation=True)
 
 
-def _register(name: str, params: type[Strict], needs_base: bool = True, model_params: type[Strict] = NoModelParams,
-              files_from: int = 0):
+def register(name: str, params: type[Strict], needs_base: bool = True, model_params: type[Strict] = NoModelParams,
+             **options):
+    """Decorator registering a merge function under ``name`` (``options``: the other fields of
+    :class:`MergeMethod`); its docstring, which must open with the citation, is its description."""
     def wrap(fn):
-        MERGE_METHODS.add(name, MergeMethod(fn, params, needs_base, model_params, files_from), doc=fn.__doc__)
+        MERGE_METHODS.add(name, MergeMethod(fn, params, needs_base, model_params, **options), doc=fn.__doc__)
         return fn
     return wrap
 
@@ -189,38 +200,6 @@ def _deltas(base: torch.Tensor, models: list[torch.Tensor], weights=None) -> tup
     return b, torch.stack([wi * (m.float() - b) for wi, m in zip(w, models)])
 
 
-CHUNK = 1 << 20
-"""Elements combined at a time by the elementwise methods: their float32 working set stays in cache."""
-
-
-def chunks(n: int, size: int = CHUNK):
-    """Slices covering range(n), ``size`` at a time."""
-    return (slice(lo, min(n, lo + size)) for lo in range(0, n, size))
-
-
-# -- methods ----------------------------------------------------------------------------------
-
-class LinearParams(Strict):
-    normalize: bool = True
-    """Divide by the sum of the weights (a weighted mean); false gives the weighted sum."""
-
-
-@_register("linear", LinearParams, needs_base=False)
-def linear(base, models, weights, p: LinearParams, ctx: Context):
-    """Model soups (Wortsman et al., 2022, arXiv:2203.05482, uniform soup): sum_i w_i theta_i /
-    sum_i w_i; equal weights give the uniform soup. Also mergekit's ``linear``."""
-    s = sum(weights)
-    norm = 1 / s if p.normalize and abs(s) > 1e-8 else 1.0
-    flat = [m.reshape(-1) for m in models]
-    out = torch.empty(flat[0].numel(), dtype=ctx.dtype)
-    for part in chunks(out.numel()):  # in float32 a chunk at a time, written in the output dtype
-        acc = torch.mul(flat[0][part].float(), weights[0])  # a new tensor even when the input is float32
-        for w, m in zip(weights[1:], flat[1:]):
-            acc.add_(m[part], alpha=w)
-        out[part] = acc.mul_(norm) if norm != 1.0 else acc
-    return out.reshape(models[0].shape)
-
-
 class TiesParams(Strict):
     density: float = Field(default=0.2, gt=0, le=1)
     """Kept fraction of each task vector (paper: 20%)."""
@@ -230,7 +209,7 @@ class TiesParams(Strict):
     """Where the top-k is taken (paper: the whole model)."""
 
 
-@_register("ties_paper", TiesParams)
+@register("ties_paper", TiesParams)
 def ties_paper(base, models, weights, p: TiesParams, ctx: Context):
     """TIES-Merging (Yadav et al., 2023, arXiv:2306.01708, Algorithm 1): trim each w_i tau_i to
     its top ``density`` magnitudes (over the whole model by default, as the official code), elect
@@ -253,7 +232,7 @@ class DareParams(Strict):
     """Scale of the summed task vectors with merge: task_arithmetic (unused by average)."""
 
 
-@_register("dare_paper", DareParams)
+@register("dare_paper", DareParams)
 def dare_paper(base, models, weights, p: DareParams, ctx: Context):
     """DARE (Yu et al., 2024, arXiv:2311.03099, Sec. 3): drop-and-rescale every tau_i, then
     average merging, theta_0 + sum_i w_i tau~_i / sum_i w_i (default), or task arithmetic,
@@ -276,7 +255,7 @@ class DareTiesParams(Strict):
     """Where the TIES top-k is taken (official: the whole model)."""
 
 
-@_register("dare_ties_paper", DareTiesParams)
+@register("dare_ties_paper", DareTiesParams)
 def dare_ties_paper(base, models, weights, p: DareTiesParams, ctx: Context):
     """DARE-TIES (Yu et al., 2024, arXiv:2311.03099, Sec. 4.1; MergeLM ``ties_merging`` after
     ``mask_model_weights``): drop-and-rescale each tau_i, then the full TIES merge."""
@@ -297,7 +276,7 @@ class BreadcrumbsParams(Strict):
     """Where the outliers and the kept fraction are ranked (official code: each row)."""
 
 
-@_register("breadcrumbs_paper", BreadcrumbsParams)
+@register("breadcrumbs_paper", BreadcrumbsParams)
 def breadcrumbs_paper(base, models, weights, p: BreadcrumbsParams, ctx: Context):
     """Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795, Sec. 3): mask the top
     ``gamma`` outliers and keep the next ``density`` of each tau_i (per row in the official
@@ -323,7 +302,7 @@ class PcbParams(Strict):
     """Where the quantiles and the top-r are taken (official: the whole model)."""
 
 
-@_register("pcb", PcbParams)
+@register("pcb", PcbParams)
 def pcb(base, models, weights, p: PcbParams, ctx: Context):
     """PCB-Merging (Du et al., 2024, arXiv:2410.02396, Sec. 3; official ``PCB_merge``), on
     T_i = w_i tau_i with n models and N entries per unit (the whole model by default):
@@ -362,7 +341,7 @@ class LinesParams(Strict):
     """Scale of the whole depth-scaled task vector, after s(l) (official: 1)."""
 
 
-@_register("lines", LinesParams)
+@register("lines", LinesParams)
 def lines(base, models, weights, p: LinesParams, ctx: Context):
     """LiNeS (Wang et al., 2025, arXiv:2410.17146, Sec. 3; official ``LiNeS_scaling``): scale the
     summed task vector by depth, theta_0 + lambda * s(l) * sum_i w_i tau_i with
@@ -391,7 +370,7 @@ class CompeftParams(Strict):
     """Where the top-k and the standard deviation are taken (official: the whole model)."""
 
 
-@_register("compeft", CompeftParams)
+@register("compeft", CompeftParams)
 def compeft(base, models, weights, p: CompeftParams, ctx: Context):
     """ComPEFT (Yadav et al., 2023, arXiv:2311.13171, Sec. 3; official ``compress_and_update_*``):
     compress each task vector to a ternary one, tau^_i = alpha * sigma_i * sign(tau_i) * m_i, with
@@ -420,7 +399,7 @@ class TransferParams(Strict):
     """Scale of the transferred update theta'_s - theta_s (official: 1)."""
 
 
-@_register("transfer", TransferParams, files_from=1)
+@register("transfer", TransferParams, files_from=1, n_models=(2, 2))
 def transfer(base, models, weights, p: TransferParams, ctx: Context):
     """Fine-tuning transfer (Lin et al., 2025, arXiv:2503.20110, Sec. 2; official
     ``run_transfer_finetuning.py``): theta'_t = theta_t + lambda * (theta'_s - theta_s). The base is
@@ -444,7 +423,7 @@ class GraftParams(Strict):
     """Where the top-k is taken (official basepatch: the whole model)."""
 
 
-@_register("graft", GraftParams)
+@register("graft", GraftParams)
 def graft(base, models, weights, p: GraftParams, ctx: Context):
     """Grafted specialists combined (Panigrahi et al., 2023, "Task-Specific Skill Localization in
     Fine-tuned Language Models", arXiv:2302.06600; basepatch grafts theta_0 + gamma * tau, official
@@ -464,25 +443,7 @@ def graft(base, models, weights, p: GraftParams, ctx: Context):
     return torch.where(keep.any(0), merged, b)
 
 
-# -- mergekit's generalized task arithmetic (mergekit 0.1.5, generalized_task_arithmetic.py) ------
-
-class MergekitModelParams(Strict):
-    density: float = Field(default=1.0, ge=0, le=1)
-    """Kept fraction of this model's delta; 1 (the default) sparsifies nothing."""
-    gamma: float = Field(default=0.01, ge=0, le=1)
-    """Breadcrumbs only: largest-magnitude fraction removed."""
-
-
-class MergekitParams(Strict):
-    normalize: bool | None = None
-    """Divide by the (agreeing) weights' sum; default per method (true for ties only)."""
-    rescale: bool | None = None
-    """After sparsifying, match the delta's L1 norm; default per method (true for dare_*)."""
-    lambda_: float = Field(default=1.0, alias="lambda")
-    """Scale of the merged delta added to the base (mergekit's lambda, default 1)."""
-    int8_mask: bool = False
-    """Accepted for compatibility; it changes mergekit's memory use, not its results."""
-
+# -- exact order statistics of large tensors ----------------------------------------------------
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest entry (1-based) of 1-D ``values``, exactly.
@@ -520,166 +481,3 @@ def kth_of(n: int, k: int, entries: Callable[[torch.Tensor | slice], torch.Tenso
     if below < k <= below + within.numel():
         return within.kthvalue(k - below).values
     return torch.cat([entries(slice(start, start + chunk)) for start in range(0, n, chunk)]).kthvalue(k).values
-
-
-def rank_range_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Mask of the entries of 1-D ``values`` whose ascending rank lies in [start, stop), equal values
-    ranked by position. Two selections and a scan of the tied entries: far cheaper than sorting (a
-    top-k of half of 65M entries takes 6 s here, ``kthvalue`` 1.1 s, :func:`kth_smallest` 0.2 s)."""
-    n = values.numel()
-    start, stop = max(0, start), min(n, stop)
-    if stop <= start:
-        return torch.zeros(n, dtype=torch.bool)
-    lo, hi = kth_smallest(values, start + 1), kth_smallest(values, stop)
-    mask = (values > lo) & (values < hi)
-    for v in {lo.item(), hi.item()}:
-        equal = values == v
-        first_rank = int(torch.count_nonzero(values < v))
-        if int(torch.count_nonzero(equal)) == 1:  # the usual case: one entry, one rank
-            if start <= first_rank < stop:
-                mask |= equal
-            continue
-        tied = equal.nonzero().squeeze(1)  # in position order
-        ranks = first_rank + torch.arange(tied.numel())
-        mask[tied[(ranks >= start) & (ranks < stop)]] = True
-    return mask
-
-
-def random_keep(n: int, density: float, rng: torch.Generator) -> torch.Tensor:
-    """A mask keeping each of n entries independently with probability ``density`` (to 2^-32):
-    uniform 32-bit integers below density * 2^32, drawn by numpy's PCG64 (4x faster than
-    ``torch.rand`` here) from a seed the torch generator gives."""
-    gen = np.random.default_rng(int(torch.randint(2**62, (1,), generator=rng)))
-    bits = gen.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(bits < np.uint32(min(2**32 - 1, round(density * 2**32))))
-
-
-def mergekit_keep(delta: torch.Tensor, density: float, kind: str, rng: torch.Generator, *, gamma: float = 0.0,
-                  rescale: bool = False) -> tuple[torch.Tensor | None, float]:
-    """The keep-mask and scale of :func:`mergekit_sparsify` (None and 1.0 when nothing is dropped)."""
-    if density >= 1:
-        return None, 1.0
-    n = delta.numel()
-    flat = delta.abs().reshape(-1)
-    if kind == "magnitude":
-        if density <= 0 or n == 0:
-            return torch.zeros(delta.shape, dtype=torch.bool), 1.0
-        mask = rank_range_mask(flat, n - max(1, int(density * n)), n)
-    elif kind == "random":
-        mask = random_keep(n, density, rng)
-    else:
-        keep, top = int(density * n), int(gamma * n)
-        bottom = max(0, n - keep - top)
-        mask = rank_range_mask(flat, bottom, bottom + keep)
-    scale = 1.0
-    if rescale:
-        before, after = float(flat.sum()), float((flat * mask).sum())
-        if before >= 1e-7 and after >= 1e-7:
-            scale = before / after
-    return mask.reshape(delta.shape), scale
-
-
-def mergekit_sparsify(delta: torch.Tensor, density: float, kind: str, rng: torch.Generator, *, gamma: float = 0.0,
-                      rescale: bool = False) -> torch.Tensor:
-    """mergekit's ``sparsify`` (0.1.5): ``magnitude`` keeps the top max(1, int(d n)) magnitudes of
-    the whole tensor (TIES, Yadav et al., 2023, arXiv:2306.01708, trim step, per tensor);
-    ``random`` keeps each entry with probability d (DARE, Yu et al., 2024, arXiv:2311.03099);
-    ``outliers`` keeps ascending magnitude ranks [b, b + int(d n)) with b = max(0, n - int(d n) -
-    int(g n)) (Breadcrumbs, Davari & Belilovsky, 2024, arXiv:2312.06795). ``rescale`` multiplies
-    the kept entries by ||delta||_1 / ||kept||_1 unless either norm is below 1e-7. d >= 1 returns
-    delta. Equal magnitudes at a boundary are taken in position order (mergekit's sort leaves that
-    order unspecified, so only tensors with such ties can differ)."""
-    mask, scale = mergekit_keep(delta, density, kind, rng, gamma=gamma, rescale=rescale)
-    return delta if mask is None else delta * mask * scale
-
-
-
-
-def _l1_kept(base: torch.Tensor, model: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
-    """||model - base||_1 and its part under ``keep`` (flat tensors), a chunk at a time."""
-    before = after = 0.0
-    for part in chunks(base.numel()):
-        d = torch.sub(model[part], base[part].float()).abs_()
-        before += float(d.sum())
-        after += float(d.mul_(keep[part]).sum())
-    return before, after
-
-
-def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
-    def merge(base, models, weights, p: MergekitParams, ctx: Context):
-        per_model = ctx.per_model or [MergekitModelParams()] * len(models)
-        norm = normalize if p.normalize is None else p.normalize
-        resc = rescale if p.rescale is None else p.rescale
-        flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
-        n = flat_base.numel()
-        # 1) each model's keep-mask and rescale factor: a top-k needs the model's whole delta;
-        #    a random mask and its L1 norms do not
-        keeps = []
-        for m, mp in zip(flat_models, per_model):
-            if not sparsify or mp.density >= 1:
-                keeps.append((None, 1.0))
-            elif sparsify == "random":
-                keep, scale = random_keep(n, mp.density, ctx.rng), 1.0
-                if resc:
-                    before, after = _l1_kept(flat_base, m, keep)
-                    scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-                keeps.append((keep, scale))
-            else:
-                keeps.append(mergekit_keep(m.float() - flat_base.float(), mp.density, sparsify, ctx.rng,
-                                           gamma=mp.gamma, rescale=resc))
-        # 2) the combination is elementwise: a chunk at a time, in cache, written in the output dtype
-        w = torch.tensor(weights, dtype=torch.float32).reshape(-1, 1)
-        total_w = float(w.sum()) if abs(float(w.sum())) >= 1e-8 else 1.0
-        out = torch.empty(n, dtype=ctx.dtype)
-        deltas = torch.empty((len(models), min(n, CHUNK)), dtype=torch.float32)
-        for part in chunks(n):
-            b = flat_base[part].float()
-            d = deltas[:, : b.numel()]
-            for i, (m, (keep, scale)) in enumerate(zip(flat_models, keeps)):
-                torch.sub(m[part], b, out=d[i])
-                if keep is not None:
-                    d[i].mul_(keep[part])
-                factor = weights[i] * scale
-                if factor != 1.0:
-                    d[i].mul_(factor)
-            if consensus:  # sign elected on the weighted sum (0 counts as +); zeros agree with neither
-                sign = torch.copysign(torch.ones(()), d.sum(0))  # +-1; a -0.0 sum only when every d is 0
-                aligned = (d * sign).clamp_(min=0)  # |d| where d agrees with the sign, else 0
-                mixed = aligned.sum(0).mul_(sign)
-                if norm:
-                    divisor = (w * (aligned > 0)).sum(0)
-                    mixed /= divisor.masked_fill_(divisor == 0, 1)
-            else:
-                mixed = d.sum(0)
-                if norm:
-                    mixed /= total_w
-            if p.lambda_ != 1:
-                mixed *= p.lambda_
-            out[part] = mixed.add_(b)
-        return out.reshape(base.shape)
-    return merge
-
-
-for _name, _sp, _cons, _norm, _resc, _cite in [
-    ("task_arithmetic", None, False, False, False,
-     "Task arithmetic (Ilharco et al., 2023, arXiv:2212.04089, Sec. 2): theta_0 + lambda * sum_i w_i tau_i; "
-     "negative weights negate a task. mergekit's task_arithmetic (optional normalize)."),
-    ("ties", "magnitude", True, True, False,
-     "TIES-Merging (Yadav et al., 2023, arXiv:2306.01708) as mergekit 0.1.5 runs it: per-tensor top-k trim "
-     "(density 1 = none), sign elected on weighted deltas (0 -> +), agreeing entries divided by their weights' sum."),
-    ("dare_linear", "random", False, False, True,
-     "DARE (Yu et al., 2024, arXiv:2311.03099) as mergekit 0.1.5 runs it: random keep with probability density, "
-     "L1-norm rescale, weighted sum x lambda."),
-    ("dare_ties", "random", True, False, True,
-     "DARE-TIES (Yu et al., 2024, arXiv:2311.03099) as mergekit 0.1.5 runs it: random keep + L1 rescale, sign "
-     "consensus, weighted sum of agreeing entries (not a mean), no magnitude trim."),
-    ("breadcrumbs", "outliers", False, False, False,
-     "Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795) as mergekit 0.1.5 runs it: per tensor, drop "
-     "the top gamma and the bottom, keep density; weighted sum x lambda."),
-    ("breadcrumbs_ties", "outliers", True, False, False,
-     "Model Breadcrumbs (Davari & Belilovsky, 2024, arXiv:2312.06795) with mergekit 0.1.5's sign consensus."),
-]:
-    _fn = _gta(_sp, _cons, _norm, _resc)
-    _fn.__doc__ = _cite
-    _fn.__name__ = _name
-    MERGE_METHODS.add(_name, MergeMethod(_fn, MergekitParams, True, MergekitModelParams), doc=_cite)

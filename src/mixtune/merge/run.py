@@ -1,6 +1,11 @@
 """Merge checkpoints tensor by tensor as a :class:`~mixtune.merge.config.MergeConfig` says.
 
-Every tensor is read as stored, merged in float32, cast and written before the next is read. A
+Every tensor is read, merged, cast and written before the next is read: paper methods get it as
+stored and compute in float32; mergekit's methods get it cast to the config's ``dtype`` (default:
+as stored, promoted) and compute in that, as mergekit does (:mod:`mixtune.merge.compat`). What
+each output tensor is made of is planned first (:mod:`mixtune.merge.plan`: the same-named tensors
+of every model, or for ``slices`` layer ranges of several), and parameters that vary by tensor
+are resolved at each (:mod:`mixtune.merge.settings`). A
 method with ``scope: global`` first finds its whole-model statistics in streaming passes over the
 inputs (:mod:`mixtune.merge.context`). Inputs are checked first: a missing tensor, a shape mismatch,
 a different architecture or a NaN/Inf stops the merge with one line naming the model and the
@@ -19,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
-
 from mixtune.core import (
     CheckpointError,
     ConfigError,
@@ -42,40 +45,88 @@ from mixtune.merge.io import (
 )
 from mixtune.merge.methods import MERGE_METHODS
 from mixtune.merge.partials import claim, reap_stale_partials, release
+from mixtune.merge.plan import OutTensor, normpath, own_settings, plan_models, plan_slices
+from mixtune.merge.settings import check_model_values, explain, is_scalar, leaves, split, tensor_parameters, validated
+
+_explain = explain  # the name study_merges imports
 
 VOCAB = re.compile(r"embed|lm_head|wte|word_embeddings|(^|\.)output\.weight$")
 """Names of the tensors whose first dimension is the vocabulary."""
 
 
-def _explain(e: Exception) -> str:
-    """One line per pydantic problem: the field, what is wrong, the value given."""
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']} (got {err.get('input')!r})"
-                         for err in e.errors())
-    return str(e)
-
-
 def resolve(cfg: MergeConfig, base_dir: Path = Path(".")):
-    """The method, its validated parameters and the resolved paths; errors name the field."""
+    """The method, its validated parameters, the per-model parameters (of ``models``: entries), and the
+    resolved paths of the base and the models (for ``slices``, every source model but the base);
+    errors name the field. Parameters that vary by tensor are checked at every value they can take;
+    the parameters returned hold their first."""
     method = MERGE_METHODS.get(cfg.method)
-    try:
-        params = method.params.model_validate(cfg.parameters)
-    except Exception as e:
-        raise ConfigError(f"parameters for {cfg.method}: {_explain(e)}") from None
+    for name in ("dtype", "out_dtype"):
+        value = getattr(cfg, name)
+        if value is not None and value not in DTYPES:
+            raise ConfigError(f"{name} {value!r}: expected one of {', '.join(DTYPES)}")
+    groups = [("parameters", cfg.parameters)]
+    groups += [(f"slices[{s}].parameters", sl.parameters) for s, sl in enumerate(cfg.slices)]
+    entries = [(f"models[{i}] ({m.model})", m) for i, m in enumerate(cfg.models)]
+    entries += [(f"slices[{s}].sources[{j}] ({src.model})", src) for s, sl in enumerate(cfg.slices)
+                for j, src in enumerate(sl.sources)]
+    if not method.mergekit:
+        varying = [f"{where}.{k}" for where, g in groups + [(w, own_settings(e)) for w, e in entries]
+                   for k, v in g.items() if not is_scalar(v) and v is not None]
+        if varying:
+            raise ConfigError(f"{varying[0]}: gradients and filters are for mergekit's methods; {cfg.method} takes one "
+                              "value (or use a mergekit method)")
+    if not method.weighted:
+        given = [w for w, e in entries if e.weight is not None] + [w for w, g in groups if "weight" in g]
+        if given:
+            raise ConfigError(f"{given[0]}: {cfg.method} takes no weights")
+    shared_top, model_top = split(method, cfg.parameters)
+    if method.mergekit:
+        complete: dict = {}  # the first value of every shared parameter, whichever level gives it
+        for _, g in groups:
+            complete |= leaves(split(method, g)[0], "parameters")[0]
+        for where, g in groups:
+            shared, per = split(method, g)
+            for values in leaves(shared, where):
+                validated(method.params, complete | values, f"{where} for {cfg.method}")
+            for values in leaves(per, where):
+                check_model_values(method, values, f"{where} for {cfg.method}")
+        first_slice = split(method, cfg.slices[0].parameters)[0] if cfg.slices else {}
+        params = validated(method.params, leaves(shared_top, "parameters")[0] | leaves(first_slice, "slices[0]")[0],
+                            f"parameters for {cfg.method}")
+    else:
+        params = validated(method.params, shared_top, f"parameters for {cfg.method}")
+    for where, e in entries:
+        own = own_settings(e)
+        for values in leaves(own, where) if method.mergekit else [own]:
+            check_model_values(method, values, f"{where} parameters for {cfg.method}")
     per_model = []
     for i, m in enumerate(cfg.models):
-        try:
-            per_model.append(method.model_params.model_validate(m.parameters))
-        except Exception as e:
-            raise ConfigError(f"models[{i}] ({m.model}) parameters for {cfg.method}: {_explain(e)}") from None
-    if method.needs_base and cfg.base_model is None:
+        where = f"models[{i}] ({m.model})"
+        first = leaves(model_top, "parameters")[0] | leaves(own_settings(m), where)[0]
+        first.pop("weight", None)
+        per_model.append(validated(method.model_params, first, f"{where} parameters for {cfg.method}"))
+    low, high = method.n_models
+    if cfg.models and (len(cfg.models) < low or (high is not None and len(cfg.models) > high)):
+        want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        raise ConfigError(f"{cfg.method} merges {want} model(s) besides the base; the config gives {len(cfg.models)}")
+    if method.needs_base and cfg.base_model is None and not (cfg.slices and all(sl.base_model for sl in cfg.slices)):
         raise ConfigError(f"method {cfg.method} needs base_model (the model the task vectors are taken from)")
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype {cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     parse_size(cfg.max_shard_size)
-    here = lambda p: p if p.is_absolute() else base_dir / p
-    base = here(cfg.base_model) if cfg.base_model is not None else None
-    return method, params, per_model, base, [here(m.model) for m in cfg.models]
+    base = here(cfg.base_model, base_dir) if cfg.base_model is not None else None
+    if cfg.models:
+        return method, params, per_model, base, [here(m.model, base_dir) for m in cfg.models]
+    sources = []
+    for sl in cfg.slices:
+        for src in sl.sources:
+            p = normpath(here(src.model, base_dir))
+            if p not in sources and p != (normpath(base) if base else None):
+                sources.append(p)
+    return method, params, per_model, base, sources
+
+
+def here(p: Path, base_dir: Path) -> Path:
+    """A config path, taken from the config's folder unless absolute."""
+    return p if p.is_absolute() else base_dir / p
 
 
 def _architecture(folder: Path) -> tuple | None:
@@ -153,43 +204,71 @@ def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([t, torch.zeros((shape[0] - t.shape[0], *t.shape[1:]), dtype=t.dtype)])
 
 
-def _copy_files(reference: Path, files_from: Path | None, folder: Path, shapes: dict) -> None:
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+"""config.json keys holding the number of blocks, set for slices (mergekit's ``num_layers_config_key``)."""
+
+
+def _copy_files(reference: Path, files_from: Path | None, folder: Path, shapes: dict,
+                layers: int | None = None, dtype: str | None = None) -> None:
     """Config and tokenizer files: the reference's, overlaid by ``files_from``'s; ``vocab_size`` set
-    to the output's embedding rows when padding or truncation changed them."""
+    to the output's embedding rows when padding or truncation changed them, the layer count to
+    ``layers`` when slices set it, and the dtype to ``dtype`` when the config names one (as mergekit
+    sets it, mergekit/merge.py:297-300)."""
     copy_side_files(reference, folder)
     if files_from is not None and Path(files_from) != Path(reference):
         copy_side_files(Path(files_from), folder)
     config = folder / "config.json"
+    if not config.exists():
+        return
+    c = json.loads(config.read_text())
+    changed = False
     rows = [shape[0] for k, shape in shapes.items() if "embed" in k and len(shape) == 2]
-    if config.exists() and rows:
-        c = json.loads(config.read_text())
-        if c.get("vocab_size") not in (None, rows[0]):
-            c["vocab_size"] = rows[0]
-            atomic_write_text(config, json.dumps(c, indent=2))
+    if rows and c.get("vocab_size") not in (None, rows[0]):
+        c["vocab_size"] = rows[0]
+        changed = True
+    if dtype is not None:
+        key = "torch_dtype" if "torch_dtype" in c and "dtype" not in c else "dtype"
+        if c.get(key) != dtype:
+            c[key] = dtype
+            changed = True
+    if layers is not None:
+        for key in LAYER_COUNT_KEYS:
+            if key in c and c[key] != layers:
+                c[key] = layers
+                changed = True
+                break
+    if changed:
+        atomic_write_text(config, json.dumps(c, indent=2))
 
 
 def merge_tensors(method, params, per_model: list, weights: list[float], keys: list[str],
                   load: Callable[[str], list[torch.Tensor]], *, sizes: dict[str, int], has_base: bool, seed: int = 0,
                   progress: Callable[[str], None] | None = None, on_pass: Callable[[str], None] | None = None,
-                  dtypes: dict[str, torch.dtype] | None = None):
-    """Yields ``(key, merged tensor)`` for each of ``keys``, in order: in ``dtypes[key]`` or float32.
+                  dtypes: dict[str, torch.dtype] | None = None,
+                  parameters: Callable[[str], tuple] | None = None):
+    """Yields ``(key, merged tensor)`` for each of ``keys``, in order: in ``dtypes[key]`` or float32
+    (paper methods), in the inputs' dtype (mergekit's methods: the caller casts them).
 
-    ``load(key)`` gives the inputs' tensors of one parameter (base first when ``has_base``);
-    ``sizes`` gives each key's entry count (per model). With ``scope: global`` the
-    whole-model statistics are found first, in streaming passes over ``keys``. ``progress`` is
-    called with each key as it is merged, in every pass; ``on_pass`` as each pass begins.
+    ``load(key)`` gives the inputs' tensors of one parameter (base first when ``has_base``, None
+    for a tensor without one); ``sizes`` gives each key's entry count (per model). ``parameters(key)``,
+    when given, gives the key's ``(params, per_model, weights)`` in place of the fixed ones. With
+    ``scope: global`` the whole-model statistics are found first, in streaming passes over ``keys``.
+    ``progress`` is called with each key as it is merged, in every pass; ``on_pass`` as each pass begins.
     """
     layers = {k: layer_index(k) for k in keys}
     num_layers = 1 + max((i for i in layers.values() if i is not None), default=-1)
+    fixed = (params, per_model, weights)
+    of = parameters or (lambda key: fixed)
 
     def context(key: str) -> Context:
-        return Context(key=key, rng=torch.Generator().manual_seed(tensor_seed(seed, key)), per_model=per_model,
+        return Context(key=key, rng=torch.Generator().manual_seed(tensor_seed(seed, key)), per_model=of(key)[1],
                        layer=layers[key], num_layers=num_layers, dtype=(dtypes or {}).get(key, torch.float32))
 
     def run(key: str, ctx: Context) -> torch.Tensor:
         tensors = load(key)
         base, models = (tensors[0], tensors[1:]) if has_base else (None, tensors)
-        out = method.fn(base, models, weights, params, ctx)
+        p, _, w = of(key)
+        out = method.fn(base, models, w, p, ctx)
         if progress is not None:
             progress(key)
         return out
@@ -203,6 +282,74 @@ def merge_tensors(method, params, per_model: list, weights: list[float], keys: l
         ctx = context(key)
         ctx.known = known
         yield key, run(key, ctx)
+
+
+def _plan_shapes(plan: list[OutTensor], readers: list, vocab: str) -> dict[str, tuple[int, ...]]:
+    """Each output tensor's shape: its inputs' (the first input's, the base when there is one),
+    vocabulary rows aside as ``vocab`` says; raises CheckpointError naming what differs."""
+    shapes = {}
+    for tp in plan:
+        first = tp.inputs[0]
+        want = readers[first.reader].shape(first.key)
+        for inp in tp.inputs[1:]:
+            got = readers[inp.reader].shape(inp.key)
+            if got == want:
+                continue
+            rows_only = len(got) == len(want) >= 1 and got[1:] == want[1:] and VOCAB.search(tp.key)
+            if rows_only and vocab != "error":
+                if vocab == "pad":
+                    want = (max(want[0], got[0]), *want[1:])
+                continue
+            hint = (" (vocabulary sizes differ: set vocab: pad or vocab: truncate to merge anyway)"
+                    if rows_only else "")
+            raise CheckpointError(f"{readers[inp.reader].label}: tensor {inp.key} has shape {list(got)}, "
+                                  f"{readers[first.reader].label}'s {first.key} has {list(want)}{hint}")
+        shapes[tp.key] = tuple(want)
+    return shapes
+
+
+def _open_plan(cfg: MergeConfig, method, base_path: Path | None, model_paths: list[Path], base_dir: Path):
+    """The opened readers, the reference (config, tokenizer and integer buffers come from it), the
+    plan, the output shapes and, for slices, the output's number of layers."""
+    takes_base = method.needs_base or method.optional_base
+    if cfg.models:
+        inputs = open_inputs(base_path, model_paths)
+        try:
+            shapes = check_inputs(inputs[0], inputs[1:], cfg.vocab)
+            readers = inputs if takes_base or base_path is None else inputs[1:]
+            plan = plan_models(cfg, inputs[0].keys(), takes_base and base_path is not None)
+            return inputs, readers, inputs[0], plan, shapes, None
+        except Exception:
+            for r in inputs:
+                r.close()
+            raise
+    inputs = open_inputs(base_path, model_paths)
+    try:
+        paths = ([normpath(base_path)] if base_path else []) + model_paths
+        index_of = {p: i for i, p in enumerate(paths)}
+        arch = [(_architecture(r.folder), r) for r in inputs]
+        for a, r in arch[1:]:
+            if arch[0][0] and a and a != arch[0][0]:
+                raise CheckpointError(f"{r.label}: architecture {a} differs from {arch[0][1].label}'s {arch[0][0]}")
+        plan, layers = plan_slices(cfg, method, inputs, index_of, lambda p: here(p, base_dir))
+        lead = index_of[normpath(here(cfg.slices[0].sources[0].model, base_dir))]
+        reference = inputs[0] if base_path else inputs[lead]
+        return inputs, inputs, reference, plan, _plan_shapes(plan, inputs, cfg.vocab), layers
+    except Exception:
+        for r in inputs:
+            r.close()
+        raise
+
+
+def check_merge(cfg: MergeConfig, base_dir: Path = Path(".")) -> int:
+    """Everything :func:`merge` checks before it writes (the config, every input's headers, the plan
+    of every output tensor, their shapes), merging nothing; returns the number of output tensors.
+    Unlike :func:`check_inputs` across all inputs, it knows slices: their models may differ in depth."""
+    method, _params, _per_model, base_path, model_paths = resolve(cfg, base_dir)
+    inputs, *_rest, plan, _shapes, _layers = _open_plan(cfg, method, base_path, model_paths, base_dir)
+    for r in inputs:
+        r.close()
+    return len(plan)
 
 
 def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."), overwrite: bool = False,
@@ -222,50 +369,69 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
     method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another folder, or overwrite it (--overwrite)")
-    inputs = open_inputs(base_path, model_paths)
-    reference = inputs[0]  # the base, or the first model for methods without one
+    inputs, readers, reference, plan, shapes, layers = _open_plan(cfg, method, base_path, model_paths, base_dir)
     try:
-        shapes = check_inputs(reference, inputs[1:], cfg.vocab)
-        weights = [m.weight for m in cfg.models]
-        # floating tensors take the requested dtype (default: as stored); integer buffers keep theirs
-        dtype_of = {k: TORCH_DTYPES[reference.dtype(k)] for k in reference.keys()}
-        if cfg.dtype:
-            dtype_of = {k: DTYPES[cfg.dtype] if d.is_floating_point else d for k, d in dtype_of.items()}
-        floating = [k for k in reference.keys() if dtype_of[k].is_floating_point]
+        by_key = {tp.key: tp for tp in plan}
+        stored = {tp.key: [TORCH_DTYPES[readers[i.reader].dtype(i.key)] for i in tp.inputs] for tp in plan}
+        floating = [tp.key for tp in plan if stored[tp.key][0].is_floating_point]
+        # mergekit's methods compute in the config's dtype, else in the inputs' (promoted); paper
+        # methods in float32. Written: out_dtype, else dtype, else the compute dtype (mergekit's
+        # methods) or the reference's stored dtype (paper methods); integer buffers keep theirs.
+        compute = {}
+        if method.mergekit:
+            for k in floating:
+                d = stored[k][0]
+                for other in stored[k][1:]:
+                    d = torch.promote_types(d, other)
+                compute[k] = DTYPES[cfg.dtype] if cfg.dtype else d
+        written = cfg.out_dtype or cfg.dtype
+        dtype_of = {tp.key: stored[tp.key][0] for tp in plan}
+        for k in floating:
+            dtype_of[k] = DTYPES[written] if written else compute.get(k, stored[k][0])
         checked: set[str] = set()
+        has_base = method.needs_base or method.optional_base
 
-        def load(key: str) -> list[torch.Tensor]:
-            tensors = [_fit(r.get(key), shapes[key]) for r in inputs]
+        def load(key: str) -> list[torch.Tensor | None]:
+            tp = by_key[key]
+            tensors = [_fit(readers[i.reader].get(i.key), shapes[key]) for i in tp.inputs]
             if key not in checked:
-                for r, t in zip(inputs, tensors):
+                for i, t in zip(tp.inputs, tensors):
                     # a sum is NaN/Inf when an entry is (one fast pass); isfinite confirms, since a sum can overflow
                     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                        raise CheckpointError(f"{r.label}: tensor {key} holds NaN or Inf")
+                        raise CheckpointError(f"{readers[i.reader].label}: tensor {i.key} holds NaN or Inf")
                 checked.add(key)
+            if key in compute:  # mergekit casts each input to the compute dtype as it loads it
+                tensors = [t.to(compute[key]) for t in tensors]
+            if has_base and not tp.has_base:
+                tensors = [None, *tensors]
             return tensors
 
-        merged = merge_tensors(method, params, per_model, weights, floating, load,
-                               sizes={k: math.prod(shapes[k]) for k in floating}, has_base=base_path is not None,
-                               seed=cfg.seed, progress=progress, on_pass=on_pass, dtypes=dtype_of)
-        plan = [(k, shapes[k], dtype_of[k]) for k in reference.keys()]
+        at = tensor_parameters(method, cfg, params)
+        merged = merge_tensors(method, params, per_model, [], floating, load,
+                               sizes={k: math.prod(shapes[k]) for k in floating}, has_base=has_base,
+                               seed=cfg.seed, progress=progress, on_pass=on_pass, dtypes=dtype_of,
+                               parameters=lambda key: at(by_key[key]))
+        write_plan = [(tp.key, shapes[tp.key], dtype_of[tp.key]) for tp in plan]
         reap_stale_partials(out, notice)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             claim(tmp, Path(out))  # so that a later merge can tell this partial from a killed one's
-            writer = StreamingWriter(tmp, plan, parse_size(cfg.max_shard_size))
-            for key in reference.keys():
-                if dtype_of[key].is_floating_point:
+            writer = StreamingWriter(tmp, write_plan, parse_size(cfg.max_shard_size))
+            merging = set(floating)
+            for tp in plan:
+                if tp.key in merging:
                     got, tensor = next(merged)
-                    assert got == key
-                    writer.add(key, tensor.to(dtype_of[key]))
-                else:
-                    writer.add(key, reference.get(key))  # integer buffers are copied from the reference
+                    assert got == tp.key
+                    writer.add(tp.key, tensor.to(dtype_of[tp.key]))
+                else:  # integer buffers are copied from the first input
+                    first = tp.inputs[0]
+                    writer.add(tp.key, readers[first.reader].get(first.key))
                     if progress is not None:
-                        progress(key)
+                        progress(tp.key)
             writer.finish()
-            files_from = cfg.files_from and (cfg.files_from if cfg.files_from.is_absolute() else base_dir / cfg.files_from)
+            files_from = cfg.files_from and here(cfg.files_from, base_dir)
             if files_from is None and method.files_from:
                 files_from = model_paths[method.files_from - 1]
-            _copy_files(reference.folder, files_from, tmp, shapes)
+            _copy_files(reference.folder, files_from, tmp, shapes, layers, written)
             atomic_write_text(tmp / "merge.yaml", dump_config(cfg))
             release(tmp)
     finally:

@@ -33,7 +33,7 @@ class SoupResult:
 
 
 def _soup(models: list[Path], out: Path, dtype: str | None) -> Path:
-    cfg = MergeConfig(method="linear", models=[{"model": m} for m in models], dtype=dtype)
+    cfg = MergeConfig(method="linear", models=[{"model": m} for m in models], out_dtype=dtype)
     return merge(cfg, out, overwrite=True)
 
 
