@@ -11,6 +11,10 @@ tokens' weighted losses (times the number of processes, which DDP divides back o
 gradient of a step is therefore exactly the global batch's loss, whatever the micro-batch size,
 gradient accumulation or number of processes.
 
+**Objectives.** A stage with an ``objective`` (rft, dpo, grpo: :mod:`mixtune.train.post_sft`)
+prepares from its starting weights (samples, pairs, a frozen reference) and then asks its own runner
+for each step's gradients; the optimizer, schedule, checkpoints, resume and logging below are the same.
+
 **Data order** is a function of (seed, stage, step) only: the stage's mixing mode
 (:mod:`mixtune.strategy.mixing`; ``shuffled`` without ``mixing``: one seeded permutation of the rows
 per epoch) chooses each step's rows, may ask for validation losses and may reweight the loss, and
