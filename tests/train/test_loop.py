@@ -153,3 +153,14 @@ def test_loss_cases_and_masked_thought_train_end_to_end(tiny_dir, tmp_path):
     assert max((w0[k] - wm[k]).abs().max().item() for k in w0) > 1e-4  # corrupted inputs, different weights
     with pytest.raises(ConfigError, match="not sources"):
         run(tiny_dir, tmp_path / "bad", rewards={"maths": 1.0})
+
+
+def test_runs_of_different_precisions_follow_one_another_in_one_process(tiny_dir, tmp_path):
+    # accelerate keeps one state per process and refuses another mixed precision; mixtune starts it afresh
+    from mixtune.train.loop import make_accelerator
+
+    assert make_accelerator("fp32").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    run(tiny_dir, tmp_path / "a", steps=1, precision="fp32")
+    run(tiny_dir, tmp_path / "b", steps=1, precision="bf16")
+    assert "precision bf16" in (tmp_path / "b" / "log.jsonl").read_text()

@@ -135,12 +135,17 @@ def make_accelerator(precision: str):
     """One Accelerator per process. On CPU it must be built with ``cpu=True``: otherwise several
     launched processes never synchronise gradients (shared/NOTES.md)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    mixed = resolve_precision(precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # an earlier run in this process chose another precision (accelerate's state is one per process and
+        # refuses a change): start it afresh, keeping the process group
+        AcceleratorState._reset_state()
     # Schedules count global optimizer steps. By default accelerate steps a prepared scheduler once
     # per process per optimizer step (it assumes per-process lengths), which would make the learning
     # rate decay N times too fast on N processes.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision),
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, step_scheduler_with_optimizer=False)
 
 
 def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: Path, *, source_names: list[str],
