@@ -12,6 +12,7 @@ from mixtune.data.format import Example, Packed, pack, tokenize_records
 from mixtune.data.mixture import Mixture, mix
 from mixtune.data.sources import load_source_located
 from mixtune.models import LoadConfig, load_model, load_tokenizer
+from mixtune.models.load import pad_id_of
 from mixtune.recipe import Recipe
 from mixtune.strategy import StageConfig
 from mixtune.strategy.mixing import Groups, grouped
@@ -67,7 +68,7 @@ def prepare_data(recipe: Recipe, base_dir: str | Path = ".", tokenizer=None, *, 
     from mixtune.data.tokens import stage_examples
 
     tokenizer = tokenizer or tokenizer_for(recipe.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     names = list(recipe.sources)

@@ -37,6 +37,7 @@ from mixtune.core import CheckpointError
 from mixtune.data.format import tokenize_records
 from mixtune.data.packing import IGNORE
 from mixtune.merge.methods import kth_smallest
+from mixtune.models.load import pad_id_of
 
 StateDict = Mapping[str, torch.Tensor]
 Masks = Mapping[str, torch.Tensor]
@@ -350,7 +351,7 @@ def record_batches(records: Sequence[dict], tokenizer, batch_size: int = 8) -> l
     for i, ex in enumerate(examples):
         if all(t == IGNORE for t in ex.labels):
             raise ValueError(f"record {i} has no assistant token to take the loss on")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     pad = 0 if pad is None else pad
     out = []
     for start in range(0, len(examples), batch_size):

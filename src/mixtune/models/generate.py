@@ -28,6 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mixtune.core import ConfigError
+from mixtune.models.load import pad_id_of
 from mixtune.models.prefix import cache_arg, cache_rows, last_logits_only, pad_after, prefix_cache, shared_prefix
 
 
@@ -222,7 +223,7 @@ def _sample_shrinking(model, tokenizer, prompts: Sequence[str], *, num_samples: 
     cache, so a step costs the rows still running rather than the whole batch until its longest
     sample ends (in RL, a few long samples would otherwise set the pace of all)."""
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     eos = tokenizer.eos_token_id
     rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)), key=lambda r: len(prompts[r[0]]))
     out: list[list] = [[None] * num_samples for _ in prompts]
@@ -292,7 +293,7 @@ def _decode(model, tokenizer, prompts: Sequence[str], *, num_samples: int, max_n
     """Completions (prompt i, sample j) in batches of ``batch_size`` rows; greedy when temperature is 0;
     with ``return_ids`` each with its generated token ids (through the first EOS)."""
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     # rows sorted by prompt length (a prompt's samples stay together); stable, so ties keep input order
     rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)),
                   key=lambda r: len(prompts[r[0]]))

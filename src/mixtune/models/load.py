@@ -88,6 +88,11 @@ def _check_dir(path: Path) -> None:
         raise CheckpointError(f"{path}: expected a model folder (config.json + *.safetensors), found a file")
 
 
+def pad_id_of(tokenizer) -> int | None:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (None when it has neither)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a local model folder."""
     from transformers import AutoTokenizer

@@ -37,11 +37,12 @@ import torch
 from mixtune.core import ConfigError, atomic_write_text
 from mixtune.core.seeds import seed_int
 from mixtune.data.format import Packed, pack, tokenize_records
+from mixtune.models.load import pad_id_of
 from mixtune.train.grpo import grpo_loss, group_advantages
 from mixtune.train.losses import IGNORE, token_logps
 from mixtune.strategy.objectives import DpoParams, GrpoParams, RftParams
 from mixtune.train.preference import dpo_loss, ipo_loss, simpo_loss
-from mixtune.train.rollouts import budget, check_rewardable, completion_batch, rollout
+from mixtune.train.rollouts import budget, check_rewardable, completion_batch, pad_examples, rollout
 
 
 def shared(acc, items: Sequence, work: Callable[[list], list]) -> list:
@@ -130,7 +131,7 @@ def rft_rows(stage, p: RftParams, model, tokenizer, *, acc, seed: int, index: in
     if not kept:
         raise ConfigError(f"stage {stage.name!r}: rft accepted no completion and keeps no gold reply (gold: false); "
                           "nothing to train on: sample more (samples, temperature) or keep the gold replies")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     examples = tokenize_records([r for _, r in kept], tokenizer)
     return pack(examples, stage.packed.input_ids.shape[1], pad_id=pad_id,
                 sources=[stage.record_sources[i] for i, _ in kept], long_examples="drop")
@@ -198,17 +199,6 @@ def preference_pairs(stage, p: DpoParams, model, tokenizer, *, acc, seed: int, i
     return out
 
 
-def pad_examples(examples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
-    """Examples as right-padded ``input_ids``, ``labels`` (-100 on padding) and ``position_ids``."""
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    for b, e in enumerate(examples):
-        ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[b, :len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).expand(len(examples), -1).contiguous()}
-
-
 def reply_logps(model, chosen: Sequence, rejected: Sequence, pad_id: int, device, *, average: bool) -> tuple[
         torch.Tensor, torch.Tensor, int]:
     """Summed (or mean) log-probabilities of the chosen and the rejected replies, in one forward
@@ -228,7 +218,7 @@ def reply_logps(model, chosen: Sequence, rejected: Sequence, pad_id: int, device
 def reference_logps(model, pairs: Pairs, tokenizer, *, average: bool, micro: int, device) -> tuple[
         torch.Tensor, torch.Tensor]:
     """Every pair's reference log-probabilities under ``model`` as it is now (eval mode, no dropout)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     was = model.training
     model.eval()
     chosen, rejected = [], []
@@ -271,7 +261,7 @@ class PreferenceRunner:
     def __init__(self, acc, model, cfg, p: DpoParams, pairs: Pairs, mixer, tokenizer, stage, source_names) -> None:
         self.acc, self.model, self.cfg, self.p, self.pairs, self.mixer = acc, model, cfg, p, pairs, mixer
         self.stage, self.source_names = stage, source_names
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
         self.beta = p.beta or (2.0 if p.loss == "simpo" else 0.1)
         self.meter = Meter()
         model.train()
@@ -443,7 +433,7 @@ class GrpoRunner:
                  index: int, reference, log) -> None:
         self.acc, self.model, self.cfg, self.p, self.mixer, self.tokenizer = acc, model, cfg, p, mixer, tokenizer
         self.stage, self.seed, self.index, self.reference = stage, seed, index, reference
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
         self.records = list(stage.records)
         self.max_new = budget(self.records, tokenizer, p.sampling)
         self.meter = Meter()
@@ -463,7 +453,7 @@ class GrpoRunner:
         n_global = p.prompts * p.group
         lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
         n_tokens = lengths.sum()
-        if world > 1:
+        if world > 1 and p.aggregation == "token":  # only the token mean needs the step's global count
             n_tokens = acc.reduce(n_tokens.to(acc.device), reduction="sum").cpu()
         # packed: a micro-batch is whole groups, each group one row (its prompt read once)
         micro = max(1, cfg.micro_batch_size // p.group) * p.group if self.packed else cfg.micro_batch_size

@@ -18,7 +18,7 @@ import torch
 
 from mixtune.core import ConfigError, DataError
 from mixtune.data.abilities import ABILITIES
-from mixtune.data.format import prompt_text
+from mixtune.data.format import Example, prompt_text
 from mixtune.data.scorers import SCORERS, user_scorer
 from mixtune.strategy.objectives import Reward, Sampling
 from mixtune.train.losses import IGNORE
@@ -112,18 +112,22 @@ def rollout(model, tokenizer, records: Sequence[dict], *, samples: int, sampling
     return Rollouts(p_ids, c_ids, texts, torch.tensor(rewards, dtype=torch.float64), index)
 
 
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples as right-padded ``input_ids``, ``labels`` (-100 on padding) and ``position_ids``, each ``(B, L)``."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    for b, e in enumerate(examples):
+        ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[b, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).expand(len(examples), -1).contiguous()}
+
+
 def completion_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
                      pad_id: int) -> dict[str, torch.Tensor]:
-    """Prompt + completion rows, right-padded: ``input_ids``, ``labels`` (the completion's ids, -100
-    on the prompt and padding) and ``position_ids``, each ``(B, L)``."""
-    length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-        labels[b, len(p):len(p) + len(c)] = torch.tensor(c)
-    return {"input_ids": ids, "labels": labels,
-            "position_ids": torch.arange(length).expand(len(prompt_ids), -1).contiguous()}
+    """Prompt + completion rows, right-padded (:func:`pad_examples`), the completion's ids the labels."""
+    return pad_examples([Example(list(p) + list(c), [IGNORE] * len(p) + list(c))
+                         for p, c in zip(prompt_ids, completion_ids)], pad_id)
 
 
-__all__ = ["Rollouts", "budget", "check_rewardable", "completion_batch", "prompt_of", "reward", "rollout"]
+__all__ = ["Rollouts", "budget", "check_rewardable", "completion_batch", "pad_examples", "prompt_of", "reward", "rollout"]
