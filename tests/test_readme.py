@@ -94,7 +94,8 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
     from mixtune.cli import app
 
     monkeypatch.chdir(tmp_path)
-    data = yaml.safe_load(text)
+    docs = list(yaml.safe_load_all(text))  # several: merges in one file (mergekit-multi)
+    data = docs[0]
     kind = kind_of(data)
     if kind == "tasks":  # a task file: every data file it names gets a record, then it must load and render
         import json
@@ -119,12 +120,14 @@ def test_every_yaml_block_of_the_docs_passes_dry_run(tmp_path, name, line, text,
     if kind == "merge":
         from mixtune.builtin import init_builtin
 
-        in_slices = [s["model"] for sl in data.get("slices", []) for s in sl["sources"]]
-        for i, m in enumerate(dict.fromkeys([data.get("base_model"), *(e["model"] for e in data.get("models", [])),
-                                             *in_slices])):
-            if m and not (tmp_path / m).exists():
+        docs = docs if len(docs) > 1 else [data]
+        names = {d.get("name") for d in docs}
+        inputs = [m for d in docs for m in [d.get("base_model"), *(e["model"] for e in d.get("models", [])),
+                                           *(s["model"] for sl in d.get("slices", []) for s in sl["sources"])]]
+        for i, m in enumerate(dict.fromkeys(inputs)):
+            if m and m not in names and not (tmp_path / m).exists():
                 init_builtin(tmp_path / m, size="tiny", seed=i)  # same architecture, different weights
-        args = ["merge", "block.yaml", "--dry-run"]
+        args = ["merge", "block.yaml", "--dry-run"] + (["-o", "out"] if len(docs) > 1 else [])
         (tmp_path / "block.yaml").write_text(text)
     else:
         if kind == "recipe":

@@ -607,8 +607,12 @@ def merge_cmd(
     dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
                                                  help="float32, bfloat16 or float16 (default: the base's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and the inputs, print the plan, stop.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace OUT if it exists (several merges: merge every document again).")] = False,
     list_methods: Annotated[bool, typer.Option("--list", help="Describe every merge method and its parameters.")] = False,
+    intermediate_dir: Annotated[Optional[Path], typer.Option(
+        "--intermediate-dir", "-I", metavar="DIR",
+        help="Several merges in one file: where the named documents' outputs go (default: OUT.parts).")] = None,
 ) -> None:
     """Merge checkpoints in weight space, streaming tensor by tensor from safetensors.
 
@@ -616,9 +620,14 @@ def merge_cmd(
     files come from the base model (or `files_from`). A model may be a peft LoRA adapter folder
     (applied to the base). Methods with `scope: global` first read every input once or twice more
     for whole-model statistics. See `mixtune merge --list` for the methods.
+
+    A file of several YAML documents (mergekit-multi) runs each: a document with `name: NAME` is
+    written to the intermediate folder's NAME, and other documents may give NAME as a model path;
+    the one without a name is written to OUT. Outputs already made from the same document are kept.
     """
     from mixtune.core import parse_overrides
     from mixtune.merge import MERGE_METHODS, load_merge_config
+    from mixtune.merge import multi
     from mixtune.merge.run import check_merge, merge, resolve
 
     if list_methods:
@@ -645,6 +654,35 @@ def merge_cmd(
     if config is None:
         raise typer.BadParameter("give a merge config (or --list)")
     items = list(overrides or []) + ([f"dtype={dtype}"] if dtype else [])
+    if multi.is_multi(config):
+        steps = multi.load_multi_config(config, out, intermediate_dir=intermediate_dir, overrides=parse_overrides(items))
+        if dry_run:
+            for st, action, why, n, pending in multi.check_multi(steps, overwrite):
+                what = {"keep": "up to date, kept", "merge": "to merge", "remerge": f"to merge again ({why})"}[action]
+                got = (f"{n} tensors checked" if n is not None else
+                       f"waits for {', '.join(pending)}: its config and existing inputs checked, the rest once made")
+                console.print(Text(f"{st.label}: {st.cfg.method} -> {st.out} ({what}); {got}"))
+            return
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("merging tensors", total=None)
+            doing = ["merging tensors"]
+
+            def on_start(st, why: str) -> None:
+                n = check_merge(st.cfg, st.base_dir)  # its inputs exist now: size the bar
+                console.print(Text(f"{st.label}: {st.cfg.method} -> {st.out}{f' (again: {why})' if why else ''}"))
+                doing[0] = f"merging {st.name or 'the final merge'}"
+                bar.reset(task, total=n, description=doing[0])
+
+            multi.run_multi(steps, overwrite=overwrite, say=lambda line: console.print(Text(line)), on_start=on_start,
+                            progress=lambda _k: bar.advance(task),
+                            on_pass=lambda what: bar.reset(task, description=what if what != "merging" else doing[0]),
+                            notice=lambda line: console.print(Text(line)))
+        console.print(Text(f"outputs: {', '.join(str(st.out) for st in steps)}"))
+        return
+    if intermediate_dir is not None:
+        raise typer.BadParameter("--intermediate-dir is for a file of several merges (YAML documents separated by ---)")
     cfg = load_merge_config(config, parse_overrides(items))
     _, params, _, base, models = resolve(cfg, config.parent)
     # the config, every input's headers and the plan of every output tensor (slices may stack models of
@@ -701,6 +739,61 @@ def soup_cmd(
     scorer = ability_scorer(names, n=n, seed=seed, difficulty=difficulty, tasks=tasks)
     result = greedy_soup(models, scorer, out, dtype=dtype, overwrite=overwrite, progress=console.print)
     console.print(f"wrote {out}: {len(result.ingredients)} of {len(models)} models, score {result.score:.4f}")
+
+
+@app.command(cls=_Command, name="extract-lora")
+def extract_lora_cmd(
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="The base model folder (safetensors).")],
+    finetune: Annotated[Path, typer.Argument(metavar="FINETUNE", help="The fine-tuned model folder (same architecture).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the peft adapter.")],
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", metavar="R",
+                                                help="Rank of every module (with --energy: the most).")] = None,
+    energy: Annotated[Optional[float], typer.Option(metavar="FRACTION",
+                                                    help="Per module, the smallest rank keeping this fraction of the "
+                                                         "delta's sum of squared singular values, in (0, 1].")] = None,
+    sv_epsilon: Annotated[float, typer.Option(metavar="EPS", help="Drop singular values at or below EPS.")] = 0.0,
+    distribute_scale: Annotated[bool, typer.Option(help="sqrt(S) into both A and B (else S into A).")] = True,
+    embed_lora: Annotated[bool, typer.Option(help="LoRA for embeddings and head instead of saving them whole.")] = False,
+    save_module: Annotated[Optional[list[str]], typer.Option(metavar="NAME",
+                                                             help="Save this module whole (repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", metavar="REGEX",
+                                                         help="Extract only modules matching (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-e", metavar="REGEX",
+                                                         help="Leave out modules matching (repeatable).")] = None,
+    skip_undecomposable: Annotated[bool, typer.Option(help="Leave out changed norms etc. instead of saving them "
+                                                           "whole.")] = False,
+    svd: Annotated[str, typer.Option(metavar="KIND", help="full (exact) or randomized (needs --rank).")] = "full",
+    dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
+                                                 help="float32, bfloat16 or float16 (default: the base's).")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="Where the SVDs run (cpu, cuda).")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Extract a fine-tune's change as a peft LoRA adapter (mergekit-extract-lora's job).
+
+    Each linear weight's delta FINETUNE - BASE is cut to its truncated SVD (B A, alpha = r); embeddings, the head
+    and changed norms are saved whole. Load it with peft.PeftModel.from_pretrained(base_model, OUT). Streams tensor
+    by tensor; OUT is written whole or not at all, with OUT/extract_lora.json (each module's rank and energy kept).
+    """
+    from rich.progress import Progress
+
+    from mixtune.merge.extract_lora import extract_config, extract_lora
+
+    cfg = extract_config(rank=rank, energy=energy, sv_epsilon=sv_epsilon, distribute_scale=distribute_scale,
+                         embed_lora=embed_lora, modules_to_save=tuple(save_module or ()), include=tuple(include or ()),
+                         exclude=tuple(exclude or ()), skip_undecomposable=skip_undecomposable, svd=svd, dtype=dtype,
+                         device=device)
+    _quiet_transformers()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("extracting modules", total=None)
+
+        def advance(_module: str, total: int) -> None:
+            bar.update(task, total=total, advance=1)
+
+        result = extract_lora(base, finetune, out, cfg, overwrite=overwrite, progress=advance)
+    ranks = sorted(set(result.ranks.values()))
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no LoRA modules"
+    console.print(f"wrote {out}: {len(result.ranks)} LoRA modules ({shown}), {len(result.whole)} saved whole, "
+                  f"{result.unchanged} unchanged")
 
 
 @app.command(cls=_Command)

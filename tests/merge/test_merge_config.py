@@ -34,6 +34,8 @@ tokenizer_source: base
     # the top-level density stays there: the default of every model that sets none (mergekit's precedence)
     assert cfg.parameters == {"density": 0.2, "normalize": False, "lambda": 0.9, "int8_mask": True}
     assert cfg.dtype == "float32" and cfg.out_dtype == "bfloat16" and cfg.seed == 7
+    # aligned by token string as mergekit does, not cut by row
+    assert cfg.tokenizer.source == "base" and cfg.tokenizer.tokens == {} and cfg.vocab == "error"
     from mixtune.merge.run import resolve
 
     _, params, per_model, _, _ = resolve(cfg, tmp_path)
@@ -42,11 +44,12 @@ tokenizer_source: base
 
 @pytest.mark.parametrize("text,match", [
     ("merge_method: ties\nmodules: {}\nmodels: []\n", "mergekit field 'modules' is not supported"),
-    ("merge_method: slerp\nchat_template: chatml\nmodels: []\n", "mergekit field 'chat_template' is not supported"),
-    ("merge_method: karcher\nmodels: []\n", "merge_method 'karcher' is not supported.*slerp"),
+    ("merge_method: sterp\nmodels: []\n", "merge_method 'sterp' is not supported.*slerp"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n", "models\\[0\\] \\(a\\) has no weight"),
     ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1}\n", "slerp takes no weights"),
-    ("merge_method: linear\ntokenizer_source: union\nmodels: []\n", "only 'base'"),
+    ("merge_method: linear\ntokenizer_source: union\ntokenizer: {source: base}\nmodels: []\n",
+     "tokenizer_source or tokenizer, not both"),
+    ("merge_method: linear\ntokenizer: base\nmodels: []\n", "tokenizer: expected a mapping"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: a}]\n", "needs a 'model' and a 'layer_range'"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n",
      "slices\\[0\\] field 'residual_weight' is not supported"),
@@ -109,3 +112,12 @@ def test_top_level_per_model_parameters_are_every_models_default(tmp_path):
     bad = write(tmp_path, "method: ties\nbase_model: b\nparameters: {density: [0.5, 1.5]}\nmodels: [{model: a}]\n")
     with pytest.raises(ConfigError, match=r"parameters for ties: density: Input should be less than or equal to 1"):
         resolve(load_merge_config(bad), tmp_path)  # the gradient's every value is checked before merging
+
+
+def test_a_base_for_linear_is_refused_not_ignored(tmp_path):
+    """mergekit merges a base_model the models do not list as one more model (mergekit/plan.py:143-157);
+    for linear, whose weights mixtune must not guess, that is an error naming the field."""
+    path = tmp_path / "m.yml"
+    path.write_text("merge_method: linear\nbase_model: ./base\nmodels:\n  - {model: ./a, parameters: {weight: 1}}\n")
+    with pytest.raises(ConfigError, match="base_model: linear takes no base model.*list it under models"):
+        load_merge_config(path)

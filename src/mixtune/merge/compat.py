@@ -28,6 +28,8 @@ Notation: theta_0 the base, tau_i = theta_i - theta_0, w_i the weights, d a kept
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -43,6 +45,17 @@ CHUNK = 1 << 20
 def chunks(n: int, size: int = CHUNK):
     """Slices covering range(n), ``size`` at a time."""
     return (slice(lo, min(n, lo + size)) for lo in range(0, n, size))
+
+
+def parallel(fn, items: list, large: bool) -> list:
+    """``[fn(x) for x in items]``, on up to torch's thread count of threads when ``large`` (torch's
+    sort, which mergekit's top-k and rank ranges need, runs on one thread: one per model fills the
+    cores; the results do not depend on the threads)."""
+    workers = min(len(items), torch.get_num_threads())
+    if not large or workers < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -106,34 +119,67 @@ class MergekitParams(Strict):
     """Accepted for compatibility; it changes mergekit's memory use, not its results."""
 
 
-def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the entries ``torch.argsort(w, descending=True)[:k]`` keeps (mergekit's magnitude
-    sparsification, mergekit/sparsify.py:56-78), for 1-D float ``w``. The k-th largest value v is
-    found by selection; when every entry equal to v makes the cut the mask is ``w >= v``, else the
-    tied entries are split by the sort's own order, so the sort is taken."""
-    n = w.numel()
-    v = kth_smallest(w, n - k + 1)
-    above, equal = int(torch.count_nonzero(w > v)), int(torch.count_nonzero(w == v))
-    if above + equal == k:
-        return w >= v
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.argsort(w, descending=True)[:k]] = True
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _value_counts(mag: torch.Tensor) -> torch.Tensor | None:
+    """How many entries of the non-negative 1-D ``mag`` take each value, indexed by the value's 16-bit
+    pattern, for bfloat16 and float16 ``mag`` (their non-negative patterns, read as integers, are in
+    the values' order); None for other dtypes. One pass: exact order statistics without selection."""
+    if mag.dtype not in HALF:
+        return None
+    return torch.bincount(mag.view(torch.int16).to(torch.int32), minlength=1 << 15)
+
+
+def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Mask of ``torch.sort(w, descending).indices[start:stop]``: the sort mergekit takes, whose order
+    among equal values (it is not stable) is its own, so only the sort itself reproduces it."""
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[torch.sort(w, descending=descending).indices[start:stop]] = True
     return mask
 
 
-def rank_range(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Mask of ``torch.sort(w).indices[start:stop]`` (mergekit's magnitude_outliers,
-    mergekit/sparsify.py:81-115), for 1-D float ``w``: by two selections when no run of equal
-    values straddles either end, by the sort itself when one does."""
-    n = w.numel()
+def top_k_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the entries ``torch.argsort(mag.float(), descending=True)[:k]`` keeps (mergekit's
+    magnitude sparsification, mergekit/sparsify.py:56-78), for non-negative 1-D ``mag``. The k-th
+    largest value v is found by counting values (half precision) or by selection; when every entry
+    equal to v makes the cut the mask is ``mag >= v``, else the tied entries are split by the sort's
+    own order, so the sort is taken."""
+    n = mag.numel()
+    counts = _value_counts(mag)
+    if counts is not None:
+        at_least = counts.flip(0).cumsum(0).flip(0)  # entries >= each value
+        bits = int(torch.count_nonzero(at_least >= k)) - 1  # the k-th largest value's pattern
+        above, equal = int(at_least[bits]) - int(counts[bits]), int(counts[bits])
+        v = torch.tensor(bits, dtype=torch.int16).view(mag.dtype)
+    else:
+        v = kth_smallest(mag, n - k + 1)
+        above, equal = int(torch.count_nonzero(mag > v)), int(torch.count_nonzero(mag == v))
+    if above + equal == k:
+        return mag >= v
+    return _sorted_mask(mag.float(), 0, k, descending=True)
+
+
+def rank_range(mag: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mask of ``torch.sort(mag.float()).indices[start:stop]`` (mergekit's magnitude_outliers,
+    mergekit/sparsify.py:81-115), for non-negative 1-D ``mag``: by counting values (half precision)
+    or two selections when no run of equal values straddles either end, by the sort itself when one does."""
+    n = mag.numel()
     if stop <= start or n == 0:
         return torch.zeros(n, dtype=torch.bool)
-    lo, hi = kth_smallest(w, start + 1), kth_smallest(w, stop)
-    if int(torch.count_nonzero(w < lo)) == start and int(torch.count_nonzero(w <= hi)) == stop:
-        return (w >= lo) & (w <= hi)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.sort(w, descending=False).indices[start:stop]] = True
-    return mask
+    counts = _value_counts(mag)
+    if counts is not None:
+        at_most = counts.cumsum(0)  # entries <= each value
+        lo_bits = int(torch.count_nonzero(at_most < start + 1))  # the (start+1)-th smallest's pattern
+        hi_bits = int(torch.count_nonzero(at_most < stop))
+        clean = int(at_most[lo_bits] - counts[lo_bits]) == start and int(at_most[hi_bits]) == stop
+        lo, hi = (torch.tensor(b, dtype=torch.int16).view(mag.dtype) for b in (lo_bits, hi_bits))
+    else:
+        lo, hi = kth_smallest(mag, start + 1), kth_smallest(mag, stop)
+        clean = int(torch.count_nonzero(mag < lo)) == start and int(torch.count_nonzero(mag <= hi)) == stop
+    if clean:
+        return (mag >= lo) & (mag <= hi)
+    return _sorted_mask(mag.float(), start, stop, descending=False)
 
 
 def random_keep(n: int, density: float, rng: torch.Generator) -> torch.Tensor:
@@ -151,7 +197,9 @@ def della_keep(delta: torch.Tensor, density: float, epsilon: float, rng: torch.G
     ascending magnitude rank r of n is kept with probability (d - eps) + 2 eps r / (n - 1)."""
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # 0-based ascending rank
+    order = rows.abs().argsort(dim=1)  # the rank of each entry is where the sort puts it (0-based, ascending):
+    ranks = torch.empty(rows.shape)    # argsort(argsort) as mergekit takes it, with one sort
+    ranks.scatter_(1, order, torch.arange(n, dtype=ranks.dtype).expand(rows.shape))
     rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)  # mergekit gives 0/0 there
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     return (torch.rand(rows.shape, generator=rng) < probs).reshape(delta.shape)
@@ -190,11 +238,11 @@ def mergekit_keep(delta: torch.Tensor, mp: MergekitModelParams, kind: str, rng: 
     if kind == "magnitude":
         if d <= 0 or n == 0:
             return torch.zeros(delta.shape, dtype=torch.bool), None
-        mask = top_k_mask(delta.abs().reshape(-1).float(), max(1, int(d * n))).reshape(delta.shape)
+        mask = top_k_mask(delta.abs().reshape(-1), max(1, int(d * n))).reshape(delta.shape)
     elif kind == "outliers":
         keep, top = int(d * n), int(mp.gamma * n)
         bottom = max(0, n - keep - top)
-        mask = rank_range(delta.abs().reshape(-1).float(), bottom, bottom + keep).reshape(delta.shape)
+        mask = rank_range(delta.abs().reshape(-1), bottom, bottom + keep).reshape(delta.shape)
     elif kind == "della":
         if d <= 0:
             return torch.zeros(delta.shape, dtype=torch.bool), None
@@ -258,8 +306,16 @@ def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
                     scale = before / after if before >= 1e-7 and after >= 1e-7 else None
                 keeps.append((keep, scale))
             else:
-                mask, scale = mergekit_keep(m - base, mp, sparsify, ctx.rng, rescale=resc, where=ctx.key)
-                keeps.append((mask.reshape(-1), scale))
+                keeps.append((m, mp))
+        ranked = [i for i, (m, mp) in enumerate(keeps) if isinstance(mp, MergekitModelParams)]
+
+        def ranked_keep(i: int):
+            mask, scale = mergekit_keep(keeps[i][0] - base, keeps[i][1], sparsify, ctx.rng, rescale=resc,
+                                        where=ctx.key)
+            return mask.reshape(-1), scale
+
+        for i, kept in zip(ranked, parallel(ranked_keep, ranked, large=n >= CHUNK)):
+            keeps[i] = kept
         # 2) the combination is elementwise: a chunk at a time, each step the operation mergekit takes
         w = torch.tensor(weights, dtype=dtype)  # mergekit's weights are D tensors
         total = w.sum()

@@ -12,7 +12,8 @@ mixtune's form::
     out_dtype: bfloat16           # the dtype written (default: dtype)
     seed: 0                       # random methods (DARE)
     max_shard_size: 5GB
-    vocab: error                  # or pad / truncate when vocabulary sizes differ
+    vocab: error                  # or pad / truncate (by row) when vocabulary sizes differ
+    tokenizer: {source: union}    # or align them by token string, as mergekit does (see below)
     files_from: ./math            # config + tokenizer over the base's (default: the base's)
 
 or, instead of ``models``, ``slices`` (a frankenmerge, or a merge of layer ranges)::
@@ -25,10 +26,24 @@ mergekit's form (recognised by its ``merge_method`` key) is read as mergekit rea
 ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``, ``slices[].sources[]``
 (``model``, ``layer_range``, ``parameters``), ``slices[].base_model``, ``slices[].parameters``,
 top-level ``parameters`` (method parameters, and per-model defaults such as a shared ``density``),
-``dtype``, ``out_dtype``, ``random_seed`` and ``tokenizer_source: base``. Parameters of mergekit's
-methods may be gradients and filter lists (:mod:`mixtune.merge.settings`). Not supported, and an
-error naming the field: ``modules``, other tokenizer sources, ``tokenizer``, ``chat_template``, and
-methods mixtune does not have. Paths are taken from the config's folder.
+``dtype``, ``out_dtype``, ``random_seed``, ``tokenizer_source`` (read as ``tokenizer: {source: ...}``),
+``tokenizer`` and ``chat_template``. Parameters of mergekit's methods may be gradients and filter
+lists (:mod:`mixtune.merge.settings`). Not supported, and an error naming the field: ``modules``
+and methods mixtune does not have. Paths are taken from the config's folder.
+
+Vocabularies: with ``tokenizer`` the embedding and head rows are aligned by token string and the
+tokenizer is built as mergekit builds it (:mod:`mixtune.merge.vocab`); without it, vocabulary sizes
+must match unless ``vocab`` says to pad or cut by row (mixtune's own; mergekit has no such field and
+stops, so a mergekit config without a tokenizer field stops too)::
+
+    tokenizer:
+      source: union               # base, union, or a model's folder (its tokenizer as it is)
+      tokens:                     # optional rules for single tokens (added when missing)
+        "<|im_start|>": {source: ./math}                                   # that model's row
+        "<|im_end|>": {source: {kind: model_token, model: ./math, token: "</s>"}, force: true}
+        "<pad>": {source: {kind: zero}}
+      pad_to_multiple_of: 64
+    chat_template: chatml         # auto, a name (chat_templates.CHAT_TEMPLATES) or a Jinja string
 """
 
 from __future__ import annotations
@@ -74,6 +89,58 @@ class SliceEntry(Strict):
     """Parameters for this slice's tensors, over the top level's."""
 
 
+class ZeroRow(Strict):
+    """A row of zeros (mergekit's ``{kind: zero}``)."""
+
+    kind: Literal["zero"]
+    """``zero``."""
+
+
+class ModelTokenRow(Strict):
+    """Another token's row of one model (mergekit's ``{kind: model_token}``)."""
+
+    kind: Literal["model_token"]
+    """``model_token``."""
+    model: Path
+    """The model whose row is taken (one of the merge's inputs)."""
+    token: str | None = None
+    """The token whose row is taken, looked up in that model's tokenizer (give this or ``token_id``)."""
+    token_id: int | None = None
+    """The row taken, by index into that model's embedding (give this or ``token``)."""
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give token or token_id (exactly one)")
+        return self
+
+
+class TokenRule(Strict):
+    """Where one output token's embedding and head rows come from."""
+
+    source: ZeroRow | ModelTokenRow | Path | None = None
+    """A model's folder (its row of this token), ``{kind: model_token, model, token | token_id}`` or
+    ``{kind: zero}``; null: the default rule (the only model that has the token, else the base's row,
+    else the mean of the rows of the models that have it, else zeros). Used for the models that lack the
+    token, or for every model with ``force``."""
+    force: bool = False
+    """Give every model this row before merging, even those that have the token."""
+
+
+class TokenizerSpec(Strict):
+    """The output vocabulary, and how embedding and head rows are aligned to it (mergekit's
+    ``tokenizer``: :mod:`mixtune.merge.vocab`)."""
+
+    source: Literal["base", "union"] | Path = "union"
+    """``base``: the base's tokenizer (the first model's without a base), less tokens past its
+    ``vocab_size``; ``union``: the base's plus every token of the other models (theirs appended in
+    config order, each model's by id); or a model's folder: that tokenizer as it is."""
+    tokens: dict[str, TokenRule] = {}
+    """Rules for single tokens, by token string; a token not in the vocabulary is added to it."""
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    """Round the rows up to a multiple of this; the extra rows are each input's mean row."""
+
+
 class MergeConfig(Strict):
     """A merge recipe (see the module docstring)."""
 
@@ -99,8 +166,15 @@ class MergeConfig(Strict):
     max_shard_size: str | int = "5GB"
     """Largest output shard: bytes, or e.g. 5GB, 500MB, 2GiB."""
     vocab: Literal["error", "pad", "truncate"] = "error"
-    """When embedding and head rows differ: stop (default), pad every input with zero rows to the
-    largest vocabulary (as fine-tuning transfer does), or cut them to the base's."""
+    """Without ``tokenizer``, when embedding and head rows differ: stop (default), pad every input with
+    zero rows to the largest vocabulary (as fine-tuning transfer does), or cut them to the base's. Both
+    go by row, not token: right only where every tokenizer extends the base's."""
+    tokenizer: TokenizerSpec | None = None
+    """Align embedding and head rows by token string to an output vocabulary and write its tokenizer,
+    as mergekit's ``tokenizer`` / ``tokenizer_source`` do (default: none; rows must match, see ``vocab``)."""
+    chat_template: str | None = None
+    """The output tokenizer's chat template: ``auto`` (the one most of the models have), a name
+    (alpaca, chatml, exaone, llama3, mistral) or a Jinja string (default: the tokenizer's own)."""
     files_from: Path | None = None
     """Folder whose config and tokenizer files go beside the merged weights, over the base's
     (default: the base's; for ``transfer``, the fine-tune's)."""
@@ -110,6 +184,12 @@ class MergeConfig(Strict):
         if bool(self.models) == bool(self.slices):
             raise ValueError("give models (merged tensor by tensor) or slices (layer ranges), not "
                              f"{'both' if self.models else 'neither'}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_vocabulary_rule(self):
+        if self.tokenizer is not None and self.vocab != "error":
+            raise ValueError(f"give tokenizer (rows aligned by token string) or vocab: {self.vocab} (by row), not both")
         return self
 
 
@@ -135,7 +215,7 @@ def from_mergekit(doc: dict, where: str = "config") -> dict:
     from mixtune.merge.methods import MERGE_METHODS
 
     known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "random_seed",
-             "tokenizer_source"}
+             "tokenizer_source", "tokenizer", "chat_template"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"{where}: mergekit field {key!r} is not supported by mixtune "
@@ -148,8 +228,8 @@ def from_mergekit(doc: dict, where: str = "config") -> dict:
     spec = MERGE_METHODS.get(method)
     takes_base = spec.needs_base or spec.optional_base
     takes_weight = spec.weighted
-    if doc.get("tokenizer_source") not in (None, "base"):
-        raise ConfigError(f"{where}: tokenizer_source {doc['tokenizer_source']!r}: only 'base' is supported")
+    if doc.get("tokenizer_source") is not None and doc.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: give tokenizer_source or tokenizer, not both (mergekit takes one)")
     top = dict(doc.get("parameters") or {})
     if "weight" in top and not takes_weight:
         raise ConfigError(f"{where}: parameters.weight: {method} takes no weights")
@@ -201,10 +281,27 @@ def from_mergekit(doc: dict, where: str = "config") -> dict:
             if takes_weight and "weight" not in own and "weight" not in top:
                 raise ConfigError(f"{where}: models[{i}] ({entry['model']}) has no weight (mergekit requires one)")
             models.append(own)
+        if spec.mergekit and not takes_base and not takes_weight and base is not None \
+                and all(m["model"] != base for m in models):
+            # mergekit adds a base the models do not list as one more input, which a method without
+            # a base merges like the rest (mergekit/plan.py:143-157): karcher averages it in
+            models.append({"model": base, "parameters": {}})
+        if spec.mergekit and not takes_base and takes_weight and base is not None \
+                and all(m["model"] != base for m in models):
+            raise ConfigError(f"{where}: base_model: {method} takes no base model; mergekit merges a base the "
+                              "models do not list as one more model, so list it under models with its weight "
+                              "(or remove base_model)")
         out["models"] = models
-    # mergekit stops at embeddings whose vocabulary differs unless told how to align them; mixtune
-    # cuts them to the base's rows (see docs/merging.md)
-    out["vocab"] = "truncate"
+    # mergekit aligns vocabularies by token string when given a tokenizer (mergekit/plan.py:64-76,
+    # 213-226) and otherwise stops at rows that differ; so does mixtune (vocab stays "error")
+    if doc.get("tokenizer_source") is not None:
+        out["tokenizer"] = {"source": doc["tokenizer_source"]}
+    elif isinstance(doc.get("tokenizer"), dict):  # mergekit writes unset fields as null
+        out["tokenizer"] = {k: v for k, v in doc["tokenizer"].items() if v is not None}
+    elif doc.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: tokenizer: expected a mapping (source, tokens, pad_to_multiple_of)")
+    if doc.get("chat_template") is not None:
+        out["chat_template"] = doc["chat_template"]
     if base is not None:
         out["base_model"] = base
     for key in ("dtype", "out_dtype"):
@@ -223,6 +320,9 @@ def load_merge_config(path: str | os.PathLike, overrides: dict | None = None) ->
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
+        if getattr(e, "context", None) == "expected a single document in the stream":  # pyyaml's words
+            raise ConfigError(f"{path}: holds several YAML documents (separated by ---), one merge each: run them with "
+                              "`mixtune merge CONFIG --out DIR` or mixtune.merge.multi.load_multi_config") from None
         raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not (isinstance(doc, dict) and "merge_method" in doc):
         return load_config(MergeConfig, path, overrides)

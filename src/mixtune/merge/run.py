@@ -9,9 +9,11 @@ are resolved at each (:mod:`mixtune.merge.settings`). A
 method with ``scope: global`` first finds its whole-model statistics in streaming passes over the
 inputs (:mod:`mixtune.merge.context`). Inputs are checked first: a missing tensor, a shape mismatch,
 a different architecture or a NaN/Inf stops the merge with one line naming the model and the
-tensor. Vocabulary sizes may differ only when the config says what to do (``vocab: pad`` pads
-embedding and head rows with zeros to the largest vocabulary; ``vocab: truncate`` cuts them to the
-base's). A peft LoRA adapter folder is accepted wherever a model is, applied to the base.
+tensor. Vocabulary sizes may differ only when the config says what to do: ``tokenizer`` aligns
+embedding and head rows by token string to an output vocabulary, as mergekit does, and writes its
+tokenizer (:mod:`mixtune.merge.vocab`); without it ``vocab: pad`` pads them with zeros to the
+largest vocabulary and ``vocab: truncate`` cuts them to the base's, by row. A peft LoRA adapter
+folder is accepted wherever a model is, applied to the base.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ from mixtune.merge.methods import MERGE_METHODS
 from mixtune.merge.partials import claim, reap_stale_partials, release
 from mixtune.merge.plan import OutTensor, normpath, own_settings, plan_models, plan_slices
 from mixtune.merge.settings import check_model_values, explain, is_scalar, leaves, split, tensor_parameters, validated
+from mixtune.merge.chat_templates import chat_template_text
+from mixtune.merge.vocab import RowPlan, Vocabulary, build_vocabulary, chosen_template, reserialize, write_tokenizer
 
 _explain = explain  # the name study_merges imports
 
 VOCAB = re.compile(r"embed|lm_head|wte|word_embeddings|(^|\.)output\.weight$")
 """Names of the tensors whose first dimension is the vocabulary."""
+
+VOCAB_HINT = (" (vocabulary sizes differ: align rows by token string with tokenizer: {source: base | union | MODEL} "
+              "(mergekit: tokenizer_source), or pad / cut them by row with vocab: pad | truncate)")
 
 
 def resolve(cfg: MergeConfig, base_dir: Path = Path(".")):
@@ -112,6 +119,8 @@ def resolve(cfg: MergeConfig, base_dir: Path = Path(".")):
     if method.needs_base and cfg.base_model is None and not (cfg.slices and all(sl.base_model for sl in cfg.slices)):
         raise ConfigError(f"method {cfg.method} needs base_model (the model the task vectors are taken from)")
     parse_size(cfg.max_shard_size)
+    if cfg.chat_template is not None:
+        chat_template_text(cfg.chat_template)
     base = here(cfg.base_model, base_dir) if cfg.base_model is not None else None
     if cfg.models:
         return method, params, per_model, base, [here(m.model, base_dir) for m in cfg.models]
@@ -162,9 +171,10 @@ def open_inputs(base: Path | None, models: list[Path]) -> list:
 def check_inputs(reference, others: list, vocab: str = "error") -> dict[str, tuple[int, ...]]:
     """Same architecture, same tensor names and shapes; raises CheckpointError naming what differs.
 
-    Returns the output shape of every tensor: the reference's, except that with ``vocab`` pad or
-    truncate the vocabulary rows of embeddings and heads may differ (pad: the largest; truncate:
-    the reference's).
+    Returns the output shape of every tensor: the reference's, except that with ``vocab`` pad,
+    truncate or align the vocabulary rows of embeddings and heads may differ (pad: the largest;
+    truncate: the reference's; align, for ``tokenizer``: the reference's, to be replaced by the
+    output vocabulary's).
     """
     arch = _architecture(reference.folder)
     shapes = {k: reference.shape(k) for k in reference.keys()}
@@ -188,8 +198,7 @@ def check_inputs(reference, others: list, vocab: str = "error") -> dict[str, tup
                 if vocab == "pad":
                     shapes[k] = (max(shapes[k][0], b[0]), *a[1:])
                 continue
-            hint = (" (vocabulary sizes differ: set vocab: pad or vocab: truncate to merge anyway)"
-                    if rows_only else "")
+            hint = VOCAB_HINT if rows_only else ""
             raise CheckpointError(f"{r.label}: tensor {k} has shape {list(b)}, {reference.label} has "
                                   f"{list(a)}{hint}")
     return shapes
@@ -211,7 +220,7 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 def _copy_files(reference: Path, files_from: Path | None, folder: Path, shapes: dict,
                 layers: int | None = None, dtype: str | None = None) -> None:
     """Config and tokenizer files: the reference's, overlaid by ``files_from``'s; ``vocab_size`` set
-    to the output's embedding rows when padding or truncation changed them, the layer count to
+    to the output's embedding rows when padding, truncation or a tokenizer changed them, the layer count to
     ``layers`` when slices set it, and the dtype to ``dtype`` when the config names one (as mergekit
     sets it, mergekit/merge.py:297-300)."""
     copy_side_files(reference, folder)
@@ -222,7 +231,7 @@ def _copy_files(reference: Path, files_from: Path | None, folder: Path, shapes: 
         return
     c = json.loads(config.read_text())
     changed = False
-    rows = [shape[0] for k, shape in shapes.items() if "embed" in k and len(shape) == 2]
+    rows = [shape[0] for k, shape in shapes.items() if VOCAB.search(k) and len(shape) == 2]
     if rows and c.get("vocab_size") not in (None, rows[0]):
         c["vocab_size"] = rows[0]
         changed = True
@@ -300,25 +309,47 @@ def _plan_shapes(plan: list[OutTensor], readers: list, vocab: str) -> dict[str, 
                 if vocab == "pad":
                     want = (max(want[0], got[0]), *want[1:])
                 continue
-            hint = (" (vocabulary sizes differ: set vocab: pad or vocab: truncate to merge anyway)"
-                    if rows_only else "")
+            hint = VOCAB_HINT if rows_only else ""
             raise CheckpointError(f"{readers[inp.reader].label}: tensor {inp.key} has shape {list(got)}, "
                                   f"{readers[first.reader].label}'s {first.key} has {list(want)}{hint}")
         shapes[tp.key] = tuple(want)
     return shapes
 
 
+def _align(cfg: MergeConfig, plan: list[OutTensor], readers: list, shapes: dict, folders: list[Path],
+           base_dir: Path) -> tuple[Vocabulary, dict[str, RowPlan]]:
+    """For ``tokenizer``: the output vocabulary (``folders``: the models, the tokenizer base first) and
+    the realignment of every embedding and head tensor of the plan, whose output rows are set in
+    ``shapes``; every rule is checked here, before anything is read."""
+    folders = list(dict.fromkeys(normpath(f) for f in folders))
+    vocabulary = build_vocabulary(cfg.tokenizer, folders, lambda p: normpath(here(p, base_dir)))
+    plans = {}
+    for tp in plan:
+        if not VOCAB.search(tp.key) or len(shapes[tp.key]) < 1:
+            continue
+        base = cfg.slices[tp.slice].base_model if tp.slice is not None else None
+        base = base or cfg.base_model
+        plans[tp.key] = vocabulary.plan([normpath(readers[i.reader].folder) for i in tp.inputs],
+                                        normpath(here(base, base_dir)) if base is not None else None, tp.key)
+        shapes[tp.key] = (vocabulary.size, *shapes[tp.key][1:])
+    return vocabulary, plans
+
+
 def _open_plan(cfg: MergeConfig, method, base_path: Path | None, model_paths: list[Path], base_dir: Path):
     """The opened readers, the reference (config, tokenizer and integer buffers come from it), the
-    plan, the output shapes and, for slices, the output's number of layers."""
+    plan, the output shapes, for slices the output's number of layers (else None), and for
+    ``tokenizer`` the output vocabulary and each embedding and head tensor's realignment (else None, {})."""
     takes_base = method.needs_base or method.optional_base
+    vocab = "align" if cfg.tokenizer is not None else cfg.vocab
+    folders = ([base_path] if base_path else []) + model_paths
     if cfg.models:
         inputs = open_inputs(base_path, model_paths)
         try:
-            shapes = check_inputs(inputs[0], inputs[1:], cfg.vocab)
+            shapes = check_inputs(inputs[0], inputs[1:], vocab)
             readers = inputs if takes_base or base_path is None else inputs[1:]
             plan = plan_models(cfg, inputs[0].keys(), takes_base and base_path is not None)
-            return inputs, readers, inputs[0], plan, shapes, None
+            aligned = _align(cfg, plan, readers, shapes, folders, base_dir) if cfg.tokenizer else (None, {})
+            return inputs, readers, inputs[0], plan, shapes, None, *aligned
         except Exception:
             for r in inputs:
                 r.close()
@@ -334,7 +365,11 @@ def _open_plan(cfg: MergeConfig, method, base_path: Path | None, model_paths: li
         plan, layers = plan_slices(cfg, method, inputs, index_of, lambda p: here(p, base_dir))
         lead = index_of[normpath(here(cfg.slices[0].sources[0].model, base_dir))]
         reference = inputs[0] if base_path else inputs[lead]
-        return inputs, inputs, reference, plan, _plan_shapes(plan, inputs, cfg.vocab), layers
+        shapes = _plan_shapes(plan, inputs, vocab)
+        aligned = (None, {})
+        if cfg.tokenizer:
+            aligned = _align(cfg, plan, inputs, shapes, [reference.folder, *paths], base_dir)
+        return inputs, inputs, reference, plan, shapes, layers, *aligned
     except Exception:
         for r in inputs:
             r.close()
@@ -346,7 +381,8 @@ def check_merge(cfg: MergeConfig, base_dir: Path = Path(".")) -> int:
     of every output tensor, their shapes), merging nothing; returns the number of output tensors.
     Unlike :func:`check_inputs` across all inputs, it knows slices: their models may differ in depth."""
     method, _params, _per_model, base_path, model_paths = resolve(cfg, base_dir)
-    inputs, *_rest, plan, _shapes, _layers = _open_plan(cfg, method, base_path, model_paths, base_dir)
+    inputs, *_rest, plan, _shapes, _layers, _vocabulary, _aligned = _open_plan(cfg, method, base_path, model_paths,
+                                                                                base_dir)
     for r in inputs:
         r.close()
     return len(plan)
@@ -369,7 +405,8 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
     method, params, per_model, base_path, model_paths = resolve(cfg, base_dir)
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another folder, or overwrite it (--overwrite)")
-    inputs, readers, reference, plan, shapes, layers = _open_plan(cfg, method, base_path, model_paths, base_dir)
+    inputs, readers, reference, plan, shapes, layers, vocabulary, aligned = _open_plan(
+        cfg, method, base_path, model_paths, base_dir)
     try:
         by_key = {tp.key: tp for tp in plan}
         stored = {tp.key: [TORCH_DTYPES[readers[i.reader].dtype(i.key)] for i in tp.inputs] for tp in plan}
@@ -393,7 +430,10 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
 
         def load(key: str) -> list[torch.Tensor | None]:
             tp = by_key[key]
-            tensors = [_fit(readers[i.reader].get(i.key), shapes[key]) for i in tp.inputs]
+            if key in aligned:  # realigned below, after the cast, as mergekit realigns what it loaded
+                tensors = [readers[i.reader].get(i.key) for i in tp.inputs]
+            else:
+                tensors = [_fit(readers[i.reader].get(i.key), shapes[key]) for i in tp.inputs]
             if key not in checked:
                 for i, t in zip(tp.inputs, tensors):
                     # a sum is NaN/Inf when an entry is (one fast pass); isfinite confirms, since a sum can overflow
@@ -402,6 +442,8 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
                 checked.add(key)
             if key in compute:  # mergekit casts each input to the compute dtype as it loads it
                 tensors = [t.to(compute[key]) for t in tensors]
+            if key in aligned:
+                tensors = aligned[key].apply(tensors, [readers[i.reader].label for i in tp.inputs], key)
             if has_base and not tp.has_base:
                 tensors = [None, *tensors]
             return tensors
@@ -432,6 +474,11 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
             if files_from is None and method.files_from:
                 files_from = model_paths[method.files_from - 1]
             _copy_files(reference.folder, files_from, tmp, shapes, layers, written)
+            models = list(dict.fromkeys(normpath(f) for f in ([base_path] if base_path else []) + model_paths))
+            if vocabulary is not None:  # mergekit/merge.py:116-119
+                write_tokenizer(vocabulary.tokenizer, tmp, chosen_template(cfg.chat_template, models))
+            elif cfg.chat_template is not None:  # mergekit/merge.py:276-284
+                reserialize(files_from or reference.folder, tmp, cfg.chat_template, models)
             atomic_write_text(tmp / "merge.yaml", dump_config(cfg))
             release(tmp)
     finally:
