@@ -131,11 +131,21 @@ def _value_counts(mag: torch.Tensor) -> torch.Tensor | None:
     return torch.bincount(mag.view(torch.int16).to(torch.int32), minlength=1 << 15)
 
 
-def _sorted_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
-    """Mask of ``torch.sort(w, descending).indices[start:stop]``: the sort mergekit takes, whose order
-    among equal values (it is not stable) is its own, so only the sort itself reproduces it."""
-    mask = torch.zeros(w.numel(), dtype=torch.bool)
-    mask[torch.sort(w, descending=descending).indices[start:stop]] = True
+def _sorted_mask(mag: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Mask of ``torch.sort(mag.float(), descending).indices[start:stop]``: the sort mergekit takes, whose
+    order among equal values (it is not stable) is its own, so only the sort itself reproduces it.
+    Half-precision magnitudes are sorted as their 16-bit patterns, which compare as the values do:
+    torch's CPU sort of floats and its descending sort of integers are the same comparison sort
+    (std::sort), so the order is the same (tested) and fewer bytes move. Its ascending sort of
+    integers is a different (radix) sort, so an ascending order is taken as the descending order of
+    the negated patterns: every comparison comes out as before."""
+    if mag.dtype in HALF:
+        keys = mag.view(torch.int16) if descending else -mag.view(torch.int16)
+        descending = True
+    else:
+        keys = mag.float()
+    mask = torch.zeros(mag.numel(), dtype=torch.bool)
+    mask[torch.sort(keys, descending=descending).indices[start:stop]] = True
     return mask
 
 
@@ -157,7 +167,7 @@ def top_k_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
         above, equal = int(torch.count_nonzero(mag > v)), int(torch.count_nonzero(mag == v))
     if above + equal == k:
         return mag >= v
-    return _sorted_mask(mag.float(), 0, k, descending=True)
+    return _sorted_mask(mag, 0, k, descending=True)
 
 
 def rank_range(mag: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -179,7 +189,7 @@ def rank_range(mag: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         clean = int(torch.count_nonzero(mag < lo)) == start and int(torch.count_nonzero(mag <= hi)) == stop
     if clean:
         return (mag >= lo) & (mag <= hi)
-    return _sorted_mask(mag.float(), start, stop, descending=False)
+    return _sorted_mask(mag, start, stop, descending=False)
 
 
 def random_keep(n: int, density: float, rng: torch.Generator) -> torch.Tensor:
@@ -314,7 +324,9 @@ def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
                                         where=ctx.key)
             return mask.reshape(-1), scale
 
-        for i, kept in zip(ranked, parallel(ranked_keep, ranked, large=n >= CHUNK)):
+        # one model's sort per thread; the largest tensors (embeddings) one at a time, so that several
+        # models' sort buffers (16 bytes an entry) are not held at once
+        for i, kept in zip(ranked, parallel(ranked_keep, ranked, large=CHUNK <= n <= 16 * CHUNK)):
             keeps[i] = kept
         # 2) the combination is elementwise: a chunk at a time, each step the operation mergekit takes
         w = torch.tensor(weights, dtype=dtype)  # mergekit's weights are D tensors
