@@ -23,6 +23,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -273,8 +274,7 @@ def merge_tensors(method, params, per_model: list, weights: list[float], keys: l
         return Context(key=key, rng=torch.Generator().manual_seed(tensor_seed(seed, key)), per_model=of(key)[1],
                        layer=layers[key], num_layers=num_layers, dtype=(dtypes or {}).get(key, torch.float32))
 
-    def run(key: str, ctx: Context) -> torch.Tensor:
-        tensors = load(key)
+    def combine(key: str, ctx: Context, tensors: list) -> torch.Tensor:
         base, models = (tensors[0], tensors[1:]) if has_base else (None, tensors)
         p, _, w = of(key)
         out = method.fn(base, models, w, p, ctx)
@@ -282,15 +282,25 @@ def merge_tensors(method, params, per_model: list, weights: list[float], keys: l
             progress(key)
         return out
 
+    def run(key: str, ctx: Context) -> torch.Tensor:
+        return combine(key, ctx, load(key))
+
     known = {}
     if getattr(params, "scope", None) == "global":
         known = resolve_globals(keys, run, context, sizes, on_pass=on_pass)
     if on_pass is not None:
         on_pass("merging")
-    for key in keys:
-        ctx = context(key)
-        ctx.known = known
-        yield key, run(key, ctx)
+    # the next tensor's inputs are read (and cast, and checked) on a thread while this one merges:
+    # reading and merging overlap, for one tensor's inputs more in memory
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(load, keys[0]) if keys else None
+        for i, key in enumerate(keys):
+            tensors = ahead.result()
+            ahead = reader.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
+            ctx = context(key)
+            ctx.known = known
+            yield key, combine(key, ctx, tensors)
+            del tensors
 
 
 def _plan_shapes(plan: list[OutTensor], readers: list, vocab: str) -> dict[str, tuple[int, ...]]:
@@ -459,16 +469,27 @@ def merge(cfg: MergeConfig, out: str | os.PathLike, *, base_dir: Path = Path("."
             claim(tmp, Path(out))  # so that a later merge can tell this partial from a killed one's
             writer = StreamingWriter(tmp, write_plan, parse_size(cfg.max_shard_size))
             merging = set(floating)
-            for tp in plan:
-                if tp.key in merging:
-                    got, tensor = next(merged)
-                    assert got == tp.key
-                    writer.add(tp.key, tensor.to(dtype_of[tp.key]))
-                else:  # integer buffers are copied from the first input
-                    first = tp.inputs[0]
-                    writer.add(tp.key, readers[first.reader].get(first.key))
-                    if progress is not None:
-                        progress(tp.key)
+            # each merged tensor is cast and written on a thread while the next one merges
+            with ThreadPoolExecutor(1) as output:
+                written_ahead = None
+                for tp in plan:
+                    if tp.key in merging:
+                        got, tensor = next(merged)
+                        assert got == tp.key
+                        if written_ahead is not None:
+                            written_ahead.result()
+                        written_ahead = output.submit(lambda k, t: writer.add(k, t.to(dtype_of[k])), tp.key, tensor)
+                        del tensor
+                    else:  # integer buffers are copied from the first input
+                        if written_ahead is not None:
+                            written_ahead.result()
+                            written_ahead = None
+                        first = tp.inputs[0]
+                        writer.add(tp.key, readers[first.reader].get(first.key))
+                        if progress is not None:
+                            progress(tp.key)
+                if written_ahead is not None:
+                    written_ahead.result()
             writer.finish()
             files_from = cfg.files_from and here(cfg.files_from, base_dir)
             if files_from is None and method.files_from:
