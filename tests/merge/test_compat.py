@@ -168,3 +168,19 @@ def test_check_merge_plans_slices_of_models_of_different_depths(tmp_path):
         check_inputs(inputs[0], inputs[1:])
     for r in inputs:
         r.close()
+
+
+def test_della_keeps_each_rank_with_its_probability():
+    """MagPrune (arXiv:2406.11617, Sec. 3; mergekit/sparsify.py:137-174): in each row the entry of ascending
+    magnitude rank r of n is kept with probability (d - eps) + 2 eps r / (n - 1); rows drawn a block at a time,
+    half precision ranked by its bit patterns."""
+    from mixtune.merge.compat import della_keep
+
+    n, d, eps = 5, 0.5, 0.2
+    row = torch.tensor([0.3, -0.1, 0.5, -0.2, 0.4])  # ranks 2, 0, 4, 1, 3
+    want = torch.tensor([(d - eps) + 2 * eps * r / (n - 1) for r in (2, 0, 4, 1, 3)])
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = row.to(dtype).repeat(400_000, 1)  # 2M entries: several blocks of rows
+        keep = della_keep(rows, d, eps, torch.Generator().manual_seed(0))
+        assert keep.shape == rows.shape
+        assert torch.allclose(keep.float().mean(0), want, atol=3e-3), dtype

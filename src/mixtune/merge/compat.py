@@ -28,6 +28,7 @@ Notation: theta_0 the base, tau_i = theta_i - theta_0, w_i the weights, d a kept
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -204,15 +205,27 @@ def random_keep(n: int, density: float, rng: torch.Generator) -> torch.Tensor:
 def della_keep(delta: torch.Tensor, density: float, epsilon: float, rng: torch.Generator) -> torch.Tensor:
     """DELLA's MagPrune (Deep et al., 2024, arXiv:2406.11617, Sec. 3) as mergekit 0.1.5 draws it
     (mergekit/sparsify.py:137-174): within each row (dim 1; a 1-D tensor is one row), the entry of
-    ascending magnitude rank r of n is kept with probability (d - eps) + 2 eps r / (n - 1)."""
+    ascending magnitude rank r of n is kept with probability (d - eps) + 2 eps r / (n - 1).
+
+    The mask is random, so it is compared with mergekit's by its statistics: ranks come from one sort
+    (not mergekit's argsort of an argsort), of half-precision magnitudes as their 16-bit patterns
+    (equal values in whatever order that sort leaves them, as in mergekit's), a block of rows at a
+    time so that the sort's buffers stay small."""
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     n = rows.shape[1]
-    order = rows.abs().argsort(dim=1)  # the rank of each entry is where the sort puts it (0-based, ascending):
-    ranks = torch.empty(rows.shape)    # argsort(argsort) as mergekit takes it, with one sort
-    ranks.scatter_(1, order, torch.arange(n, dtype=ranks.dtype).expand(rows.shape))
-    rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)  # mergekit gives 0/0 there
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return (torch.rand(rows.shape, generator=rng) < probs).reshape(delta.shape)
+    keep = torch.empty(rows.shape, dtype=torch.bool)
+    step = max(1, CHUNK // max(1, n * math.prod(rows.shape[2:])))
+    for lo in range(0, rows.shape[0], step):
+        block = rows[lo:lo + step].abs()
+        keys = block.view(torch.int16) if block.dtype in HALF else block
+        order = keys.argsort(dim=1)  # the rank of each entry is where the sort puts it (0-based, ascending)
+        ranks = torch.empty(block.shape)
+        ranks.scatter_(1, order, torch.arange(n, dtype=ranks.dtype).reshape(1, n, *[1] * (block.dim() - 2))
+                       .expand(block.shape))
+        rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)  # mergekit gives 0/0 there
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+        keep[lo:lo + step] = torch.rand(block.shape, generator=rng) < probs
+    return keep.reshape(delta.shape)
 
 
 def l1_scale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
