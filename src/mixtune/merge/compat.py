@@ -527,10 +527,11 @@ def model_stock(base, models, weights, p: ModelStockParams, ctx: Context):
     else:
         w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
     offsets = [w - w_0 for w in ws]
+    norms = [torch.norm(offset, dim=-1) for offset in offsets]  # each once (mergekit takes them per pair)
     cos_thetas = []
     for i, offset_a in enumerate(offsets):
-        for offset_b in offsets[i + 1:]:
-            norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
+        for j, offset_b in enumerate(offsets[i + 1:], start=i + 1):
+            norm_product = norms[i] * norms[j]
             cos_thetas.append(((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
     cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
     count = len(ws)
