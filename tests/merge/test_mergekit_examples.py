@@ -21,7 +21,7 @@ from mixtune.merge import load_merge_config, merge
 from mixtune.merge.multi import load_multi_config, run_multi
 
 from tests.merge.test_mergekit_parity import assert_same, perturbed
-from tests.merge.test_mergekit_tokenizer import SPECIAL, assert_identical, assert_same_by_token
+from tests.merge.test_mergekit_tokenizer import SPECIAL, assert_identical, assert_same_by_token, llama_with_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,23 +85,9 @@ def llamas(tmp_path_factory):
 def vocabs(tmp_path_factory):
     """The folders of :data:`VOCABS`: tiny float16 Llamas with BPE tokenizers built here (no hub), whose
     vocabularies hold the README's tokens in different orders."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("vocabs")
     for seed, (name, (words, extra, template)) in enumerate(VOCABS.items()):
-        bpe = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[], unk_token="<unk>"))
-        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-        if extra:
-            tok.add_special_tokens({"additional_special_tokens": extra})
-        if template:
-            tok.chat_template = template
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
-        LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+        llama_with_tokenizer(root / name, words, extra, template, seed=seed, dtype=torch.float16)
     return root
 
 

@@ -38,25 +38,32 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def llama_with_tokenizer(folder, words, extra=(), template=None, *, seed=0, vocab_size=None, dtype=torch.float32):
+    """A 2-layer random Llama in ``folder`` with a BPE tokenizer built here (no hub): ``words`` by id,
+    ``extra`` special tokens added, an optional chat template, the config's vocab_size (default: the
+    tokenizer's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    bpe = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if extra:
+        tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    if template:
+        tok.chat_template = template
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok.get_vocab()), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     for seed, (name, (words, extra, size, template)) in enumerate(MODELS.items()):
-        bpe = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[], unk_token="<unk>"))
-        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-        if extra:
-            tok.add_special_tokens({"additional_special_tokens": extra})
-        if template:
-            tok.chat_template = template
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=size or len(tok.get_vocab()), hidden_size=16, intermediate_size=32,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
-        LlamaForCausalLM(cfg).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+        llama_with_tokenizer(root / name, words, extra, template, seed=seed, vocab_size=size)
     return root
 
 

@@ -73,7 +73,7 @@ def _child(node: yaml.Node | None, key) -> yaml.Node | None:
     return None
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+def line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     """1-based line of the YAML node at ``loc`` (or of its nearest existing parent)."""
     node, line = root, (root.start_mark.line + 1 if root is not None else None)
     for key in loc:
@@ -164,7 +164,7 @@ def _place(where: str, root: yaml.Node | None, overrides: dict, loc: tuple) -> s
     dotted = ".".join(str(p) for p in loc)
     if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overrides):
         return "override"
-    line = _line_of(root, loc)
+    line = line_of(root, loc)
     return f"{where}:{line}" if line else where
 
 
@@ -197,6 +197,20 @@ def validate(model: type[M], data: Any, *, where: str = "config", root: yaml.Nod
         raise ConfigError(_format_errors(e, where, root, overrides or {}, model)) from None
 
 
+def read_text(path: Path) -> str:
+    """A config file's text; a missing file, a folder or text that is not UTF-8 is a ConfigError
+    naming the file (and the line of the first bad byte)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+
+
 def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
                 context: dict | None = None) -> M:
     """Read a YAML file, apply dotted ``overrides`` and validate it into ``model``.
@@ -206,15 +220,7 @@ def load_config(model: type[M], path: str | os.PathLike, overrides: dict[str, An
             ``model`` (every problem listed with its line).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; expected a YAML file") from None
-    except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from None
+    text = read_text(path)
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from mixtune.core import CheckpointError, ConfigError
-from mixtune.core.config import _line_of, apply_override, validate
+from mixtune.core.config import apply_override, line_of, read_text, validate
 from mixtune.merge.adapter import is_adapter
 from mixtune.merge.config import MergeConfig, from_mergekit
 from mixtune.merge.plan import normpath
@@ -77,16 +77,7 @@ class Step:
 def documents(path: str | os.PathLike) -> list[tuple[yaml.Node | None, Any]]:
     """Every YAML document of the file at ``path``, as its node (for line numbers) and its data."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; expected a YAML file") from None
-    except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
-                          "UTF-8") from None
+    text = read_text(path)
     try:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         data = list(yaml.safe_load_all(text))
@@ -201,9 +192,9 @@ def load_multi_config(path: str | os.PathLike, out: str | os.PathLike | None = N
                                   "final merge) may be unnamed")
             final = i
             continue
-        name = _check_name(data["name"], f"{path}:{_line_of(node, ('name',))}: document {i + 1}")
+        name = _check_name(data["name"], f"{path}:{line_of(node, ('name',))}: document {i + 1}")
         if name in names:
-            raise ConfigError(f"{path}:{_line_of(node, ('name',))}: document {i + 1}: name {name!r} is document "
+            raise ConfigError(f"{path}:{line_of(node, ('name',))}: document {i + 1}: name {name!r} is document "
                               f"{names[name] + 1}'s too; give each merge its own name")
         names[name] = i
     outs, final_out = _outputs(path, names, final, out, intermediate_dir)
@@ -211,7 +202,7 @@ def load_multi_config(path: str | os.PathLike, out: str | os.PathLike | None = N
         shadowed = base_dir / name
         if shadowed.exists() and shadowed.resolve() != outs[name].resolve():
             node = next(n for j, n, _ in docs if j == i)
-            raise ConfigError(f"{path}:{_line_of(node, ('name',))}: {_label(i, name)}: name {name!r} is also "
+            raise ConfigError(f"{path}:{line_of(node, ('name',))}: {_label(i, name)}: name {name!r} is also "
                               f"{shadowed}, a path from the config's folder, so a reference to it would be ambiguous; "
                               "rename the merge")
 
@@ -230,7 +221,7 @@ def load_multi_config(path: str | os.PathLike, out: str | os.PathLike | None = N
             value = holder[last]
             if not isinstance(value, str):
                 continue  # left to the config's own checks
-            line = _line_of(node, loc)
+            line = line_of(node, loc)
             if value in outs:
                 holder[last] = str(outs[value].absolute())
                 uses[i].append((value, _dotted(loc), line))
