@@ -136,7 +136,9 @@ def export_stage(acc, model, tokenizer, tuner, params, dest: Path, config_text: 
                  extra: dict[str, str] | None = None) -> Path:
     """Write the stage model atomically (main process), with tokenizer and resolved config, and the
     ``extra`` files (name -> text) inside before it is renamed into place."""
-    state_dict = acc.get_state_dict(model)
+    from mixtune.train.sharding import full_state_dict
+
+    state_dict = full_state_dict(acc, model)  # gathered whole on the main process, whatever shards the model
     acc.wait_for_everyone()
     if acc.is_main_process:
         with atomic_dir(dest, overwrite=True) as tmp:

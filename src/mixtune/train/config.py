@@ -63,6 +63,22 @@ class TrainEval(Strict):
         return self
 
 
+class Distributed(Strict):
+    """How a multi-process launch spreads the model over its processes (see docs/training.md)."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    """``ddp``: every process holds the whole model, gradients and optimizer state (gradients
+    all-reduced). ``fsdp2``: parameters, gradients and optimizer state sharded over the processes
+    (PyTorch's ``fully_shard`` per decoder layer and on the root). Under ``accelerate launch`` with an
+    FSDP2 or DeepSpeed config on GPUs, accelerate shards as its config says and this is not read; it
+    is how a ``torchrun`` launch (and any launch on CPU, where accelerate's FSDP plugin falls back
+    to DDP) asks for FSDP2. Same losses as ``ddp`` up to summation order (tested to 1e-6)."""
+    reshard_after_forward: bool = True
+    """fsdp2: free each layer's gathered parameters after its forward pass and gather them again for
+    the backward (least memory, like ZeRO-3); False keeps them gathered until the backward (less
+    communication, more memory, like ZeRO-2)."""
+
+
 class RunOptions(Strict):
     """How a run goes (logging, checkpoint cadence, evaluations during training), never
     what it trains: the same weights come out whatever these are (tests), so they are not part of
@@ -79,6 +95,10 @@ class RunOptions(Strict):
     """Evaluation during training, e.g. ``{every: 50, abilities: [math, code], n: 50}``: scores per
     ability logged (``eval/<ability>`` in ``log.jsonl``) and plotted in study reports; it never
     changes the trained weights. Off by default."""
+    distributed: Distributed = Distributed()
+    """How several processes share the model: ``{strategy: fsdp2}`` shards it (FSDP2) where accelerate's
+    launch config does not already (``torchrun``, CPU); default ``ddp``. Launching decides how many
+    processes; the weights are those of one process up to float summation order."""
 
 
 class TrainConfig(Strict):

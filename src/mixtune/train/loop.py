@@ -31,7 +31,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from mixtune.train.evaluation import DuringTraining, Scorer
 from mixtune.train.losses import (LossMode, mask_thought, masked_thought_rate, per_source, token_losses,
                                   token_weights)
 from mixtune.train.methods import TUNERS
+from mixtune.train import sharding
 from mixtune.train.methods.base import check_dtypes, load_full, refuse_quantized
 from mixtune.strategy.objectives import DpoParams, GrpoParams, ObjectiveConfig, RftParams
 
@@ -185,6 +185,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     out_dir = Path(out_dir)
     tuner, params = TUNERS.get(cfg.method.name), cfg.method
     rule = LossRule.of(cfg, acc.num_processes, source_names, tokenizer)
+    plan = sharding.choose(acc, options.distributed)  # DDP, FSDP2 (accelerate's or mixtune's own) or DeepSpeed
+    sharding.check_plan(plan, cfg.method, objectives=any(st.objective is not None for st in stages),
+                        evaluating=options.eval is not None, mixed_precision=acc.mixed_precision)
     if options.eval is not None and evaluator is None:
         raise ConfigError("run.eval is set but nothing scores the model: pass an evaluator "
                           "(mixtune.eval.during_training builds one)")
@@ -218,7 +221,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         # 3) what trains in this stage (a method may re-select it), a fresh optimizer and schedule; the
         # stage's mixing mode chooses every batch's rows and may reweight the loss
         index = first_stage + s
-        model, optimizer, scheduler, trainable = start_stage(acc, model, tuner, params, stage, cfg, seed, index, log)
+        model, optimizer, scheduler, trainable = start_stage(acc, model, tuner, params, stage, cfg, seed, index, log,
+                                                             plan)
+        gathered = sharding.GatheredState(acc, model, optimizer) if plan.own else None  # accelerate saves the rest
         set_seed(seed_int(seed, "stage", index))  # so a stage resumed from an export runs as it did
         # an objective's start, from the stage's starting weights (a checkpoint is restored after it)
         stage, prepared, n_rows, per_step = start_objective(acc, model, tokenizer, stage, cfg, seed, index, out_dir,
@@ -228,6 +233,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         if ckpt is not None and s == at.stage:
             check_checkpoint(ckpt, model)
             acc.load_state(str(ckpt), strict=False)  # it holds only the weights that train (and the RNG state)
+            if gathered is not None:
+                gathered.load(ckpt)
             if (ckpt / "mixer.json").exists():
                 mixer.load_state_dict(json.loads((ckpt / "mixer.json").read_text()))
             start = at.step
@@ -276,6 +283,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         exported.append(export_stage(acc, model, tokenizer, tuner, params, out_dir / "stages" / stage.name,
                                          stage.recipe_text))
         drop_checkpoints(acc, out_dir, at.global_step, options.keep_checkpoints)
+        if gathered is not None:
+            gathered.close()
     return exported
 
 
@@ -326,9 +335,12 @@ class LossRule:
         return token_weights(batch["labels"], batch["source_ids"], examples, mode, task_w, self.rewards).float()
 
 
-def start_stage(acc, model, tuner, params, stage: StageData, cfg: TrainConfig, seed: int, index: int, log):
+def start_stage(acc, model, tuner, params, stage: StageData, cfg: TrainConfig, seed: int, index: int, log,
+                plan: sharding.Plan = sharding.Plan("ddp")):
     """A stage's start: the method's re-selection (HFT), its optimizer (AdamW unless the method
-    brings one) and schedule, prepared by accelerate; logs what trains.
+    brings one) and schedule, prepared by accelerate; logs what trains. Under mixtune's own FSDP2
+    the model is sharded before the optimizer is built (it holds the shards) and accelerate
+    prepares only the schedule (:mod:`mixtune.train.sharding`).
 
     Returns:
         (prepared model, optimizer, scheduler, the trainable parameters).
@@ -338,25 +350,33 @@ def start_stage(acc, model, tuner, params, stage: StageData, cfg: TrainConfig, s
     bare = acc.unwrap_model(model)
     if tuner.start_stage is not None:
         tuner.start_stage(bare, params, seed, index)
+    if plan.own:
+        bare = sharding.shard(acc, bare, plan)
     trainable = [p for p in bare.parameters() if p.requires_grad]
     if tuner.optimizer is not None:
         optimizer = tuner.optimizer(bare, params, stage.lr, cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=cfg.weight_decay)
-    n_all = sum(p.numel() for p in bare.parameters())
+    n_all = sum(sharding.numel(p) for p in bare.parameters())
     n_train = (optimizer.trainable_entries() if hasattr(optimizer, "trainable_entries")  # sparse: entries, not tensors
-               else sum(p.numel() for p in trainable))
+               else sum(sharding.numel(p) for p in trainable))
     state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 8 * n_train  # AdamW: 2 fp32 moments
     world = acc.num_processes
     log.note(f"stage {stage.name}: method {params.name}, {n_train:,} of {n_all:,} parameters train "
              f"({n_train / n_all:.2%}); optimizer state {state / 2**20:.2f} MiB; precision {acc.mixed_precision}; "
-             f"{world} process(es), accumulation {cfg.batch_size // (cfg.micro_batch_size * world)}")
+             f"{world} process(es), accumulation {cfg.batch_size // (cfg.micro_batch_size * world)}"
+             + (f"; sharded by {plan.describe()}" if plan.engine != "ddp" else ""))
     log.write({"stage": stage.name, "trainable_params": n_train, "total_params": n_all, "optimizer_bytes": state})
     scheduler = get_scheduler("constant_with_warmup" if stage.schedule == "constant" else stage.schedule,
                               optimizer, num_warmup_steps=round(cfg.warmup * stage.steps),
                               num_training_steps=stage.steps)
     acc.free_memory()  # forget the previous stage's optimizer so save_state holds this one
+    if plan.own:  # accelerate would wrap the sharded model in DDP
+        return bare, optimizer, acc.prepare(scheduler), trainable
+    if plan.engine == "deepspeed":
+        sharding.configure_deepspeed(acc, cfg.batch_size, cfg.micro_batch_size, cfg.max_grad_norm)
     model, optimizer, scheduler = acc.prepare(bare, optimizer, scheduler)
+    trainable = [p for p in acc.unwrap_model(model).parameters() if p.requires_grad]  # FSDP2 made new ones
     return model, optimizer, scheduler, trainable
 
 
@@ -455,6 +475,8 @@ class StepRunner:
         on the last); returns this process's per-source token-loss sums and counts."""
         acc, cfg, tuner, model, world = self.acc, self.cfg, self.tuner, self.model, self.acc.num_processes
         n, accum, window = self.rule.n_sources, self.rule.accum, self.window
+        # DDP, FSDP2 and DeepSpeed average gradients over processes; DeepSpeed also divides by its accumulation
+        scale = world * sharding.loss_factor(acc, accum)
         step_sums = torch.zeros(n, dtype=torch.float64)
         step_counts = torch.zeros(n, dtype=torch.float64)
         for g in range(accum):
@@ -463,10 +485,10 @@ class StepRunner:
             mb_weights = weights[first:first + cfg.micro_batch_size].to(acc.device)
             if tuner.before_forward is not None:
                 tuner.before_forward(acc.unwrap_model(model), mb)
-            with nullcontext() if g == accum - 1 else acc.no_sync(model):
+            with sharding.micro_batch(acc, model, last=g == accum - 1):
                 logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
                 ce = token_losses(logits, mb["labels"])  # (m, L-1)
-                loss = (ce * mb_weights).sum() * world  # the global batch's loss, in this micro-batch's share
+                loss = (ce * mb_weights).sum() * scale  # the global batch's loss, in this micro-batch's share
                 if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
                     aux = tuner.aux_loss(acc.unwrap_model(model))
                     if aux is not None:
