@@ -443,7 +443,26 @@ def eval_cmd(
         console.print(f"wrote {out / 'scores.json'}, {out / 'outputs.jsonl'} and {lm}")
 
 
-@app.command(cls=_Command, name="study")
+RAY_DEFAULT = "(default)"
+"""What a bare ``--ray`` stands for: Ray's own choice of cluster."""
+
+
+class _StudyCommand(_Command):
+    """``--ray`` without its address (last, or before an option, a recipe or an override): Ray's
+    default address."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            after = args[i + 1] if i + 1 < len(args) else "-"
+            if arg == "--ray" and (after.startswith("-") or "=" in after or after.endswith((".yaml", ".yml"))):
+                args[i] = f"--ray={RAY_DEFAULT}"
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_StudyCommand, name="study")
 def study_cmd(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Study YAML: sources, strategies, specialists, "
                                                                    "merges, seeds, amounts (keys: docs/recipes.md).")],
@@ -453,17 +472,36 @@ def study_cmd(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, metavar="N",
                                       help="Run up to N independent steps (stages, merges, evaluations) at once, in "
                                            "separate local processes that share the cores (see docs/training.md).")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Run every step as a task on a Ray cluster: auto (the one `ray start` made), HOST:PORT, ray://HOST:PORT "
+             "or local; alone: RAY_ADDRESS, else a cluster on this machine, else a new local one. OUT, the recipe's "
+             "files and the model must be on a path every Ray node sees (docs/training.md, \"Studies on Ray\").")] = None,
+    ray_resources: Annotated[Optional[list[str]], typer.Option(
+        "--ray-resources", metavar="KIND.KEY=VALUE",
+        help="What each kind of step reserves on Ray (KIND: train, eval, search, merge, analysis; KEY: cpus, gpus, "
+             "memory_gb), e.g. --ray-resources train.cpus=8 --ray-resources merge.memory_gb=16.")] = None,
 ) -> None:
     """Run a grid of training runs, train each shared stage prefix once, score every model, write the report.
 
     Resumable: run it again and finished stages and scores are skipped. Results: OUT/results.sqlite,
-    OUT/scores.csv, OUT/report.html.
+    OUT/scores.csv, OUT/report.html. With --ray, each step's output is in OUT/logs/<key>.log.
     """
     from mixtune.core import load_config, output_folder, parse_overrides
     from mixtune.study import StudyConfig, expand, stage_keys
     from mixtune.study_merges import expand_merges
 
     _quiet_transformers()
+    on_ray = None
+    if ray is not None:
+        from mixtune.graph import ray_options
+
+        if jobs != 1:
+            raise typer.BadParameter("--jobs runs local processes; with --ray the cluster's free resources decide "
+                                     "how many steps run at once (--ray-resources sets what each reserves)")
+        on_ray = ray_options(None if ray == RAY_DEFAULT else ray, ray_resources or [])
+    elif ray_resources:
+        raise typer.BadParameter("--ray-resources is for --ray")
     cfg = load_config(StudyConfig, recipe, parse_overrides(overrides or []),
                       context={"base_dir": recipe.resolve().parent})
     out = out or Path("runs") / recipe.stem
@@ -497,10 +535,11 @@ def study_cmd(
                           "results in the report's \"why\" section)")
         return
     _run_study(cfg, out, recipe.resolve().parent, title=f"mixtune study {recipe.name}",
-               notes=[f"mixtune study {recipe}"], jobs=jobs)
+               notes=[f"mixtune study {recipe}"], jobs=jobs, ray=on_ray)
 
 
-def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None, jobs: int = 1):
+def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], verdict=None, jobs: int = 1,
+               ray=None):
     """Run the study, write its report, print its scores; ``verdict`` turns ``{run name: {ability:
     accuracy}}`` (first seed, full amount) and the per-problem scores (:meth:`Study.item_scores`, for
     paired tests) into lines for the report (returned for the terminal).
@@ -510,7 +549,8 @@ def _run_study(cfg, out: Path, base_dir: Path, *, title: str, notes: list[str], 
     from mixtune.study import Study
 
     t0 = time.perf_counter()
-    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"), jobs=jobs)
+    study = Study(cfg, out, base_dir=base_dir, log=lambda m: console.print(f"[dim]{escape(m)}[/]"), jobs=jobs,
+                  ray=ray)
     study.describe(title=title, notes=notes)
     study.run()
     minutes = (time.perf_counter() - t0) / 60
@@ -617,7 +657,8 @@ def merge_cmd(
     """Merge checkpoints in weight space, streaming tensor by tensor from safetensors.
 
     The output is written to a temporary folder and renamed when complete; config and tokenizer
-    files come from the base model (or `files_from`). A model may be a peft LoRA adapter folder
+    files come from the base model (or `files_from`), or with `tokenizer` / `tokenizer_source` the
+    tokenizer is built and the vocabularies aligned by token string, as mergekit does. A model may be a peft LoRA adapter folder
     (applied to the base). Methods with `scope: global` first read every input once or twice more
     for whole-model statistics. See `mixtune merge --list` for the methods.
 

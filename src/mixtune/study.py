@@ -40,6 +40,7 @@ Layout of ``DIR``::
     runs/<name>      a relative link to the model each run ends with, ``runs/dmt-k0.125 ->
                      ../models/<key>``; see :func:`link_names` for the names
     work/<key>/      a stage being trained (checkpoints; resumed if interrupted)
+    logs/<key>.log   each node's output, when the study runs on Ray (``--ray``; :mod:`mixtune.graph`)
     analysis/        the ``analysis`` section's results, one JSON file per node (``<method>-<hash>.json``;
                      conjugate scores are scores, in ``evals/``), and adapters' merged models (``full/``)
 """
@@ -500,7 +501,7 @@ class Study:
     """A study folder and its results database."""
 
     def __init__(self, cfg: StudyConfig, out_dir: Path, *, base_dir: Path = Path("."), progress: bool = True,
-                 log=print, jobs: int = 1) -> None:
+                 log=print, jobs: int = 1, ray=None) -> None:
         # task files are named by absolute path from here on, so study.yaml (and `mixtune report`) finds them
         entries = [a if not a.endswith((".yaml", ".yml")) else str((Path(base_dir) / a).resolve())
                    for a in cfg.eval.abilities]
@@ -511,6 +512,7 @@ class Study:
         self.cfg, self.out, self.base_dir, self.progress, self.log = cfg, Path(out_dir), base_dir, progress, log
         self.tracker: StudyProgress | None = None
         self.jobs = jobs
+        self.ray = ray  # a mixtune.graph.RayOptions: every node a Ray task
         self._prepared: dict[str, tuple] = {}
         self._actions: dict[str, tuple] = {}
         self._records: list[tuple] = []
@@ -551,7 +553,7 @@ class Study:
         steps = self._planned_steps(runs, todo)
         self.log(f"study: {len(runs)} runs, {len(distinct)} distinct stages ({len(todo)} to train"
                  + (f", {sum(steps.values())} steps" if todo else "") + ")"
-                 + (f"; {self.jobs} nodes at a time" if self.jobs > 1 else ""))
+                 + ("; on Ray" if self.ray is not None else f"; {self.jobs} nodes at a time" if self.jobs > 1 else ""))
         self.tracker = StudyProgress(steps, self.log)
 
         def execute(node) -> None:
@@ -559,8 +561,12 @@ class Study:
             if node.kind == "train" and on_stage is not None:
                 on_stage(node.key)
 
+        out, base = self.out, Path(self.base_dir)
+        if self.ray is not None:  # a Ray worker's current folder is not ours
+            out, base = out.resolve(), base.resolve()
         run_graph(nodes, done=lambda n: self._actions[n.key][1](), execute=execute, jobs=self.jobs,
-                  worker=run_node, init=(open_worker, (str(self.out), str(self.base_dir))), log=self.log)
+                  worker=run_node, init=(open_worker, (str(out), str(base))), log=self.log, ray=self.ray,
+                  logs=out / "logs")
         self.export_csv()
         self.link_runs()
 
@@ -1071,7 +1077,8 @@ _WORKER: dict[str, Study] = {}
 
 
 def open_worker(out_dir: str, base_dir: str) -> None:
-    """A ``--jobs`` worker process's start: open the study folder the parent wrote (``study.yaml``)."""
+    """A ``--jobs`` worker process's start, or a ``--ray`` task's on a process that has not opened
+    the study in this run: open the study folder the parent wrote (``study.yaml``)."""
     from mixtune.core import load_config
 
     study = Study(load_config(StudyConfig, Path(out_dir) / "study.yaml"), Path(out_dir), base_dir=Path(base_dir),
