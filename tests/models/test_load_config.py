@@ -192,3 +192,26 @@ def test_8bit_loading(bf16_dir):
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_without_a_kernel_named_flash_attention_is_taken_where_it_runs(bf16_dir, monkeypatch):
+    """None asks for flash_attention_2 on a CUDA GPU with flash_attn installed (varlen attention for packed
+    rows), else transformers' default; a chosen kernel the load refuses falls back to the default, a named one
+    stays an error."""
+    import importlib.util
+
+    import mixtune.models.load as load_module
+
+    assert load_module.default_attention() is (None if not torch.cuda.is_available()
+                                               or importlib.util.find_spec("flash_attn") is None else "flash_attention_2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find(name, *a))
+    assert load_module.default_attention() == "flash_attention_2"
+    monkeypatch.undo()
+    if importlib.util.find_spec("flash_attn") is None:  # here: transformers refuses it, so the default is taken
+        monkeypatch.setattr(load_module, "default_attention", lambda: "flash_attention_2")
+        model, _ = load_model(bf16_dir)
+        assert model.config._attn_implementation == "sdpa"
+        with pytest.raises(ConfigError, match="load.attn_implementation = 'flash_attention_2'"):
+            load_model(bf16_dir, load=LoadConfig(attn_implementation="flash_attention_2"))

@@ -8,11 +8,14 @@ attention kernel, and quantisation through bitsandbytes for QLoRA (:mod:`mixtune
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
 
 from mixtune.core import CheckpointError, ConfigError, Strict
+
+log = logging.getLogger("mixtune.models")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -28,11 +31,27 @@ class LoadConfig(Strict):
     it (bf16 in, bf16 out); ``train.precision`` adds autocast on top and changes no stored weight."""
     attn_implementation: str | None = None
     """Attention kernel, passed to transformers: ``sdpa``, ``eager``, ``flash_attention_2``,
-    ``flex_attention``, ... (None: transformers' default for the architecture)."""
+    ``flex_attention``, ... None: ``flash_attention_2`` where it can run (a CUDA GPU and the
+    ``flash_attn`` package installed, an architecture that takes it), whose varlen kernel attends
+    within each packed example from the restarting ``position_ids``; otherwise transformers' default
+    for the architecture (``sdpa`` for most), which builds the same block-diagonal mask."""
     quantization: Literal["4bit", "8bit"] | None = None
     """Load the weights quantised through bitsandbytes (installed separately): ``4bit`` is QLoRA's
     NF4 with double quantisation, computing in ``dtype``; ``8bit`` is LLM.int8(). Adapter methods
     only (``lora``, ``peft``): the base stays frozen. None: not quantised."""
+
+
+def default_attention() -> str | None:
+    """The attention kernel a load without ``attn_implementation`` asks for: ``flash_attention_2``
+    when a CUDA GPU is present and the ``flash_attn`` package is installed, else None
+    (transformers' default)."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
 
 
 def load_dtype(path: Path, dtype: str):
@@ -142,8 +161,9 @@ def load_model(path: str | os.PathLike, *, load: LoadConfig | None = None, allow
     load = load or LoadConfig()
     dtype = load_dtype(path, load.dtype)
     kwargs: dict = {"local_files_only": True, "use_safetensors": bool(safe), "dtype": dtype}
-    if load.attn_implementation is not None:
-        kwargs["attn_implementation"] = load.attn_implementation
+    chosen = load.attn_implementation or default_attention()
+    if chosen is not None:
+        kwargs["attn_implementation"] = chosen
     if load.quantization is not None:
         from mixtune.models.quantize import bnb_config, check_bitsandbytes, quantized_device
 
@@ -153,7 +173,14 @@ def load_model(path: str | os.PathLike, *, load: LoadConfig | None = None, allow
         if device != "cpu":
             kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (ValueError, ImportError):
+            if load.attn_implementation is not None or chosen is None:
+                raise
+            kwargs.pop("attn_implementation")  # chosen here, and the architecture refuses it: its default
+            log.info("%s: flash_attention_2 refused; using the architecture's default attention", path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as e:
         text = " ".join(str(e).split())
         attn = isinstance(e, ImportError) or "attn" in text or "attention" in text.lower()
