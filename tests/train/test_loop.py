@@ -166,3 +166,23 @@ def test_runs_of_different_precisions_follow_one_another_in_one_process(tiny_dir
     run(tiny_dir, tmp_path / "a", steps=1, precision="fp32")
     run(tiny_dir, tmp_path / "b", steps=1, precision="bf16")
     assert "precision bf16" in (tmp_path / "b" / "log.jsonl").read_text()
+
+
+def test_a_compiled_model_trains_what_the_uncompiled_one_trains(tiny_dir, tmp_path):
+    """train.compile traces the forward with torch.compile; the eager backend runs the traced graph with the same
+    kernels, so the weights are the same (inductor's fused kernels would round differently); the saved names are
+    the model's own. An unknown backend is a one-line error naming the option."""
+    from mixtune.core import ConfigError
+
+    from torch._dynamo.utils import counters
+
+    plain = run(tiny_dir, tmp_path / "plain", steps=3)
+    counters.clear()
+    compiled = run(tiny_dir, tmp_path / "compiled", steps=3, compile="eager")
+    assert counters["frames"]["ok"] >= 1  # the forward was traced: compiled, not ignored
+    a, b = weights(plain[-1]), weights(compiled[-1])
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    with pytest.raises(ConfigError, match="train.compile = 'fastest': torch.compile knows .*inductor"):
+        run(tiny_dir, tmp_path / "bad", steps=1, compile="fastest")

@@ -128,6 +128,12 @@ class TrainConfig(Strict):
     """``auto``: bf16 on GPUs that have it (else fp16), bf16 on CPUs with native bf16, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: str | None = None
+    """Compile the model's forward with ``torch.compile`` and this backend: ``inductor`` (fused
+    kernels; the speed-up on GPUs), or another of ``torch._dynamo.list_backends()`` (``eager``,
+    ``aot_eager``: tracing only, for checking). Fused kernels round differently, so a compiled run
+    is its own in a study (part of the stage key). Not with objective stages (rft, dpo, grpo), whose
+    generation changes shapes at every step. None: not compiled."""
     loss: LossMode = "case1"
     """How token losses make the batch loss (MFTCoder): case1 token mean (default), case2 mean of
     examples' token means, case3 per-source token mean then mean over the sources present, case4

@@ -116,6 +116,20 @@ def validation_losses(model, val: list[Packed], acc) -> np.ndarray:
     return np.array(out)
 
 
+def compile_model(model, backend: str, *, objectives: bool) -> None:
+    """``model.compile(backend=backend)`` in place (its parameters and saved names unchanged), for
+    ``train.compile``; a backend torch does not know, or objective stages, are a ConfigError."""
+    import torch._dynamo
+
+    if objectives:
+        raise ConfigError("train.compile: not with objective stages (rft, dpo, grpo): their sampling changes "
+                          "shapes every step; leave train.compile unset for them")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"train.compile = {backend!r}: torch.compile knows {', '.join(sorted(known))}")
+    model.compile(backend=backend)
+
+
 def resolve_precision(precision: str) -> str:
     """``auto`` -> bf16 on GPUs with bf16 (else fp16) and on CPUs with native bf16, else no."""
     if precision == "fp32":
@@ -198,6 +212,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     check_dtypes(model, acc.mixed_precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile is not None:
+        compile_model(model, cfg.compile, objectives=any(st.objective is not None for st in stages))
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
