@@ -184,3 +184,21 @@ def test_della_keeps_each_rank_with_its_probability():
         keep = della_keep(rows, d, eps, torch.Generator().manual_seed(0))
         assert keep.shape == rows.shape
         assert torch.allclose(keep.float().mean(0), want, atol=3e-3), dtype
+
+
+def test_threaded_masks_repeat_exactly(monkeypatch):
+    """Several models' masks are found on threads above a million entries; the merge is the same as on one
+    thread, and DELLA, which draws from the tensor's generator, repeats its draws exactly run after run."""
+    from mixtune.merge.compat import MergekitModelParams, MergekitParams
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1100, 1000, generator=g).bfloat16()
+    models = [(base.float() + 0.02 * torch.randn(base.shape, generator=g)).bfloat16() for _ in range(3)]
+    per_model = [MergekitModelParams(density=0.5, epsilon=0.1)] * 3
+    for name in ("ties", "breadcrumbs", "della"):
+        def once(threads):
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+            ctx = Context(key="k", rng=torch.Generator().manual_seed(7), per_model=per_model)
+            return MERGE_METHODS.get(name).fn(base, models, [1.0] * 3, MergekitParams(), ctx)
+        first = once(2)
+        assert torch.equal(first, once(2)) and torch.equal(first, once(1)), name

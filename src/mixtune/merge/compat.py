@@ -318,28 +318,29 @@ def _gta(sparsify: str | None, consensus: bool, normalize: bool, rescale: bool):
         n = flat_base.numel()
         # 1) each model's keep-mask and rescale factor: a top-k or rank range, and an exact L1 factor,
         #    need the model's whole delta; a random mask and its (approximate) factor do not
-        keeps = []
-        for m, mp in zip(models, per_model):
+        keeps: list = [(None, None)] * len(models)
+        ranked = []  # models whose mask is a top-k, a rank range or MagPrune's draw over ranks
+        for i, (m, mp) in enumerate(zip(models, per_model)):
             if not sparsify or mp.density >= 1:
-                keeps.append((None, None))
-            elif sparsify == "random":
+                continue
+            if sparsify == "random":
                 keep, scale = random_keep(n, mp.density, ctx.rng), None
                 if resc:
                     before, after = _l1_kept(flat_base, m.reshape(-1), keep)
                     scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-                keeps.append((keep, scale))
+                keeps[i] = (keep, scale)
             else:
-                keeps.append((m, mp))
-        ranked = [i for i, (m, mp) in enumerate(keeps) if isinstance(mp, MergekitModelParams)]
+                ranked.append(i)
 
         def ranked_keep(i: int):
-            mask, scale = mergekit_keep(keeps[i][0] - base, keeps[i][1], sparsify, ctx.rng, rescale=resc,
-                                        where=ctx.key)
+            mask, scale = mergekit_keep(models[i] - base, per_model[i], sparsify, ctx.rng, rescale=resc, where=ctx.key)
             return mask.reshape(-1), scale
 
-        # one model's sort per thread; the largest tensors (embeddings) one at a time, so that several
-        # models' sort buffers (16 bytes an entry) are not held at once
-        for i, kept in zip(ranked, parallel(ranked_keep, ranked, large=CHUNK <= n <= 16 * CHUNK)):
+        # a top-k or rank range is a sort per model: one per thread, the largest tensors (embeddings) one at a
+        # time so that several models' sort buffers (16 bytes an entry) are not held at once; DELLA draws from
+        # the tensor's one generator, so its models go in order (the same draws every run)
+        threads = sparsify != "della" and CHUNK <= n <= 16 * CHUNK
+        for i, kept in zip(ranked, parallel(ranked_keep, ranked, large=threads)):
             keeps[i] = kept
         # 2) the combination is elementwise: a chunk at a time, each step the operation mergekit takes
         w = torch.tensor(weights, dtype=dtype)  # mergekit's weights are D tensors
