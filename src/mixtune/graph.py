@@ -416,10 +416,7 @@ def _ray_node(worker, init: tuple[Callable, tuple], token: str, key: str, label:
                 _OPENED.clear()
                 init[0](*init[1])
                 _OPENED["token"] = token
-            import torch
-
-            torch.set_num_threads(threads)
-            worker(key)
+            _in_worker(worker, key, threads)
         except BaseException:
             _OPENED.clear()
             traceback.print_exc()

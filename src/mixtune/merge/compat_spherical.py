@@ -105,13 +105,12 @@ def karcher(base, models, weights, p: KarcherParams, ctx: Context):
     acc = _accumulator(dtype)  # mergekit takes every norm in float32 (float64 for float64 inputs)
     alpha = [1.0 / len(models)] * len(models)
     norms = [torch.linalg.vector_norm(m.to(acc)) for m in models]  # 0-d tensors: they enter the result
-    units = [torch.zeros_like(m) if float(n) == 0.0 else (m / n).to(dtype) for m, n in zip(models, norms)]
     kept = [i for i, n in enumerate(norms) if float(n) > p.tol]
     if not kept:  # every model (nearly) zero
         return torch.zeros_like(models[0])
     total = sum(alpha[i] for i in kept)
     a = [alpha[i] / total for i in kept]  # the weights renormalised over the non-zero models
-    u = [units[i] for i in kept]
+    u = [(models[i] / norms[i]).to(dtype) for i in kept]  # the directions (tol >= 0: no norm is 0 here)
     # 1) the starting direction: the normalised weighted mean of the directions
     mean = torch.zeros_like(u[0])
     for ai, ui in zip(a, u):

@@ -43,10 +43,10 @@ import torch
 from pydantic import Field, ValidationError
 
 from mixtune.core import CheckpointError, ConfigError, Strict, atomic_dir, atomic_write_text
+from mixtune.merge.adapter import CONFIG, PREFIX, WEIGHTS
 from mixtune.merge.io import DTYPES, ST_DTYPES, CheckpointReader
 from mixtune.merge.run import VOCAB
 
-PREFIX = "base_model.model."
 REPORT = "extract_lora.json"
 
 
@@ -321,9 +321,9 @@ def _extract(rb, rf, out: Path, cfg: ExtractConfig, kinds: dict, emb_in: str | N
                                   out_dtype, whole)
             if progress is not None:
                 progress(mod, len(modules))
-        writer.finish("adapter_model.safetensors")
+        writer.finish(WEIGHTS)
         config = _peft_config(result, base, has_bias)
-        atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2))
+        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2))
         report = {"config": cfg.model_dump(mode="json"), **asdict(result)}
         report.pop("path")
         atomic_write_text(tmp / REPORT, json.dumps(report, indent=2))

@@ -44,7 +44,7 @@ from mixtune.core.config import apply_override, line_of, read_text, validate
 from mixtune.merge.adapter import is_adapter
 from mixtune.merge.config import MergeConfig, from_mergekit
 from mixtune.merge.plan import normpath
-from mixtune.merge.run import check_inputs, check_merge, here, merge, open_inputs, resolve
+from mixtune.merge.run import check_inputs, check_merge, here, merge, open_inputs, resolve, vocab_rule
 
 LENIENT = ("tokenizer_source", "tokenizer")
 """Fields whose values need not be paths (``base``, ``union``, a token's ``zero``): only a name is replaced
@@ -351,7 +351,7 @@ def check_multi(steps: list[Step], overwrite: bool = False) -> list[tuple[Step, 
         readers = open_inputs(base, present)
         try:
             if st.cfg.models and len(readers) > 1:
-                check_inputs(readers[0], readers[1:], st.cfg.vocab)
+                check_inputs(readers[0], readers[1:], vocab_rule(st.cfg))
         finally:
             for r in readers:
                 r.close()

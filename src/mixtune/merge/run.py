@@ -345,12 +345,18 @@ def _align(cfg: MergeConfig, plan: list[OutTensor], readers: list, shapes: dict,
     return vocabulary, plans
 
 
+def vocab_rule(cfg: MergeConfig) -> str:
+    """How rows of embeddings and heads may differ: ``align`` (by token string) with a ``tokenizer``, else
+    ``cfg.vocab``."""
+    return "align" if cfg.tokenizer is not None else cfg.vocab
+
+
 def _open_plan(cfg: MergeConfig, method, base_path: Path | None, model_paths: list[Path], base_dir: Path):
     """The opened readers, the reference (config, tokenizer and integer buffers come from it), the
     plan, the output shapes, for slices the output's number of layers (else None), and for
     ``tokenizer`` the output vocabulary and each embedding and head tensor's realignment (else None, {})."""
     takes_base = method.needs_base or method.optional_base
-    vocab = "align" if cfg.tokenizer is not None else cfg.vocab
+    vocab = vocab_rule(cfg)
     folders = ([base_path] if base_path else []) + model_paths
     if cfg.models:
         inputs = open_inputs(base_path, model_paths)

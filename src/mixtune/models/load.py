@@ -54,6 +54,13 @@ def default_attention() -> str | None:
     return None
 
 
+def _about_attention(e: Exception) -> bool:
+    """Whether transformers' error is about the attention kernel (a name it does not know, or a kernel
+    that is not installed) rather than the checkpoint."""
+    text = str(e)
+    return isinstance(e, ImportError) or "attn" in text or "attention" in text.lower()
+
+
 def load_dtype(path: Path, dtype: str):
     """The torch dtype to load ``path`` in: ``dtype`` (``bf16`` / ``fp16`` / ``fp32``), or for ``auto``
     the one its ``config.json`` names (fp32 when it names none).
@@ -175,16 +182,15 @@ def load_model(path: str | os.PathLike, *, load: LoadConfig | None = None, allow
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except (ValueError, ImportError):
-            if load.attn_implementation is not None or chosen is None:
+        except (ValueError, ImportError) as e:
+            if load.attn_implementation is not None or chosen is None or not _about_attention(e):
                 raise
             kwargs.pop("attn_implementation")  # chosen here, and the architecture refuses it: its default
             log.info("%s: flash_attention_2 refused; using the architecture's default attention", path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as e:
         text = " ".join(str(e).split())
-        attn = isinstance(e, ImportError) or "attn" in text or "attention" in text.lower()
-        if load.attn_implementation is not None and attn:  # an unknown name, or a kernel that is not installed
+        if load.attn_implementation is not None and _about_attention(e):  # an unknown name, or a kernel not installed
             raise ConfigError(f"load.attn_implementation = {load.attn_implementation!r}: transformers cannot use it "
                               f"for {path} ({text})") from None
         if isinstance(e, ImportError):

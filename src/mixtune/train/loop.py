@@ -200,7 +200,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     tuner, params = TUNERS.get(cfg.method.name), cfg.method
     rule = LossRule.of(cfg, acc.num_processes, source_names, tokenizer)
     plan = sharding.choose(acc, options.distributed)  # DDP, FSDP2 (accelerate's or mixtune's own) or DeepSpeed
-    sharding.check_plan(plan, cfg.method, objectives=any(st.objective is not None for st in stages),
+    objectives = any(st.objective is not None for st in stages)
+    sharding.check_plan(plan, cfg.method, objectives=objectives,
                         evaluating=options.eval is not None, mixed_precision=acc.mixed_precision)
     if options.eval is not None and evaluator is None:
         raise ConfigError("run.eval is set but nothing scores the model: pass an evaluator "
@@ -213,7 +214,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile is not None:
-        compile_model(model, cfg.compile, objectives=any(st.objective is not None for st in stages))
+        compile_model(model, cfg.compile, objectives=objectives)
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
