@@ -80,7 +80,7 @@ def chat_template_text(value: str, where: str = "chat_template") -> str | None:
     """
     if value == "auto":
         return None
-    if "{" not in value and "\n" not in value and value in CHAT_TEMPLATES:
+    if value in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[value]
     if len(value) < 20 or "{" not in value:
         raise ConfigError(f"{where} {value!r}: expected auto, a template name ({', '.join(CHAT_TEMPLATES)}) or a "

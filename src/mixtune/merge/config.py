@@ -281,16 +281,15 @@ def from_mergekit(doc: dict, where: str = "config") -> dict:
             if takes_weight and "weight" not in own and "weight" not in top:
                 raise ConfigError(f"{where}: models[{i}] ({entry['model']}) has no weight (mergekit requires one)")
             models.append(own)
-        if spec.mergekit and not takes_base and not takes_weight and base is not None \
-                and all(m["model"] != base for m in models):
-            # mergekit adds a base the models do not list as one more input, which a method without
-            # a base merges like the rest (mergekit/plan.py:143-157): karcher averages it in
+        if not takes_base and base is not None and all(m["model"] != base for m in models):
+            # mergekit adds a base the models do not list as one more input (mergekit/plan.py:143-157), which
+            # a method without a base merges like the rest (karcher averages it in); for a weighted one
+            # (linear) mixtune will not guess the base's weight
+            if takes_weight:
+                raise ConfigError(f"{where}: base_model: {method} takes no base model; mergekit merges a base the "
+                                  "models do not list as one more model, so list it under models with its weight "
+                                  "(or remove base_model)")
             models.append({"model": base, "parameters": {}})
-        if spec.mergekit and not takes_base and takes_weight and base is not None \
-                and all(m["model"] != base for m in models):
-            raise ConfigError(f"{where}: base_model: {method} takes no base model; mergekit merges a base the "
-                              "models do not list as one more model, so list it under models with its weight "
-                              "(or remove base_model)")
         out["models"] = models
     # mergekit aligns vocabularies by token string when given a tokenizer (mergekit/plan.py:64-76,
     # 213-226) and otherwise stops at rows that differ; so does mixtune (vocab stays "error")

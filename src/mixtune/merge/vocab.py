@@ -270,8 +270,9 @@ def build_vocabulary(spec: TokenizerSpec, folders: list[Path], here) -> Vocabula
         ConfigError: a rule's model is not a model of the merge, or the vocabulary's ids have gaps.
         CheckpointError: the base's tokenizer cannot be cut to its vocab_size.
     """
+    sizes = {f: vocab_size(f) for f in folders}  # each config.json read once
     try:
-        base = _strip(_tokenizer(folders[0]), vocab_size(folders[0]) or 1 << 62, f"model {folders[0]}")
+        base = _strip(_tokenizer(folders[0]), sizes[folders[0]] or 1 << 62, f"model {folders[0]}")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model {folders[0]}: no tokenizer to align vocabularies with ({e})") from None
     toks = {folders[0]: base}
@@ -283,7 +284,7 @@ def build_vocabulary(spec: TokenizerSpec, folders: list[Path], here) -> Vocabula
     if spec.source == "base":
         out = base
     elif spec.source == "union":
-        out = _union(base, [(toks[f], vocab_size(f) or len(toks[f].get_vocab())) for f in folders if f in toks])
+        out = _union(base, [(toks[f], sizes[f] or len(toks[f].get_vocab())) for f in folders if f in toks])
     else:
         source = here(spec.source)
         try:
@@ -302,7 +303,7 @@ def build_vocabulary(spec: TokenizerSpec, folders: list[Path], here) -> Vocabula
     tokens = _by_id(vocab)
     rows = {}
     for f in folders:
-        own, limit = vocabs[f], vocab_size(f) or len(vocabs[f])
+        own, limit = vocabs[f], sizes[f] or len(vocabs[f])
         rows[f] = torch.tensor([own.get(t, -1) if own.get(t, -1) < limit else -1 for t in tokens], dtype=torch.long)
     for token, rule in spec.tokens.items():
         model = rule.source.model if isinstance(rule.source, ModelTokenRow) else rule.source
