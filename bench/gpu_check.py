@@ -102,8 +102,8 @@ DRY = Size(hidden=64, layers=2, heads=4, inter=128, vocab=512, seq_len=128, batc
            merge_params=3e5, merge_hidden=64, merge_vocab=512, smoke_model="builtin:tiny", smoke_steps=2)
 
 # part -> seconds it may take on the GPU (the sum stays under TOTAL_BUDGET_S with the installs)
-BUDGETS = {"train_mixtune": 60, "train_hf_trainer": 60, "train_trl": 70, "generate": 40, "merge": 110,
-           "smoke_fsdp2": 40, "smoke_zero2": 40, "smoke_zero3": 40}
+BUDGETS = {"train_mixtune": 60, "train_mixtune_liger": 45, "train_hf_trainer": 60, "train_trl": 70, "generate": 35,
+           "merge": 90, "smoke_fsdp2": 40, "smoke_zero2": 40, "smoke_zero3": 40}
 ATTN = os.environ.get("GPU_CHECK_ATTN", "sdpa")
 """The attention kernel every trainer uses (``sdpa``; ``flash_attention_2`` where it is installed)."""
 
@@ -209,7 +209,7 @@ def figures(per_step: float, seconds: float, params: int, s: Size) -> dict:
             "timed_seconds": seconds, "params": params, "mfu": 6 * params * tokens / seconds / peak_flops()[0]}
 
 
-def part_train_mixtune(s: Size, tmp: Path) -> dict:
+def part_train_mixtune(s: Size, tmp: Path, **overrides) -> dict:
     from mixtune.core import validate
     from mixtune.train.config import RunOptions, TrainConfig
     from mixtune.train.loop import StageData, make_accelerator, train
@@ -218,7 +218,7 @@ def part_train_mixtune(s: Size, tmp: Path) -> dict:
     _, packed = packed_data(s, tok)
     m = model(s, tok)
     cfg = validate(TrainConfig, {"lr": 1e-4, "steps": s.steps, "batch_size": s.batch, "micro_batch_size": s.micro,
-                                 "precision": precision(), "warmup": 0.0, "schedule": "constant"})
+                                 "precision": precision(), "warmup": 0.0, "schedule": "constant"} | overrides)
     marks: dict[int, float] = {}
 
     def mark(step: int) -> None:
@@ -231,6 +231,11 @@ def part_train_mixtune(s: Size, tmp: Path) -> dict:
           resume=False, on_step=mark)
     per_step = packed.n_tokens / packed.input_ids.shape[0] * s.batch  # every row is used once
     return figures(per_step, marks[s.steps] - marks[s.warmup], n_params(m), s) | {"rows": packed.input_ids.shape[0]}
+
+
+def part_train_mixtune_liger(s: Size, tmp: Path) -> dict:
+    """mixtune with ``train.fused_loss: liger`` (Liger's fused linear cross-entropy): the same run otherwise."""
+    return part_train_mixtune(s, tmp, fused_loss="liger")
 
 
 def clock(s: Size):
@@ -553,6 +558,9 @@ def summary(report: dict) -> dict:
     out: dict = {}
     if "tokens_per_s" in mx and "tokens_per_s" in trl:
         out["mixtune_vs_trl"] = mx["tokens_per_s"] / trl["tokens_per_s"]
+    liger = parts.get("train_mixtune_liger", {})
+    if "tokens_per_s" in liger and "tokens_per_s" in trl:
+        out["mixtune_liger_vs_trl"] = liger["tokens_per_s"] / trl["tokens_per_s"]
     if "tokens_per_s" in mx and "tokens_per_s" in hf:
         out["mixtune_vs_hf_trainer"] = mx["tokens_per_s"] / hf["tokens_per_s"]
     real = not report["dry"]  # the targets are an H200's; a dry run's CPU figures say nothing about them

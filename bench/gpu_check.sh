@@ -47,7 +47,7 @@ fi
 # Install mixtune and what the check needs, pinned by constraints/ci.txt, keeping the installed torch:
 # the constraints' torch (and its CUDA libraries) are replaced by the version already here.
 if [[ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]] && \
-   ! "$PY" -c 'import mixtune, trl, deepspeed, datasets, yaml' 2>/dev/null; then
+   ! "$PY" -c 'import mixtune, trl, deepspeed, datasets, yaml, liger_kernel' 2>/dev/null; then
   constraints="$(mktemp)"
   grep -v -E '^(torch|triton|nvidia-)' constraints/ci.txt >"$constraints"
   echo "torch==$torch_version" >>"$constraints"

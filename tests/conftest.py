@@ -1,6 +1,14 @@
 """Shared fixtures: the built-in tokenizer and a tiny model folder, built once per session."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # triton's kernels (liger-kernel's, for train.fused_loss) run interpreted on a machine without a GPU; triton
+    # reads this as each kernel is defined, its own helpers on import, so it is set before anything imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

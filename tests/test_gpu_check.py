@@ -64,7 +64,10 @@ def test_training_figures_compare_like_with_like(report):
     assert mx["tokens_per_step"] == pytest.approx(hf["tokens_per_step"], rel=1e-9)
     # TRL packs the same examples itself: about the same tokens per step
     assert trl["tokens_per_step"] == pytest.approx(mx["tokens_per_step"], rel=0.15)
+    liger = parts["train_mixtune_liger"]  # the same run with train.fused_loss: liger (interpreted on CPU)
+    assert positive(liger["tokens_per_s"]) and liger["tokens_per_step"] == mx["tokens_per_step"]
     s = report["summary"]
+    assert positive(s["mixtune_liger_vs_trl"])
     assert positive(s["mixtune_vs_trl"]) and positive(s["mixtune_vs_hf_trainer"])
     assert s["target_mfu_0p4_met"] is None and s["target_vs_trl_1p3_met"] is None  # a CPU run judges no target
 

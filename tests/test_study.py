@@ -41,6 +41,9 @@ def test_grid_expands_and_shares_stage_prefixes(tiny_dir):
     assert stage_keys(config(tiny_dir, seeds=[1]), expand(config(tiny_dir, seeds=[1]))[1]) != keys["specialist:math"]
     other = config(tiny_dir, train={"lr": 2e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4})
     assert stage_keys(other, expand(other)[1]) != keys["specialist:math"]
+    fused = config(tiny_dir, train={"lr": 1e-3, "steps": 2, "batch_size": 4, "micro_batch_size": 4,
+                                    "precision": "fp32", "fused_loss": "liger"})
+    assert stage_keys(fused, expand(fused)[1]) != keys["specialist:math"]  # fused kernels round differently
     # how a run goes (logging, checkpoints, evaluations during training) is not what it trains
     quiet = config(tiny_dir, run={"log_every": 1, "save_every": 1, "keep_checkpoints": 3})
     assert stage_keys(quiet, expand(quiet)[1]) == keys["specialist:math"]

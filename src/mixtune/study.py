@@ -308,8 +308,9 @@ def stage_keys(study: StudyConfig, run: Run) -> list[str]:
     common = {"model": study.model, "seed": run.seed, "amount": run.amount,
               "sources": {k: v.model_dump(mode="json") for k, v in study.sources.items()},
               "format": study.format.model_dump(mode="json"),
-              # compile left out when off, so keys from before it existed stay valid
-              "train": study.train.model_dump(mode="json", exclude={"compile"} if study.train.compile is None else None),
+              # compile and fused_loss left out when off, so keys from before they existed stay valid
+              "train": study.train.model_dump(mode="json", exclude={k for k in ("compile", "fused_loss")
+                                                                    if getattr(study.train, k) is None}),
               "prefix_len": len(study.prefix)}
     if study.load != LoadConfig():  # it decides the weights (left out at its default, so older keys stay valid)
         common["load"] = study.load.model_dump(mode="json")

@@ -134,6 +134,12 @@ class TrainConfig(Strict):
     ``aot_eager``: tracing only, for checking). Fused kernels round differently, so a compiled run
     is its own in a study (part of the stage key). Not with objective stages (rft, dpo, grpo), whose
     generation changes shapes at every step. None: not compiled."""
+    fused_loss: Literal["liger"] | None = None
+    """Fused linear cross-entropy: ``liger`` computes SFT's token losses from the last hidden states
+    chunk by chunk with Liger's kernel (``pip install 'mixtune[liger]'``; CUDA or XPU GPUs), never
+    holding the whole logits, the memory saving for large vocabularies. It rounds differently, so a
+    fused run is its own in a study (part of the stage key). Not with objective stages, nor with
+    parameters sharded between steps (FSDP2, ZeRO-3). None: the logits, then cross-entropy."""
     loss: LossMode = "case1"
     """How token losses make the batch loss (MFTCoder): case1 token mean (default), case2 mean of
     examples' token means, case3 per-source token mean then mean over the sources present, case4

@@ -47,6 +47,7 @@ from mixtune.train.checkpoint import (Progress, check_checkpoint, drop_checkpoin
                                       save_checkpoint, start_over)
 from mixtune.train.config import RunOptions, TrainConfig
 from mixtune.train.evaluation import DuringTraining, Scorer
+from mixtune.train.fused_loss import FusedTokenLosses, check_fused_loss
 from mixtune.train.losses import (LossMode, mask_thought, masked_thought_rate, per_source, token_losses,
                                   token_weights)
 from mixtune.train.methods import TUNERS
@@ -215,6 +216,9 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile is not None:
         compile_model(model, cfg.compile, objectives=objectives)
+    if cfg.fused_loss is not None:
+        check_fused_loss(cfg.fused_loss, acc.device, objectives=objectives, params_sharded=plan.params_sharded,
+                         engine=plan.describe())
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint
@@ -457,6 +461,8 @@ class StepRunner:
             from mixtune.models import load_model
 
             self.reference = load_model(mixer.reference)[0].to(acc.device).eval()
+        # Liger's fused cross-entropy (train.fused_loss), else the logits then cross-entropy
+        self.fused = FusedTokenLosses(acc.unwrap_model(model)) if cfg.fused_loss is not None else None
         model.train()
         self.window = Window(len(source_names))
 
@@ -503,8 +509,11 @@ class StepRunner:
             if tuner.before_forward is not None:
                 tuner.before_forward(acc.unwrap_model(model), mb)
             with sharding.micro_batch(acc, model, last=g == accum - 1):
-                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
-                ce = token_losses(logits, mb["labels"])  # (m, L-1)
+                if self.fused is None:
+                    logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+                    ce = token_losses(logits, mb["labels"])  # (m, L-1)
+                else:
+                    ce = self.fused(model, mb)
                 loss = (ce * mb_weights).sum() * scale  # the global batch's loss, in this micro-batch's share
                 if tuner.aux_loss is not None:  # e.g. a router's load balance, averaged over micro-batches
                     aux = tuner.aux_loss(acc.unwrap_model(model))
