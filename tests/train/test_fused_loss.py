@@ -5,6 +5,7 @@ tied embeddings and soft-capped logits; what it cannot run is refused in one lin
 
 import importlib
 import json
+import re
 import sys
 
 import pytest
@@ -118,16 +119,23 @@ def test_a_head_that_is_not_the_last_hidden_state_times_lm_head_is_refused(liger
 
 def test_what_liger_cannot_run_is_refused_before_training(liger, monkeypatch):
     from mixtune.train.fused_loss import check_fused_loss
+    from mixtune.train.methods.full import FullParams
+    from mixtune.train.sharding import Plan, check_plan
 
     cpu = torch.device("cpu")
-    check_fused_loss("liger", cpu, objectives=False, params_sharded=False, engine="DDP")  # interpreted: runs
+    check_fused_loss("liger", cpu, objectives=False)  # interpreted: runs
     with pytest.raises(ConfigError, match=r"train.fused_loss = liger: not with objective stages \(rft, dpo, grpo\)"):
-        check_fused_loss("liger", cpu, objectives=True, params_sharded=False, engine="DDP")
-    with pytest.raises(ConfigError, match=r"does not run under FSDP2 \(mixtune's fully_shard\) yet"):
-        check_fused_loss("liger", cpu, objectives=False, params_sharded=True, engine="FSDP2 (mixtune's fully_shard)")
+        check_fused_loss("liger", cpu, objectives=True)
+    ok = dict(objectives=False, evaluating=False, mixed_precision="no", fused_loss="liger")
+    check_plan(Plan("ddp"), FullParams(), **ok)
+    check_plan(Plan("deepspeed", zero_stage=2), FullParams(), **ok)  # ZeRO-2 keeps whole parameters
+    for plan in (Plan("fsdp2"), Plan("deepspeed", zero_stage=3)):
+        with pytest.raises(ConfigError, match=rf"train.fused_loss = liger does not run under "
+                                              rf"{re.escape(plan.describe())} yet"):
+            check_plan(plan, FullParams(), **ok)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="Liger's triton kernels run on CUDA or XPU GPUs, and this run is on cpu"):
-        check_fused_loss("liger", cpu, objectives=False, params_sharded=False, engine="DDP")
+        check_fused_loss("liger", cpu, objectives=False)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.fused_linear_cross_entropy", None)
     with pytest.raises(ConfigError, match=r"needs liger-kernel \(pip install 'mixtune\[liger\]'\)"):
-        check_fused_loss("liger", torch.device("cuda"), objectives=False, params_sharded=False, engine="DDP")
+        check_fused_loss("liger", torch.device("cuda"), objectives=False)

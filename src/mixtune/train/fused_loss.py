@@ -25,27 +25,21 @@ import torch
 from mixtune.core import ConfigError
 from mixtune.train.losses import IGNORE
 
-FUSED_LOSSES = ("liger",)
-"""The values of ``train.fused_loss``."""
 _DEVICES = ("cuda", "xpu")
 
 
-def check_fused_loss(name: str, device: torch.device, *, objectives: bool, params_sharded: bool,
-                     engine: str) -> None:
-    """Refuse, before anything trains, a fused loss that cannot run here.
+def check_fused_loss(name: str, device: torch.device, *, objectives: bool) -> None:
+    """Refuse, before anything trains, a fused loss that cannot run here (with sharded parameters:
+    :func:`~mixtune.train.sharding.check_plan`).
 
     Raises:
         ConfigError: objective stages (their losses are log-probabilities, not this cross-entropy),
-            parameters sharded between steps (FSDP2, ZeRO-3: ``lm_head``'s weight is used outside
-            the model's forward), liger-kernel missing, or a device its kernels do not run on.
+            liger-kernel missing, or a device its kernels do not run on.
     """
     where = f"train.fused_loss = {name}"
     if objectives:
         raise ConfigError(f"{where}: not with objective stages (rft, dpo, grpo), whose losses are the policy's "
                           "log-probabilities; leave train.fused_loss unset for them")
-    if params_sharded:
-        raise ConfigError(f"{where} does not run under {engine} yet (the head's weight is sharded outside the "
-                          "forward); use DDP or DeepSpeed ZeRO-2, or leave train.fused_loss unset")
     try:
         import liger_kernel.transformers.fused_linear_cross_entropy  # noqa: F401
     except ImportError as e:

@@ -203,7 +203,8 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     plan = sharding.choose(acc, options.distributed)  # DDP, FSDP2 (accelerate's or mixtune's own) or DeepSpeed
     objectives = any(st.objective is not None for st in stages)
     sharding.check_plan(plan, cfg.method, objectives=objectives,
-                        evaluating=options.eval is not None, mixed_precision=acc.mixed_precision)
+                        evaluating=options.eval is not None, mixed_precision=acc.mixed_precision,
+                        fused_loss=cfg.fused_loss)
     if options.eval is not None and evaluator is None:
         raise ConfigError("run.eval is set but nothing scores the model: pass an evaluator "
                           "(mixtune.eval.during_training builds one)")
@@ -217,8 +218,7 @@ def train(model, tokenizer, stages: list[StageData], cfg: TrainConfig, out_dir: 
     if cfg.compile is not None:
         compile_model(model, cfg.compile, objectives=objectives)
     if cfg.fused_loss is not None:
-        check_fused_loss(cfg.fused_loss, acc.device, objectives=objectives, params_sharded=plan.params_sharded,
-                         engine=plan.describe())
+        check_fused_loss(cfg.fused_loss, acc.device, objectives=objectives)
     log = TrainLog(out_dir / "log.jsonl", enabled=acc.is_main_process, echo=progress)
 
     # 2) resume where a previous run stopped: after its last exported stage, or from a newer checkpoint

@@ -98,12 +98,14 @@ def choose(acc, distributed) -> Plan:
     return Plan("ddp")
 
 
-def check_plan(plan: Plan, method, *, objectives: bool, evaluating: bool, mixed_precision: str) -> None:
+def check_plan(plan: Plan, method, *, objectives: bool, evaluating: bool, mixed_precision: str,
+               fused_loss: str | None = None) -> None:
     """What a sharding engine does not run yet, refused before anything trains.
 
     Raises:
         ConfigError: an untested method, an objective stage, evaluation during training with sharded
-            parameters, a LoRA merged export of sharded parameters, fp16 under mixtune's own FSDP2.
+            parameters, a LoRA merged export of sharded parameters, a fused loss with sharded parameters
+            (its ``lm_head`` weight is used outside the forward), fp16 under mixtune's own FSDP2.
     """
     if plan.engine == "ddp":
         return
@@ -119,6 +121,9 @@ def check_plan(plan: Plan, method, *, objectives: bool, evaluating: bool, mixed_
     if plan.params_sharded and getattr(method, "merge", False):
         raise ConfigError(f"train.method.merge: true does not {where} (it copies the whole model); merge the exported "
                           "adapter afterwards (`mixtune merge`, or peft's merge_and_unload)")
+    if plan.params_sharded and fused_loss is not None:
+        raise ConfigError(f"train.fused_loss = {fused_loss} does not {where} yet (the head's weight is sharded outside "
+                          "the forward); use DDP or DeepSpeed ZeRO-2, or leave train.fused_loss unset")
     init = str(getattr(method, "options", {}).get("init_lora_weights", ""))
     if plan.params_sharded and init.startswith(("pissa", "olora")):
         raise ConfigError(f"train.method.options.init_lora_weights = {init} does not {where} (its export converts "
